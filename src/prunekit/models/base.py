@@ -1,0 +1,136 @@
+"""What every model adapter provides, and the hook bookkeeping that guarantees restoration."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..tokens.context import STAGE_HELP, TokenMethod
+
+_MISSING = object()
+
+
+class HookSet:
+    """Hooks and temporary attribute changes, all undone by :meth:`remove` (idempotent).
+
+    Adapters register every hook and every temporary attribute through one HookSet so that the
+    context manager can restore the model exactly, also after an exception.
+    """
+
+    def __init__(self) -> None:
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._attrs: list[tuple[object, str, object]] = []
+
+    def pre(self, module: nn.Module, fn: Callable, *, with_kwargs: bool = True) -> None:
+        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs))
+
+    def post(self, module: nn.Module, fn: Callable, *, with_kwargs: bool = False) -> None:
+        self._handles.append(module.register_forward_hook(fn, with_kwargs=with_kwargs))
+
+    def setattr(self, obj: object, name: str, value: object) -> None:
+        """Set ``obj.name = value`` until removal; the previous state (incl. absence) is restored."""
+        self._attrs.append(
+            (obj, name, obj.__dict__.get(name, _MISSING) if hasattr(obj, "__dict__") else _MISSING)
+        )
+        setattr(obj, name, value)
+
+    def remove(self) -> None:
+        for h in reversed(self._handles):
+            h.remove()
+        self._handles.clear()
+        for obj, name, old in reversed(self._attrs):
+            if old is _MISSING:
+                if name in getattr(obj, "__dict__", {}):
+                    delattr(obj, name)
+            else:
+                setattr(obj, name, old)
+        self._attrs.clear()
+
+
+@dataclass
+class PruneStats:
+    """What one pruning session did, accumulated over the forward calls that pruned."""
+
+    calls: int = 0
+    tokens_in: int = 0  # candidate tokens seen (summed over groups and calls)
+    tokens_kept: int = 0
+    select_seconds: float = 0.0
+    selections: list[torch.Tensor] = field(default_factory=list)  # (G, K) kept indices per call
+    #: per pruning call, ``(B, L)`` bool over the sequence the cut applied to: which positions
+    #: survived (non-candidates included, padding excluded) — what a masked reference needs
+    kept_masks: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.tokens_kept / self.tokens_in if self.tokens_in else 1.0
+
+    def record(self, n_in: int, n_kept: int, keep: torch.Tensor | None, seconds: float) -> None:
+        self.calls += 1
+        self.tokens_in += n_in
+        self.tokens_kept += n_kept
+        self.select_seconds += seconds
+        if keep is not None:
+            self.selections.append(keep.detach().cpu())
+
+
+class Timer:
+    """``with Timer() as t: ...; t.seconds``."""
+
+    def __enter__(self) -> Timer:
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._t0
+
+
+class Session:
+    """The live state of one ``prune_tokens`` block: its hooks and its statistics."""
+
+    def __init__(self, adapter: Adapter, stage: str, method: TokenMethod, keep: int | float) -> None:
+        self.adapter, self.stage, self.method, self.keep = adapter, stage, method, keep
+        self.hooks = HookSet()
+        self.stats = PruneStats()
+
+    def remove(self) -> None:
+        self.hooks.remove()
+
+
+class Adapter:
+    """Knows one model family's internals; hands plain tensors to methods.
+
+    Subclasses set ``family`` and ``stages`` and implement :meth:`matches` and :meth:`attach`.
+    """
+
+    family: ClassVar[str] = ""
+    stages: ClassVar[tuple[str, ...]] = ()
+    #: why a stage is missing, shown in the error when a user asks for it
+    missing_stage_reason: ClassVar[Mapping[str, str]] = {}
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def attach(self, session: Session) -> None:
+        """Install ``session``'s hooks (through ``session.hooks``) for ``session.stage``."""
+        raise NotImplementedError
+
+    def check_stage(self, stage: str) -> None:
+        if stage not in self.stages:
+            why = self.missing_stage_reason.get(stage, "")
+            raise UnsupportedModelError(
+                f"{self.family} ({type(self.model).__name__}) has no token stage {stage!r} "
+                f"{STAGE_HELP.get(stage, '')}{': ' + why if why else ''}; it offers {list(self.stages)}"
+            )
+
+    def describe(self) -> dict[str, Any]:
+        return {"family": self.family, "stages": list(self.stages)}

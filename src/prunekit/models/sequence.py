@@ -1,0 +1,121 @@
+"""Sequence plumbing shared by the adapters: apply one Selection to every tensor that must agree.
+
+Everything here is vectorised over the batch: ragged results (samples keeping different numbers
+of tokens) are left-packed into ``(B, L')`` index tensors whose unused leading slots are masked,
+exactly like left padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..budget import resolve_keep
+from ..tokens.context import TokenContext
+from .base import Session, Timer
+
+
+def left_pack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, L)`` bool -> ``idx (B, L')`` ascending kept positions, left-padded, and ``valid (B, L')``.
+
+    Padding slots point at dropped positions and are ``False`` in ``valid``; ``L'`` is the largest
+    kept count in the batch.
+    """
+    B, L = keep.shape
+    width = int(keep.sum(dim=1).max()) if B else 0
+    order = torch.sort(
+        keep.to(torch.int8), dim=1, stable=True
+    ).indices  # dropped first, then kept, each ascending
+    idx = order[:, L - width :]  # (B, L')
+    return idx, keep.gather(1, idx)
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
+    """Gather positions ``idx (B, L')`` along ``dim`` of ``x`` whose batch dim is ``dim - 1``.
+
+    Works for hidden states ``(B, L, D)`` (dim 1), RoPE tables ``(B|1, L, hd)`` (dim 1) and
+    M-RoPE position ids ``(R, B, L)`` (dim 2); a batch dim of 1 is broadcast.
+    """
+    B = idx.shape[0]
+    shape = list(x.shape)
+    shape[dim - 1] = B
+    x = x.expand(*shape)
+    view = [1] * x.dim()
+    view[dim - 1], view[dim] = B, idx.shape[1]
+    full = list(x.shape)
+    full[dim] = idx.shape[1]
+    return x.gather(dim, idx.view(view).expand(full))
+
+
+def attention_mask_4d(
+    key_valid: torch.Tensor, q_len: int, dtype: torch.dtype, additive: bool
+) -> torch.Tensor:
+    """``(B, 1, q_len, Kv)`` causal mask over ``key_valid (B, Kv)``; queries are the last ``q_len`` keys.
+
+    Every query may attend to itself, so padded rows never become all-masked (NaN-free).
+    ``additive``: float mask with the dtype's minimum (eager attention); else bool, True = attend.
+    """
+    Kv = key_valid.shape[1]
+    q_pos = torch.arange(Kv - q_len, Kv, device=key_valid.device)[:, None]  # (q, 1)
+    k_pos = torch.arange(Kv, device=key_valid.device)[None, :]  # (1, Kv)
+    allowed = (key_valid[:, None, :] & (k_pos <= q_pos)[None]) | (k_pos == q_pos)[None]  # (B, q, Kv)
+    allowed = allowed[:, None]  # (B, 1, q, Kv)
+    if not additive:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=key_valid.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
+@dataclass
+class Groups:
+    """Candidate groups (an image's visual tokens, a prompt): sample index and positions of each."""
+
+    sample: list[int]
+    positions: list[torch.Tensor]  # each (n_g,) long, positions in the sequence of sample[g]
+    ids: list[int]  # an id per group (e.g. the image index), handed to signal functions
+
+
+SignalFn = Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
+
+
+def select_in_groups(
+    session: Session,
+    keep_mask: torch.Tensor,
+    groups: Groups,
+    tokens: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    signals: dict[str, SignalFn],
+    family: str,
+) -> None:
+    """Run the session's method on every group and clear the dropped positions in ``keep_mask``.
+
+    Groups of equal size are stacked and handed to the method together (vectorised); the loop is
+    over distinct group sizes only. ``tokens(sample_idx (S,), pos (S, n)) -> (S, n, D)``;
+    each signal function takes ``(sample_idx, pos, group_ids)`` and returns ``(S, n)``.
+    """
+    method = session.method
+    sizes = torch.tensor([len(p) for p in groups.positions])
+    for n in sizes.unique().tolist():
+        if n == 0:
+            continue
+        members = (sizes == n).nonzero().flatten().tolist()
+        b = torch.tensor([groups.sample[g] for g in members], device=keep_mask.device)
+        pos = torch.stack([groups.positions[g] for g in members]).to(keep_mask.device)  # (S, n)
+        ids = [groups.ids[g] for g in members]
+        k = resolve_keep(session.keep, n)
+        with Timer() as t:
+            ctx = TokenContext(
+                stage=session.stage,
+                tokens=tokens(b, pos),
+                signals={kind: fn(b, pos, ids) for kind, fn in signals.items()},
+                model=family,
+            )
+            sel = method.select(ctx, k)
+        kept_pos = pos.gather(1, sel.keep.to(pos.device))  # (S, k)
+        dropped = torch.ones_like(pos, dtype=torch.bool)
+        dropped.scatter_(1, sel.keep.to(pos.device), False)
+        rows = b[:, None].expand_as(pos)
+        keep_mask[rows[dropped], pos[dropped]] = False
+        session.stats.record(len(members) * n, kept_pos.numel(), sel.keep, t.seconds)

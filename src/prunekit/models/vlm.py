@@ -1,0 +1,290 @@
+"""Vision-language models: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL.
+
+Stage (a) ``vision``: the visual tokens are pruned where they enter the language model. A
+pre-hook on the top model remembers the prompt's ``input_ids`` (where the image placeholders
+are); the image-feature call is wrapped to learn how many tokens each image has; a pre-hook on
+the language model then selects per image and gathers ``inputs_embeds``, the 2-D attention mask
+and the position ids (M-RoPE rows included) — original positions are kept, and ``generate()``'s
+own full-length position tracking stays right for decoding. During decode the hook keeps
+replacing ``generate``'s full-length 2-D mask by the pruned one plus the new columns.
+
+Stage (b) ``llm``: :class:`~prunekit.models.decoder.LLMCut` on the language model, candidates =
+the visual tokens of each image.
+
+Signals: ``tokens`` = the projected visual tokens (the LLM's input embeddings);
+``cls_attention`` = the [CLS] row of a CLIP vision layer, recomputed from its q/k (SDPA stays
+on). Qwen2-VL's vision tower has no [CLS] token, so that signal is refused with an explanation.
+Videos (Qwen ``video_token_id``) are not candidates yet: their tokens are always kept.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import PrunekitError, SignalUnavailableError
+from .attention import cls_query_attention
+from .base import Adapter, Session
+from .decoder import LLMCut
+from .sequence import Groups, gather_tokens, left_pack, select_in_groups
+
+
+class VLMAdapter(Adapter):
+    stages = ("vision", "llm")
+    model_types: tuple[str, ...] = ()
+    has_cls = True
+    missing_stage_reason: ClassVar[Mapping[str, str]] = {
+        "encoder": "prune inside the vision tower is not offered for VLMs yet; use 'vision'"
+    }
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        cfg = getattr(model, "config", None)
+        return getattr(cfg, "model_type", None) in cls.model_types and hasattr(
+            getattr(model, "model", None), "language_model"
+        )
+
+    # ------------------------------------------------------------------ parts
+    @property
+    def core(self) -> nn.Module:
+        return self.model.model
+
+    @property
+    def text_model(self) -> nn.Module:
+        return self.core.language_model
+
+    def vision_layers(self) -> nn.ModuleList:
+        tower = self.core.vision_tower
+        tower = getattr(tower, "vision_model", tower)  # CLIPVisionModel wraps a CLIPVisionTransformer
+        return tower.encoder.layers
+
+    def feature_attention_layer(self) -> int:
+        """Index of the vision layer whose output the VLM takes (``vision_feature_layer``)."""
+        vfl = self.model.config.vision_feature_layer
+        vfl = vfl[-1] if isinstance(vfl, (list, tuple)) else vfl
+        n = len(self.vision_layers())
+        return (vfl % (n + 1)) - 1  # hidden_states[i] is the output of layer i-1
+
+    # ------------------------------------------------------------------ attach
+    def attach(self, session: Session) -> None:
+        self.check_stage(session.stage)
+        self.session = session
+        self.ids: torch.Tensor | None = None
+        self.counts: list[int] = []
+        self.cls_rows: list[torch.Tensor] = []
+        self.candidate_valid: list[torch.Tensor] | None = None
+        hooks = session.hooks
+        hooks.pre(self.model, self._on_top)
+        core = self.core
+        original = core.get_image_features
+
+        @functools.wraps(original)  # generate() inspects its signature
+        def get_image_features(*args, **kw):
+            self.counts, self.cls_rows, self.candidate_valid = [], [], None
+            out = original(*args, **kw)
+            self._on_image_features(out, args, kw)
+            return out
+
+        hooks.setattr(core, "get_image_features", get_image_features)
+        needs = {s.kind: s for s in session.method.needs(session.stage)}
+        self.want_cls = "cls_attention" in needs
+        if session.stage == "vision":
+            unknown = set(needs) - {"tokens", "hidden", "cls_attention"}
+            if unknown:
+                raise SignalUnavailableError(
+                    f"signals {sorted(unknown)} are not available at the vision stage of {self.family}"
+                )
+            if self.want_cls:
+                if not self.has_cls:
+                    raise SignalUnavailableError(
+                        f"{self.family}: signal 'cls_attention' cannot be had: this vision tower has no "
+                        "[CLS] token (its patches are merged and fed to the LLM without one)"
+                    )
+                n = len(self.vision_layers())
+                layer = needs["cls_attention"].layer
+                layer = self.feature_attention_layer() if layer is None else layer % n
+                hooks.pre(self.vision_layers()[layer].self_attn, self._on_vision_attention)
+            hooks.pre(self.text_model, self._on_language_model)
+        else:
+            K = 2 if session.method.layer is None else session.method.layer
+            LLMCut(session, self.text_model, K, self._groups, self.family).install()
+
+    # ------------------------------------------------------------------ hooks
+    def _on_top(self, module: nn.Module, args: tuple, kw: dict) -> None:
+        ids = kw.get("input_ids", args[0] if args else None)
+        pkv = kw.get("past_key_values")
+        if pkv is None or pkv.get_seq_length() == 0:
+            if ids is None:
+                raise PrunekitError(
+                    f"{self.family}: token pruning needs input_ids to locate the image tokens"
+                )
+            self.ids = ids  # image features may come before this call (generate() encodes them first)
+            mm = kw.get("mm_encoder_outputs") or {}
+            if mm.get("image") is not None and not self.counts:
+                self._on_image_features(mm["image"], (), {})
+
+    def _on_vision_attention(self, attn: nn.Module, args: tuple, kw: dict) -> None:
+        h = args[0] if args else kw["hidden_states"]
+        row = cls_query_attention(attn.q_proj, attn.k_proj, h, attn.num_heads, attn.scale)  # (n_crops, 1+N)
+        self.cls_rows.append(row)
+
+    def _on_image_features(self, out, args: tuple, kw: dict) -> None:
+        feats = out.pooler_output if hasattr(out, "pooler_output") else out
+        if isinstance(feats, torch.Tensor):
+            self.counts += [feats.shape[1]] * feats.shape[0] if feats.dim() == 3 else [feats.shape[0]]
+        else:
+            self.counts += [f.shape[0] for f in feats]
+        if self.cls_rows:
+            rows = torch.cat(self.cls_rows)
+            self.cls_rows = [self._image_scores(rows, args, kw)]
+
+    def _image_scores(self, rows: torch.Tensor, args: tuple, kw: dict) -> torch.Tensor:
+        """CLS rows ``(n_images, 1+N)`` -> scores aligned with each image's visual tokens."""
+        strategy = self.model.config.vision_feature_select_strategy
+        return rows[:, 1:] if strategy == "default" else rows
+
+    def _groups(self, valid: torch.Tensor) -> Groups:
+        """One group per image: the positions of its visual tokens (and the sample holding it)."""
+        ids = self.ids
+        if ids is None:
+            raise PrunekitError(f"{self.family}: no prompt seen; call the model with input_ids")
+        flat = (ids == self.model.config.image_token_id).nonzero()  # (n_tokens, 2) row-major (b, l)
+        counts = self.counts or ([flat.shape[0]] if flat.shape[0] else [])
+        if sum(counts) != flat.shape[0]:
+            raise PrunekitError(
+                f"{self.family}: {flat.shape[0]} image placeholder tokens, "
+                f"but the images gave {sum(counts)} features"
+            )
+        chunks = torch.split(flat, counts)
+        positions = [c[:, 1] for c in chunks]
+        if self.candidate_valid is not None:  # e.g. LLaVA-NeXT newline tokens are always kept
+            positions = [p[v] for p, v in zip(positions, self.candidate_valid, strict=True)]
+        return Groups(
+            sample=[int(c[0, 0]) for c in chunks], positions=positions, ids=list(range(len(chunks)))
+        )
+
+    def _signal_fns(self) -> dict:
+        if not self.want_cls:
+            return {}
+        scores = self.cls_rows[0] if self.cls_rows else None
+        if scores is None:
+            raise SignalUnavailableError(f"{self.family}: the vision tower did not run; no cls_attention")
+        per_image = list(torch.split(scores, 1)) if isinstance(scores, torch.Tensor) else scores
+
+        def cls(b, pos, ids):
+            return torch.stack([per_image[i].flatten() for i in ids]).to(pos.device)
+
+        return {"cls_attention": cls}
+
+    def _on_language_model(self, module: nn.Module, args: tuple, kw: dict):
+        x = kw.get("inputs_embeds")
+        am = kw.get("attention_mask")
+        pkv = kw.get("past_key_values")
+        past = pkv.get_seq_length() if pkv is not None else 0
+        if past == 0:
+            if x is None or self.ids is None or x.shape[1] != self.ids.shape[1]:
+                return None
+            B, L, _ = x.shape
+            valid = (
+                am.bool()
+                if isinstance(am, torch.Tensor) and am.dim() == 2
+                else torch.ones(B, L, dtype=torch.bool)
+            )
+            valid = valid.to(x.device)
+            keep_mask = valid.clone()
+            select_in_groups(
+                self.session,
+                keep_mask,
+                self._groups(valid),
+                tokens=lambda b, pos: x[b[:, None], pos],
+                signals=self._signal_fns(),
+                family=self.family,
+            )
+            self.session.stats.kept_masks.append(keep_mask.cpu())
+            kidx, slot_valid = left_pack(keep_mask)
+            self.L, self.pruned_mask = (
+                L,
+                slot_valid.to(am.dtype if isinstance(am, torch.Tensor) else torch.long),
+            )
+            pid = kw.get("position_ids")
+            if pid is None:  # what the language model would compute on the full sequence
+                pid = (valid.long().cumsum(-1) - 1).clamp(min=0)
+            kw["inputs_embeds"] = gather_tokens(x, kidx, 1)
+            kw["position_ids"] = gather_tokens(pid, kidx, pid.dim() - 1)
+            kw["attention_mask"] = self.pruned_mask
+            return args, kw
+        if getattr(self, "pruned_mask", None) is None:
+            return None
+        q = x.shape[1] if x is not None else 1
+        if isinstance(am, torch.Tensor) and am.dim() == 2:
+            new = am[:, self.L :]
+        else:
+            n_new = past - self.pruned_mask.shape[1] + q
+            new = torch.ones(self.pruned_mask.shape[0], n_new, dtype=self.pruned_mask.dtype)
+        kw["attention_mask"] = torch.cat([self.pruned_mask, new.to(self.pruned_mask)], dim=1)
+        return args, kw
+
+
+class LlavaAdapter(VLMAdapter):
+    family = "llava"
+    model_types = ("llava",)
+
+
+class LlavaNextAdapter(VLMAdapter):
+    """LLaVA-NeXT (anyres): CLS rows are per crop; they are packed exactly like the features
+    (``pack_image_features``: unpadding, image-newline column), and the newline tokens are not
+    candidates: always kept, as in FasterVLM's official code."""
+
+    family = "llava_next"
+    model_types = ("llava_next",)
+
+    def _on_image_features(self, out, args: tuple, kw: dict) -> None:
+        super()._on_image_features(out, args, kw)
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        sizes = kw.get("image_sizes", args[1] if len(args) > 1 else None)
+        cfg = self.model.config
+        n_crops = [
+            image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+            for s in sizes
+        ]
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        # pack a 2-channel "feature": channel 0 = CLS score (or 0), channel 1 = newline flag
+        rows = self.cls_rows[0] if self.cls_rows else None
+        per_crop = torch.zeros(sum(n_crops), side * side, 2)
+        if rows is not None:
+            per_crop[..., 0] = rows.float()[:, -side * side :]
+        packed, _ = self.core.pack_image_features(
+            list(torch.split(per_crop, n_crops)),
+            sizes,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            image_newline=torch.tensor([0.0, 1.0]),
+        )
+        packed = packed if isinstance(packed, (list, tuple)) else torch.split(packed, self.counts)
+        self.candidate_valid = [p[:, 1] == 0 for p in packed]
+        if rows is not None:
+            self.cls_rows = [[p[v, 0] for p, v in zip(packed, self.candidate_valid, strict=True)]]
+
+    def _image_scores(self, rows, args, kw):
+        return rows  # packed in _on_image_features
+
+
+class Qwen2VLAdapter(VLMAdapter):
+    family = "qwen2_vl"
+    model_types = ("qwen2_vl",)
+    has_cls = False
+
+    def vision_layers(self) -> nn.ModuleList:
+        return self.core.visual.blocks
+
+
+class Qwen25VLAdapter(Qwen2VLAdapter):
+    family = "qwen2_5_vl"
+    model_types = ("qwen2_5_vl",)
+
+
+VLM_ADAPTERS: list[type[Adapter]] = [LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter]

@@ -1,0 +1,96 @@
+"""One registry of every method: the CLI, the docs table, the bench and the test matrix read it."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import UnknownMethodError
+
+# Modules whose import registers methods. Adding a method = adding one file and one line here.
+_METHOD_MODULES = (
+    "prunekit.tokens.methods.fastv",
+    "prunekit.tokens.methods.fastervlm",
+    "prunekit.tokens.methods.divprune",
+    "prunekit.tokens.methods.tome",
+    "prunekit.tokens.methods.random",
+)
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What the registry knows of one method."""
+
+    name: str
+    family: str  # "tokens" | "kv" | "weights" | "data" | "decode"
+    paper: str  # the paper's title
+    stages: tuple[str, ...]  # token stages: "vision" (a), "llm" (b), "encoder" (c)
+    signals: tuple[str, ...]  # e.g. "cls_attention@vision-layer", "last_token_attention@llm-layer"
+    trains: bool
+    factory: Callable[..., object]
+    summary: str = ""
+
+    def row(self) -> dict[str, object]:
+        """A plain dict for tables and JSON (no factory)."""
+        return {
+            "name": self.name,
+            "family": self.family,
+            "paper": self.paper,
+            "stages": list(self.stages),
+            "signals": list(self.signals),
+            "trains": self.trains,
+        }
+
+
+_REGISTRY: dict[str, MethodInfo] = {}
+_loaded = False
+
+
+def register(
+    name: str,
+    *,
+    family: str,
+    paper: str,
+    stages: tuple[str, ...],
+    signals: tuple[str, ...],
+    trains: bool = False,
+    summary: str = "",
+) -> Callable[[type], type]:
+    """Class decorator adding a method to the registry under ``name``."""
+
+    def deco(cls: type) -> type:
+        if name in _REGISTRY and _REGISTRY[name].factory is not cls:
+            raise ValueError(f"method name {name!r} registered twice")
+        _REGISTRY[name] = MethodInfo(name, family, paper, stages, signals, trains, cls, summary)
+        cls.name = name  # type: ignore[attr-defined]
+        return cls
+
+    return deco
+
+
+def _load() -> None:
+    global _loaded
+    if not _loaded:
+        for mod in _METHOD_MODULES:
+            importlib.import_module(mod)
+        _loaded = True
+
+
+def methods(family: str | None = None) -> list[MethodInfo]:
+    """Every registered method, sorted by family then name; ``family`` filters."""
+    _load()
+    rows = sorted(_REGISTRY.values(), key=lambda m: (m.family, m.name))
+    return [m for m in rows if family is None or m.family == family]
+
+
+def get(name: str) -> MethodInfo:
+    """The method registered as ``name`` (case-insensitive); unknown names list close matches."""
+    _load()
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key in _REGISTRY:
+        return _REGISTRY[key]
+    close = difflib.get_close_matches(str(key), list(_REGISTRY), n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise UnknownMethodError(f"unknown method {name!r}.{hint} Known methods: {', '.join(sorted(_REGISTRY))}.")

@@ -1,0 +1,129 @@
+"""The contract between token methods and model adapters.
+
+An adapter hands a method a :class:`TokenContext` (plain tensors: the candidate tokens and the
+signals the method asked for, for ``G`` groups of ``N`` candidates each, e.g. ``G`` images of
+``N`` visual tokens), and the method returns a :class:`Selection` (kept indices, ascending). The
+adapter then applies that one plan to every tensor that must stay consistent (hidden states,
+position ids, masks, KV cache). Methods never import transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from ..errors import SignalUnavailableError
+
+STAGES = ("vision", "llm", "encoder")
+STAGE_HELP = {
+    "vision": "(a) visual tokens between the vision tower and the LLM",
+    "llm": "(b) a cut at LLM decoder layer K",
+    "encoder": "(c) a cut or merge inside ViT / encoder blocks",
+}
+
+
+@dataclass(frozen=True)
+class Signal:
+    """A signal a method needs, computed on demand by the adapter.
+
+    kinds:
+      - ``tokens``: the candidate token vectors themselves, ``(G, N, D)`` (always available);
+      - ``cls_attention``: head-mean softmax attention of the [CLS] query over the candidates,
+        ``(G, N)``, at encoder layer ``layer``;
+      - ``last_token_attention``: head-mean softmax attention of the last prompt token over the
+        candidates, ``(G, N)``, at decoder layer ``layer``;
+      - ``attention_map``: the full per-head softmax map of one layer, ``(G, H, N, N)``;
+      - ``hidden``: hidden states of the candidates at layer ``layer``, ``(G, N, D)``;
+      - ``text_embeddings``: the prompt's text-token embeddings, ``(G, T, D)``.
+    ``layer`` is ``None`` where the adapter's default for the stage applies.
+    """
+
+    kind: str
+    layer: int | None = None
+
+    def __str__(self) -> str:
+        return self.kind if self.layer is None else f"{self.kind}@{self.layer}"
+
+
+@dataclass
+class TokenContext:
+    """Tensors handed to a method for ``G`` groups of ``N`` candidate tokens."""
+
+    stage: str
+    tokens: torch.Tensor  # (G, N, D)
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)  # kind -> tensor
+    grid: tuple[int, int] | None = None  # (rows, cols) of the candidates when they form a patch grid
+    generator: torch.Generator | None = None
+    model: str = ""  # adapter family, for error messages
+
+    @property
+    def num_groups(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[1]
+
+    def signal(self, kind: str) -> torch.Tensor:
+        if kind == "tokens":
+            return self.tokens
+        if kind not in self.signals:
+            raise SignalUnavailableError(
+                f"signal {kind!r} was not computed for stage {self.stage!r} on {self.model or 'this model'}; "
+                f"available: {['tokens', *self.signals]}"
+            )
+        return self.signals[kind]
+
+
+@dataclass
+class Selection:
+    """A method's plan: which candidates survive, in ascending (original) order.
+
+    ``keep``: ``(G, K)`` long indices into the ``N`` candidates, ascending along the last dim.
+    ``merged``: optional ``(G, M, D)`` extra tokens appended after the kept ones (merging methods).
+    """
+
+    keep: torch.Tensor
+    merged: torch.Tensor | None = None
+
+    @property
+    def num_kept(self) -> int:
+        return self.keep.shape[-1] + (0 if self.merged is None else self.merged.shape[-2])
+
+
+def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest scores along the last dim, returned in ascending index order.
+
+    Ties go to the lower index (``torch.topk`` leaves this unspecified, so a stable descending
+    sort is used): deterministic on every device.
+    """
+    k = min(k, scores.shape[-1])
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    return torch.sort(order, dim=-1).values
+
+
+class TokenMethod:
+    """Base of token methods: ``needs()`` the signals, ``score()`` the candidates, ``select()`` ``k``.
+
+    Subclasses are dataclasses whose fields are the method's options (never the budget: the budget
+    is an argument of :meth:`select`). The default :meth:`select` keeps the top-``k`` scores.
+    """
+
+    name: ClassVar[str] = ""
+    #: the attention layer option, interpreted by the adapter per stage (see each method's docstring)
+    layer: int | None = None
+
+    def needs(self, stage: str) -> tuple[Signal, ...]:
+        raise NotImplementedError
+
+    def score(self, ctx: TokenContext) -> torch.Tensor:
+        """``(G, N)`` importance, higher is kept first."""
+        raise NotImplementedError
+
+    def select(self, ctx: TokenContext, k: int) -> Selection:
+        if k >= ctx.num_tokens:
+            idx = torch.arange(ctx.num_tokens, device=ctx.tokens.device)
+            return Selection(idx.expand(ctx.num_groups, -1))
+        return Selection(topk_sorted(self.score(ctx), k))

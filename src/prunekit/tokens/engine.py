@@ -1,0 +1,89 @@
+"""``prune_tokens``: the context manager that installs a token method on a model and removes it."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+from .. import registry
+from ..budget import validate_keep
+from ..errors import UnsupportedModelError
+from .context import STAGES, TokenMethod
+
+
+def make_method(method: str | TokenMethod, options: dict) -> TokenMethod:
+    """A method instance from a registry name plus options (unknown options name the allowed ones)."""
+    if isinstance(method, TokenMethod):
+        if options:
+            raise ValueError("options are given either to the method object or to prune_tokens, not both")
+        return method
+    info = registry.get(method)
+    if info.family != "tokens":
+        raise ValueError(f"method {info.name!r} is a {info.family} method; prune_tokens takes token methods")
+    cls = info.factory
+    allowed = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method {info.name!r}; allowed: {allowed}")
+    return cls(**options)
+
+
+def choose_stage(method: TokenMethod, adapter_stages: tuple[str, ...], family: str, stage: str | None) -> str:
+    info = registry.get(method.name)
+    if stage is not None:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; allowed: {list(STAGES)}")
+        if stage not in info.stages:
+            raise UnsupportedModelError(
+                f"method {info.name!r} runs at stages {list(info.stages)}, not {stage!r}"
+            )
+        return stage
+    for s in info.stages:  # the method's preferred stage first
+        if s in adapter_stages:
+            return s
+    raise UnsupportedModelError(
+        f"method {info.name!r} runs at stages {list(info.stages)}, "
+        f"but {family} offers only {list(adapter_stages)}"
+    )
+
+
+@contextmanager
+def prune_tokens(
+    model: nn.Module,
+    method: str | TokenMethod,
+    keep: int | float,
+    *,
+    stage: str | None = None,
+    **options: object,
+) -> Iterator:
+    """Prune tokens inside ``model`` for the duration of a ``with`` block.
+
+    Args:
+        model: a Hugging Face model of a supported family (see ``prunekit.models``).
+        method: a registry name (``prunekit.methods()``) or a method object.
+        keep: tokens kept per group (image, prompt, sequence): an ``int >= 1`` or a ratio in (0, 1].
+        stage: ``"vision"``, ``"llm"`` or ``"encoder"``; default: the method's first stage that
+            the model offers.
+        **options: the method's options (e.g. ``layer=2`` for FastV).
+
+    Yields a ``Session`` whose ``stats`` count tokens seen and kept and the time spent selecting.
+    Hooks are installed on enter and removed on exit, also when the block raises.
+    """
+    from ..models import get_adapter
+
+    keep = validate_keep(keep)
+    m = make_method(method, dict(options))
+    adapter = get_adapter(model)
+    stage = choose_stage(m, adapter.stages, adapter.family, stage)
+    adapter.check_stage(stage)
+    from ..models.base import Session
+
+    session = Session(adapter, stage, m, keep)
+    try:
+        adapter.attach(session)
+        yield session
+    finally:
+        session.remove()

@@ -1,0 +1,1 @@
+"""One file per token-pruning method; each registers itself in ``prunekit.registry``."""

@@ -1,0 +1,37 @@
+"""Snapshots proving a model is exactly what it was: hooks, attributes, parameters, modes."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+def snapshot(model: torch.nn.Module) -> dict:
+    hooks, attrs, modes = {}, {}, {}
+    for name, m in model.named_modules():
+        hooks[name] = (
+            len(m._forward_pre_hooks),
+            len(m._forward_hooks),
+            len(m._backward_hooks),
+            len(getattr(m, "_forward_pre_hooks_with_kwargs", {})),
+            len(getattr(m, "_forward_hooks_with_kwargs", {})),
+        )
+        attrs[name] = sorted(m.__dict__)
+        modes[name] = m.training
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return {"hooks": hooks, "attrs": attrs, "modes": modes, "params": h.hexdigest()}
+
+
+def assert_same(before: dict, after: dict) -> None:
+    for key in ("hooks", "attrs", "modes"):
+        diff = {
+            k: (before[key].get(k), after[key].get(k))
+            for k in before[key]
+            if before[key][k] != after[key].get(k)
+        }
+        assert not diff, f"{key} changed: {list(diff.items())[:3]}"
+    assert before["params"] == after["params"], "parameters changed"

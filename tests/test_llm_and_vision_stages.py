@@ -1,0 +1,248 @@
+"""Stages (a) vision and (b) llm on every decoder and VLM family: exactness against an
+independent masked reference, restoration, keep-everything identity, batching, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import prunekit
+from invariants import assert_same, snapshot
+from prunekit.errors import SignalUnavailableError, UnknownMethodError, UnsupportedModelError
+from reference import greedy, masked_reference
+from tiny import DECODERS, VLMS, reset, text_inputs, vlm_inputs
+
+TOL = 1e-4
+# (family, method, stage, options): every method x every compatible family
+VLM_CASES = [
+    (fam, meth, "vision", {})
+    for fam in VLMS
+    for meth in ("fastervlm", "divprune", "random")
+    if not (meth == "fastervlm" and fam.startswith("qwen"))
+] + [(fam, "fastv", "llm", {"layer": 2}) for fam in VLMS]
+TEXT_CASES = [(fam, "fastv", "llm", {"layer": 2}) for fam in DECODERS] + [
+    (fam, "random", "llm", {"layer": 1}) for fam in DECODERS
+]
+
+
+def build(fam: str, attn: str):
+    return (VLMS.get(fam) or DECODERS[fam])(attn)
+
+
+def inputs_for(fam: str, model, batch: int) -> dict:
+    return vlm_inputs(fam, model, batch) if fam in VLMS else text_inputs(batch)
+
+
+def cut_layer(stage: str, options: dict) -> int:
+    return 0 if stage == "vision" else options.get("layer", 2)
+
+
+@pytest.mark.parametrize(("fam", "method", "stage", "options"), VLM_CASES + TEXT_CASES)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_generate_equals_masked_reference(fam, method, stage, options, attn):
+    """Pruned generate() (batch of 2, left padding) == full-length generate() hiding dropped keys."""
+    model = build(fam, attn)
+    ref_model = copy.deepcopy(model)
+    ref_model.set_attn_implementation("eager")
+    inp = inputs_for(fam, model, batch=2)
+    reset(model)
+    with torch.no_grad(), prunekit.prune_tokens(model, method, keep=0.4, stage=stage, **options) as session:
+        tokens, logits = greedy(model, inp)
+    assert len(session.stats.kept_masks) == 1, "one pruning per generate (prefill only)"
+    kept = session.stats.kept_masks[0]
+    assert 0.0 < session.stats.kept_fraction < 0.6
+    reset(ref_model)
+    with torch.no_grad(), masked_reference(ref_model, kept, cut_layer(stage, options), inp["attention_mask"]):
+        ref_tokens, ref_logits = greedy(ref_model, inp)
+    finite = torch.isfinite(ref_logits)  # generate's processors may set some logits to -inf
+    assert torch.equal(finite, torch.isfinite(logits))
+    err = (logits - ref_logits)[finite].abs().max().item()
+    assert err < TOL, f"max |logit - reference| = {err:.2e} > {TOL}"
+    assert torch.equal(tokens, ref_tokens)
+
+
+@pytest.mark.parametrize(("fam", "method", "stage", "options"), VLM_CASES + TEXT_CASES)
+def test_keep_everything_is_dense_and_model_restored(fam, method, stage, options):
+    model = build(fam, "sdpa")
+    inp = inputs_for(fam, model, batch=2)
+    with torch.no_grad():
+        model(**inp)  # transformers installs its own output-recording hooks on the first call
+    before = snapshot(model)
+    reset(model)
+    with torch.no_grad():
+        dense = model(**inp).logits
+        reset(model)
+        with prunekit.prune_tokens(model, method, keep=1.0, stage=stage, **options):
+            same = model(**inp).logits
+        reset(model)
+        with pytest.raises(RuntimeError, match="inside the block"):  # restoration also after an exception
+            with prunekit.prune_tokens(model, method, keep=0.5, stage=stage, **options):
+                model(**inp)
+                raise RuntimeError("boom inside the block")
+        reset(model)
+        after = model(**inp).logits
+    err = (dense - same).abs().max().item()
+    assert err < 1e-5, f"keep=1.0 differs from dense by {err:.2e} (tolerance 1e-5)"
+    assert torch.equal(dense, after), "outputs changed after the with-block"
+    assert_same(before, snapshot(model))
+
+
+def test_model_mode_restored_in_training_mode():
+    model = build("llama", "sdpa").train()
+    model(**text_inputs(1))
+    before = snapshot(model)
+    with prunekit.prune_tokens(model, "fastv", keep=0.5):
+        model(**text_inputs(1))
+    assert_same(before, snapshot(model))
+
+
+# ---------------------------------------------------------------- hand-worked / independent selections
+def eager_last_row(model, inp, layer):
+    """Head-mean attention row of the last token at ``layer`` from HF's own eager attention."""
+    with torch.no_grad():
+        out = model(**inp, output_attentions=True)
+    return out.attentions[layer].mean(1)[:, -1]  # (B, L)
+
+
+@pytest.mark.parametrize("fam", ["llama", "qwen2", "llava", "qwen2_vl"])
+def test_fastv_keeps_top_last_token_attention_of_layer_k_minus_1(fam):
+    """FastV's kept set == top-k of HF's eager attention row of layer K-1 (independent computation)."""
+    model = build(fam, "eager")
+    inp = inputs_for(fam, model, batch=1)
+    reset(model)
+    row = eager_last_row(model, inp, layer=1)[0]
+    ids = inp["input_ids"][0]
+    img_tok = getattr(model.config, "image_token_id", None)
+    cand = (ids == img_tok) if fam in VLMS else torch.ones_like(ids, dtype=torch.bool)
+    if fam not in VLMS:
+        cand[-1] = False
+    pos = cand.nonzero().flatten()
+    k = 5
+    expected = set(pos[row[pos].topk(k).indices].tolist())
+    reset(model)
+    with torch.no_grad(), prunekit.prune_tokens(model, "fastv", keep=k, layer=2) as s:
+        model(**inp)
+    kept = s.stats.kept_masks[0][0]
+    assert set(pos[kept[pos]].tolist()) == expected
+    assert bool(kept[~cand].all()), "non-candidate tokens must all be kept"
+
+
+@pytest.mark.parametrize("fam", ["llama", "qwen2_vl"])
+def test_recomputed_last_token_row_matches_eager_attentions(fam):
+    """The row recomputed from q/k (RoPE / M-RoPE, GQA, padding) == HF's eager attention weights."""
+    from prunekit.models.attention import last_query_attention
+
+    model = build(fam, "eager")
+    inp = inputs_for(fam, model, batch=2)
+    reset(model)
+    ref = eager_last_row(model, inp, layer=1)
+    captured = {}
+    layers = model.model.language_model.layers if fam in VLMS else model.model.layers
+    key_valid = inp["attention_mask"].bool()
+
+    def grab(attn, args, kw):
+        captured["row"] = last_query_attention(
+            attn, kw["hidden_states"], kw["position_embeddings"], key_valid
+        )
+
+    h = layers[1].self_attn.register_forward_pre_hook(grab, with_kwargs=True)
+    reset(model)
+    with torch.no_grad():
+        model(**inp)
+    h.remove()
+    err = (captured["row"] - ref).abs().max().item()
+    assert err < 1e-5, f"{fam}: recomputed row differs from eager by {err:.2e} (tolerance 1e-5)"
+
+
+def test_recomputed_cls_row_matches_eager_clip_attentions():
+    from prunekit.models.attention import cls_query_attention
+
+    model = build("llava", "eager")
+    tower = model.model.vision_tower
+    pv = torch.randn(2, 3, 56, 56)
+    layer = getattr(tower, "vision_model", tower).encoder.layers[1].self_attn
+    captured = {}
+
+    def grab(attn, args, kw):
+        h = args[0] if args else kw["hidden_states"]
+        captured["row"] = cls_query_attention(attn.q_proj, attn.k_proj, h, attn.num_heads, attn.scale)
+
+    hd = layer.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        out = tower(pv, output_attentions=True)
+    hd.remove()
+    ref = out.attentions[1].mean(1)[:, 0]  # (B, 1+N)
+    err = (captured["row"] - ref).abs().max().item()
+    assert err < 1e-5, f"CLS row differs from eager by {err:.2e} (tolerance 1e-5)"
+
+
+def test_fastervlm_keeps_top_cls_attention_of_feature_layer():
+    """LLaVA vision_feature_layer=-2 on a 3-layer CLIP -> attention of layer 1, CLS row, head mean."""
+    model = build("llava", "eager")
+    inp = vlm_inputs("llava", model, batch=1)
+    with torch.no_grad():
+        att = model.model.vision_tower(inp["pixel_values"], output_attentions=True).attentions
+    score = att[1].mean(1)[0, 0, 1:]  # (N,) patch columns
+    k = 6
+    expected_rank = set(score.topk(k).indices.tolist())
+    with torch.no_grad(), prunekit.prune_tokens(model, "fastervlm", keep=k) as s:
+        model(**inp)
+    kept = s.stats.kept_masks[0][0]
+    img_pos = (inp["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+    got = set((kept[img_pos]).nonzero().flatten().tolist())
+    assert got == expected_rank
+
+
+def test_llava_next_newline_tokens_always_kept_and_budget_per_image():
+    model = build("llava_next", "sdpa")
+    inp = vlm_inputs("llava_next", model, batch=2)
+    with torch.no_grad(), prunekit.prune_tokens(model, "fastervlm", keep=5) as s:
+        model(**inp)
+    kept = s.stats.kept_masks[0]
+    img = inp["input_ids"] == model.config.image_token_id
+    n_img = img.sum(1)
+    kept_img = (kept & img).sum(1)
+    # 5 candidates + the newline tokens of each image survive; newline count < total image tokens
+    assert bool((kept_img > 5).all()) and bool((kept_img < n_img).all())
+
+
+# ---------------------------------------------------------------- errors
+def test_clear_errors():
+    llama = build("llama", "sdpa")
+    with pytest.raises(UnknownMethodError, match="fastv"):
+        with prunekit.prune_tokens(llama, "fastvv", keep=0.5):
+            pass
+    for bad in (0, -3, 0.0, 1.5, True, "half"):
+        with pytest.raises(ValueError, match=r"keep"):
+            with prunekit.prune_tokens(llama, "fastv", keep=bad):
+                pass
+    with pytest.raises(UnsupportedModelError, match="supported families"):
+        with prunekit.prune_tokens(torch.nn.Linear(2, 2), "fastv", keep=0.5):
+            pass
+    with pytest.raises(UnsupportedModelError, match="stage"):  # FasterVLM needs visual tokens
+        with prunekit.prune_tokens(llama, "fastervlm", keep=0.5):
+            pass
+    with pytest.raises(ValueError, match=r"\[1, 3\]"):
+        with prunekit.prune_tokens(llama, "fastv", keep=0.5, layer=4):
+            pass
+    with pytest.raises(ValueError, match="allowed"):
+        with prunekit.prune_tokens(llama, "fastv", keep=0.5, K=2):
+            pass
+    qwen = build("qwen2_vl", "sdpa")
+    with pytest.raises(SignalUnavailableError, match=r"no \[CLS\]"):
+        with prunekit.prune_tokens(qwen, "fastervlm", keep=0.5):
+            pass
+    before = snapshot(qwen)
+    assert_same(before, snapshot(qwen))
+
+
+def test_right_padding_is_refused():
+    model = build("llama", "sdpa")
+    ids = torch.randint(3, 200, (2, 10))
+    am = torch.ones_like(ids)
+    am[1, -3:] = 0
+    with pytest.raises(prunekit.errors.PrunekitError, match="left padding"):
+        with torch.no_grad(), prunekit.prune_tokens(model, "fastv", keep=0.5):
+            model(input_ids=ids, attention_mask=am)
