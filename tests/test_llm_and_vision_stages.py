@@ -231,11 +231,11 @@ def test_clear_errors():
         with prunekit.prune_tokens(llama, "fastv", keep=0.5, K=2):
             pass
     qwen = build("qwen2_vl", "sdpa")
+    before = snapshot(qwen)
     with pytest.raises(SignalUnavailableError, match=r"no \[CLS\]"):
         with prunekit.prune_tokens(qwen, "fastervlm", keep=0.5):
             pass
-    before = snapshot(qwen)
-    assert_same(before, snapshot(qwen))
+    assert_same(before, snapshot(qwen))  # a refused attach leaves nothing behind
 
 
 def test_right_padding_is_refused():
@@ -246,3 +246,32 @@ def test_right_padding_is_refused():
     with pytest.raises(prunekit.errors.PrunekitError, match="left padding"):
         with torch.no_grad(), prunekit.prune_tokens(model, "fastv", keep=0.5):
             model(input_ids=ids, attention_mask=am)
+
+
+def test_signal_the_adapter_cannot_give_is_refused_before_any_forward():
+    from dataclasses import dataclass
+
+    from prunekit.tokens.context import Signal
+    from prunekit.tokens.methods.fastv import FastV
+
+    @dataclass
+    class NeedsFullMap(FastV):  # asks for a full attention map at the llm stage
+        def needs(self, stage):
+            return (Signal("attention_map", 1),)
+
+    NeedsFullMap.name = "fastv"
+    model = build("llama", "sdpa")
+    before = snapshot(model)
+    with pytest.raises(SignalUnavailableError, match="attention_map"):
+        with prunekit.prune_tokens(model, NeedsFullMap(), keep=0.5):
+            pass
+    assert_same(before, snapshot(model))
+
+
+def test_unsupported_hf_family_names_supported_ones():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50))
+    with pytest.raises(UnsupportedModelError, match=r"GPT2LMHeadModel.*supported families"):
+        with prunekit.prune_tokens(gpt2, "fastv", keep=0.5):
+            pass
