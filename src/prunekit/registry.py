@@ -78,8 +78,13 @@ def _load() -> None:
         _loaded = True
 
 
+FAMILIES = ("tokens", "kv", "weights", "data", "decode")
+
+
 def methods(family: str | None = None) -> list[MethodInfo]:
     """Every registered method, sorted by family then name; ``family`` filters."""
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"unknown method family {family!r}; allowed: {list(FAMILIES)}")
     _load()
     rows = sorted(_REGISTRY.values(), key=lambda m: (m.family, m.name))
     return [m for m in rows if family is None or m.family == family]

@@ -1,0 +1,29 @@
+"""prunekit: pruning for transformers without retraining — tokens, KV cache, weights — measured
+side by side for quality, latency and memory.
+
+>>> import prunekit
+>>> with prunekit.prune_tokens(model, "fastv", keep=0.5, layer=2) as session:
+...     out = model.generate(**inputs)
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .budget import resolve_keep, validate_keep
+from .errors import PrunekitError, SignalUnavailableError, UnknownMethodError, UnsupportedModelError
+from .registry import MethodInfo, methods
+from .tokens.engine import prune_tokens
+
+__all__ = [
+    "MethodInfo",
+    "PrunekitError",
+    "SignalUnavailableError",
+    "UnknownMethodError",
+    "UnsupportedModelError",
+    "__version__",
+    "methods",
+    "prune_tokens",
+    "resolve_keep",
+    "validate_keep",
+]
