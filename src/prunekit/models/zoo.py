@@ -14,6 +14,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 
 from ..assets import AssetMissingError, cache_dir, package_dir
@@ -135,7 +136,7 @@ def minilm():
 
 def image_batch(images, size: int = 224) -> torch.Tensor:
     """``uint8 (N, H, W)`` grey images -> ``(N, 3, size, size)`` float, ImageNet-normalised."""
-    x = torch.as_tensor(images, dtype=torch.float32)[:, None] / 255.0  # (N, 1, H, W)
+    x = torch.from_numpy(np.array(images, dtype=np.float32))[:, None] / 255.0  # (N, 1, H, W)
     x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     x = x.expand(-1, 3, -1, -1)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
