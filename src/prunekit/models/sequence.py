@@ -32,6 +32,17 @@ def left_pack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, keep.gather(1, idx)
 
 
+def right_pack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`left_pack` but kept positions first and the unused slots at the end.
+
+    For bidirectional encoders whose heads read fixed leading positions (CLS at index 0).
+    """
+    width = int(keep.sum(dim=1).max()) if keep.shape[0] else 0
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # kept first, each ascending
+    idx = order[:, :width]
+    return idx, keep.gather(1, idx)
+
+
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
     """Gather positions ``idx (B, L')`` along ``dim`` of ``x`` whose batch dim is ``dim - 1``.
 

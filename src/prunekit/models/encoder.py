@@ -1,0 +1,307 @@
+"""Stage (c) ``encoder``: token cut or merge inside ViT / DeiT / DINOv2 / CLIP-vision / BERT blocks.
+
+Two modes, chosen by what the method offers:
+- **cut** (score/select methods such as FasterVLM, DivPrune, random): candidates are cut from the
+  input of block ``K`` (``method.layer``, default 4). The CLS token (and DeiT's distillation
+  token) is protected and stays first. The ``cls_attention`` signal is the head-mean [CLS] row of
+  block ``K-1``, recomputed from that block's q/k, so the model stays on SDPA.
+- **merge** (ToMe): every block's forward is replaced, for the duration of the ``with`` block, by
+  one that merges tokens between attention and MLP and applies proportional attention.
+
+Position embeddings are added before the first block in these families, so dropping or merging
+tokens inside the encoder needs no position bookkeeping. BERT with padding: kept tokens are packed
+first and the rest masked; ``session.output_mask`` then holds the ``(B, T')`` mask of the output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import PrunekitError, SignalUnavailableError, UnsupportedModelError
+from ..tokens.merge import bipartite_soft_matching, merge_wavg
+from .attention import cls_query_attention
+from .base import Adapter, Session
+from .sequence import Groups, gather_tokens, right_pack, select_in_groups
+
+
+@dataclass(frozen=True)
+class BlockNames:
+    """Where a family keeps the parts of a pre-norm block (attribute paths inside one layer)."""
+
+    norm1: str
+    attn: str
+    post_attn: tuple[str, ...]
+    norm2: str
+    mlp: str
+    post_mlp: tuple[str, ...]
+    q: str
+    k: str
+    heads: str
+    scale: str
+
+
+def _get(obj: nn.Module, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _arg(args: tuple, kw: dict, i: int, name: str):
+    return args[i] if len(args) > i else kw.get(name)
+
+
+class EncoderAdapter(Adapter):
+    stages = ("encoder",)
+    missing_stage_reason: ClassVar[Mapping[str, str]] = {
+        "vision": "an encoder alone has no visual tokens between a tower and an LLM",
+        "llm": "an encoder has no decoder layers",
+    }
+    model_types: ClassVar[tuple[str, ...]] = ()
+    layers_path: ClassVar[tuple[str, ...]] = ()  # candidate paths from the model to the block list
+    names: ClassVar[BlockNames | None] = None
+    pre_norm: ClassVar[bool] = True
+    protected: ClassVar[int] = 1
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        mt = getattr(getattr(model, "config", None), "model_type", None)
+        return mt in cls.model_types and cls._find_layers(model) is not None
+
+    @classmethod
+    def _find_layers(cls, model: nn.Module) -> nn.ModuleList | None:
+        for path in cls.layers_path:
+            try:
+                layers = _get(model, path)
+            except AttributeError:
+                continue
+            if isinstance(layers, nn.ModuleList):
+                return layers
+        return None
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self._find_layers(self.model)
+
+    def attention_parts(self, layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, int, float]:
+        """(module whose pre-hook sees the attention input, q_proj, k_proj, heads, scale)."""
+        n = self.names
+        attn = _get(layer, n.attn)
+        return attn, _get(layer, n.q), _get(layer, n.k), _get(layer, n.heads), _get(layer, n.scale)
+
+    # ------------------------------------------------------------------ attach
+    def attach(self, session: Session) -> None:
+        self.check_stage(session.stage)
+        self.session = session
+        self.am2d: torch.Tensor | None = None
+        session.output_mask = None
+        session.hooks.pre(self.model, self._on_model)
+        if hasattr(session.method, "merge_schedule"):
+            self._attach_merge(session)
+        else:
+            self._attach_cut(session)
+
+    def _on_model(self, module: nn.Module, args: tuple, kw: dict) -> None:
+        am = kw.get("attention_mask")
+        self.am2d = am if isinstance(am, torch.Tensor) and am.dim() == 2 else None
+
+    # ------------------------------------------------------------------ cut
+    def _attach_cut(self, session: Session) -> None:
+        depth = len(self.layers)
+        K = session.method.layer
+        K = (4 if depth > 4 else max(1, depth // 2)) if K is None else K
+        if not isinstance(K, int) or not 1 <= K <= depth - 1:
+            raise ValueError(
+                f"encoder cut layer K must be an int in [1, {depth - 1}] for this {depth}-block model; "
+                f"got {K!r}"
+            )
+        self.K, self.row = K, None
+        for sig in session.method.needs("encoder"):
+            if sig.kind in ("tokens", "hidden"):
+                continue
+            if sig.kind != "cls_attention":
+                raise SignalUnavailableError(
+                    f"signal {sig} is not available at the encoder stage of {self.family}: it gives "
+                    "'cls_attention' (recomputed from q/k of block K-1) and 'tokens'"
+                )
+            if sig.layer is not None and sig.layer != K:
+                raise SignalUnavailableError(
+                    f"signal {sig}: at the encoder stage it comes from block K-1 = {K - 1}"
+                )
+            attn, *_ = self.attention_parts(self.layers[K - 1])
+            session.hooks.pre(attn, self._on_signal_attention)
+        for layer in self.layers[K:]:
+            session.hooks.pre(layer, self._on_layer)
+        self.index = {id(m): i for i, m in enumerate(self.layers)}
+
+    def _valid(self, x: torch.Tensor) -> torch.Tensor:
+        B, T = x.shape[:2]
+        if self.am2d is not None and self.am2d.shape == (B, T):
+            return self.am2d.bool()
+        return torch.ones(B, T, dtype=torch.bool, device=x.device)
+
+    def _on_signal_attention(self, attn: nn.Module, args: tuple, kw: dict) -> None:
+        h = _arg(args, kw, 0, "hidden_states")
+        _, q, k, heads, scale = self.attention_parts(self.layers[self.K - 1])
+        self.row = cls_query_attention(q, k, h, heads, scale, key_valid=self._valid(h))  # (B, T)
+
+    def _on_layer(self, layer: nn.Module, args: tuple, kw: dict):
+        x = _arg(args, kw, 0, "hidden_states")
+        if self.index[id(layer)] == self.K:
+            valid = self._valid(x)
+            keep_mask = valid.clone()
+            p = self.protected
+            B = x.shape[0]
+            groups = Groups(
+                sample=list(range(B)),
+                positions=[valid[b, p:].nonzero().flatten() + p for b in range(B)],
+                ids=list(range(B)),
+            )
+            row = self.row
+            signals = {} if row is None else {"cls_attention": lambda b, pos, ids: row[b[:, None], pos]}
+            select_in_groups(
+                self.session, keep_mask, groups, tokens=lambda b, pos: x[b[:, None], pos], signals=signals,
+                family=self.family,
+            )  # fmt: skip
+            self.session.stats.kept_masks.append(keep_mask.cpu())
+            self.kidx, slot_valid = right_pack(keep_mask)
+            x = gather_tokens(x, self.kidx, 1)
+            self.mask = None
+            if not bool(slot_valid.all()):  # ragged rows: mask the unused slots as keys
+                self.mask = torch.zeros(B, 1, 1, slot_valid.shape[1], dtype=x.dtype, device=x.device)
+                self.mask.masked_fill_(~slot_valid[:, None, None, :], torch.finfo(x.dtype).min)
+            self.session.output_mask = slot_valid.long()
+        args = list(args)
+        if args:
+            args[0] = x
+        else:
+            kw["hidden_states"] = x
+        if len(args) >= 2:
+            args[1] = self.mask
+        else:
+            kw["attention_mask"] = self.mask
+        return tuple(args), kw
+
+    # ------------------------------------------------------------------ merge (ToMe)
+    def _attach_merge(self, session: Session) -> None:
+        if not self.pre_norm or self.names is None:
+            raise UnsupportedModelError(
+                f"{self.family}: ToMe merging is implemented for pre-norm ViT blocks (ViT, DeiT, DINOv2, "
+                "CLIP vision), not for this post-norm text encoder; use a cut method (divprune, random)"
+            )
+        self.schedule: list[int] = []
+        self.size: torch.Tensor | None = None
+        for i, layer in enumerate(self.layers):
+            session.hooks.setattr(layer, "forward", self._merge_forward(layer, i))
+
+    def _merge_forward(self, layer: nn.Module, i: int):
+        n = self.names
+        attn, _, k_proj, heads, _ = self.attention_parts(layer)
+        norm1, norm2, mlp = _get(layer, n.norm1), _get(layer, n.norm2), _get(layer, n.mlp)
+        post_attn = [_get(layer, p) for p in n.post_attn]
+        post_mlp = [_get(layer, p) for p in n.post_mlp]
+        method, session, p = self.session.method, self.session, self.protected
+
+        def forward(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
+            x = hidden_states
+            B, T = x.shape[:2]
+            if attention_mask is not None:
+                raise PrunekitError(f"{self.family}: ToMe with an attention mask (padding) is not supported")
+            if i == 0:  # a new forward: sizes start at 1, the schedule follows the token count
+                self.size = torch.ones(B, T, 1, dtype=x.dtype, device=x.device)
+                self.schedule = method.merge_schedule(T - p, len(self.layers), session.keep)
+                self.tokens_in = T - p
+            bias = None
+            if method.prop_attn and i > 0:
+                bias = self.size.log().transpose(1, 2)[:, None]  # (B, 1, 1, T) added to every key's logit
+            h = norm1(x)
+            out = attn(h, attention_mask=bias)[0]
+            for mod in post_attn:
+                out = mod(out)
+            x = x + out
+            r = self.schedule[i]
+            if r > 0:
+                metric = k_proj(h).view(B, T, heads, -1).mean(dim=2)  # (B, T, hd) keys, mean over heads
+                plan = bipartite_soft_matching(metric, r, protected=p)
+                x, self.size = merge_wavg(plan, x, self.size)
+            h = mlp(norm2(x))
+            for mod in post_mlp:
+                h = mod(h)
+            x = x + h
+            if i == len(self.layers) - 1:
+                kept = x.shape[1] - p
+                session.stats.record(B * self.tokens_in, B * kept, None, 0.0)
+            return x
+
+        return forward
+
+
+PRE_NORM_VIT = BlockNames(
+    norm1="layernorm_before", attn="attention", post_attn=("dropout",), norm2="layernorm_after", mlp="mlp",
+    post_mlp=("dropout",), q="attention.q_proj", k="attention.k_proj", heads="attention.num_attention_heads",
+    scale="attention.scaling",
+)  # fmt: skip
+
+
+class ViTAdapter(EncoderAdapter):
+    family = "vit"
+    model_types = ("vit",)
+    layers_path = ("vit.layers", "layers", "encoder.layers")
+    names = PRE_NORM_VIT
+
+
+class DeiTAdapter(EncoderAdapter):
+    """DeiT: the [CLS] and distillation tokens (indices 0 and 1) are both protected."""
+
+    family = "deit"
+    model_types = ("deit",)
+    layers_path = ("deit.layers", "layers", "encoder.layers")
+    names = PRE_NORM_VIT
+    protected = 2
+
+
+class Dinov2Adapter(EncoderAdapter):
+    family = "dinov2"
+    model_types = ("dinov2",)
+    layers_path = ("encoder.layer", "dinov2.encoder.layer")
+    names = BlockNames(
+        norm1="norm1", attn="attention", post_attn=("layer_scale1", "drop_path"), norm2="norm2", mlp="mlp",
+        post_mlp=("layer_scale2", "drop_path"), q="attention.q_proj", k="attention.k_proj",
+        heads="attention.num_attention_heads", scale="attention.scaling",
+    )  # fmt: skip
+
+
+class CLIPVisionAdapter(EncoderAdapter):
+    family = "clip_vision"
+    model_types = ("clip_vision_model",)  # CLIPVisionModel(WithProjection); CLIPModel: pass .vision_model
+    layers_path = ("vision_model.encoder.layers", "encoder.layers")
+    names = BlockNames(
+        norm1="layer_norm1", attn="self_attn", post_attn=(), norm2="layer_norm2", mlp="mlp", post_mlp=(),
+        q="self_attn.q_proj", k="self_attn.k_proj", heads="self_attn.num_heads", scale="self_attn.scale",
+    )  # fmt: skip
+
+
+class BertAdapter(EncoderAdapter):
+    """BERT encoders (e.g. all-MiniLM-L6-v2): cut mode; [CLS] protected; padding dropped."""
+
+    family = "bert"
+    model_types = ("bert",)
+    layers_path = ("encoder.layer", "bert.encoder.layer")
+    pre_norm = False
+
+    def attention_parts(self, layer: nn.Module):
+        attn = layer.attention.self
+        return attn, attn.query, attn.key, attn.num_attention_heads, attn.scaling
+
+
+ENCODER_ADAPTERS: list[type[Adapter]] = [
+    ViTAdapter,
+    DeiTAdapter,
+    Dinov2Adapter,
+    CLIPVisionAdapter,
+    BertAdapter,
+]

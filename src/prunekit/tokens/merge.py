@@ -1,0 +1,87 @@
+"""Token merging by bipartite soft matching (ToMe, Bolya et al., ICLR 2023), as pure tensor code.
+
+A plan is decided once per block from a similarity metric and then applied to every tensor that
+must stay consistent (the tokens and their sizes), as in the paper's ``(merge, unmerge)`` design.
+Written from the paper and the spec; shapes: ``B`` batch, ``T`` tokens, ``C`` channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class MergePlan:
+    """Which tokens merge where, for ``T`` tokens of which the first ``protected`` never merge.
+
+    The mergeable tokens alternate between a source set A (merged away) and a destination set B;
+    ``src`` ``(B, r)`` are A-indices merged into B-indices ``dst`` ``(B, r)``; ``unm`` ``(B, |A|-r)``
+    are the A-indices kept, ascending. Output order: protected, kept A (ascending), all of B.
+    """
+
+    protected: int
+    a_start: int  # parity of A among the mergeable tokens (A = original even indices, as in ToMe)
+    src: torch.Tensor
+    dst: torch.Tensor
+    unm: torch.Tensor
+
+    @property
+    def r(self) -> int:
+        return self.src.shape[1]
+
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        p = self.protected
+        rest = x[:, p:]
+        return x[:, :p], rest[:, self.a_start :: 2], rest[:, 1 - self.a_start :: 2]
+
+    def merge(self, x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
+        """``(B, T, C) -> (B, T - r, C)``; ``mode`` reduces the tokens landing on one destination."""
+        prot, a, b = self._split(x)
+        C = x.shape[-1]
+        kept = a.gather(1, self.unm[..., None].expand(-1, -1, C))  # (B, |A| - r, C)
+        moved = a.gather(1, self.src[..., None].expand(-1, -1, C))  # (B, r, C)
+        b = b.scatter_reduce(1, self.dst[..., None].expand(-1, -1, C), moved, reduce=mode)
+        return torch.cat([prot, kept, b], dim=1)
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 1) -> MergePlan:
+    """Plan ``r`` merges from ``metric`` ``(B, T, C)`` (e.g. keys averaged over heads).
+
+    The mergeable tokens (all but the first ``protected``) are split alternately into A and B by
+    their original index (even indices in A, as in the official code where the CLS token sits at
+    index 0 of A). Each A token's most similar B token (cosine) is its edge; the ``r`` A tokens
+    with the most similar edges merge into their partners. ``r`` is capped at ``|A|`` (at most
+    half of the mergeable tokens per block).
+    """
+    p = protected
+    a_start = p % 2  # mergeable index 0 is original index p: it is in A when p is even
+    m = metric[:, p:].float()
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    a, b = m[:, a_start::2], m[:, 1 - a_start :: 2]
+    r = max(0, min(r, a.shape[1], b.shape[1]))
+    scores = a @ b.transpose(-1, -2)  # (B, |A|, |B|)
+    best, best_dst = scores.max(dim=-1)  # each A token's partner in B
+    order = best.argsort(dim=-1, descending=True, stable=True)  # strongest edges first
+    src, unm = order[:, :r], order[:, r:].sort(dim=-1).values
+    return MergePlan(p, a_start, src, best_dst.gather(1, src), unm)
+
+
+def merge_wavg(plan: MergePlan, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted average merge: ``x (B, T, C)``, ``size (B, T, 1)`` -> merged ``x`` and ``size``.
+
+    ``Σ size·x`` and ``Σ size`` are conserved.
+    """
+    merged = plan.merge(x * size, mode="sum")
+    size = plan.merge(size, mode="sum")
+    return merged / size, size
+
+
+def merge_source(plan: MergePlan, source: torch.Tensor) -> torch.Tensor:
+    """Track which original tokens each token covers: ``source (B, T, T0)`` 0/1 -> ``(B, T - r, T0)``."""
+    return plan.merge(source, mode="amax")
+
+
+MergeFn = Callable[[torch.Tensor], torch.Tensor]

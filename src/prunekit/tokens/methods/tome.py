@@ -1,0 +1,57 @@
+"""ToMe — "Token Merging: Your ViT But Faster" (Bolya et al., ICLR 2023).
+
+Inside **every** block of a ViT, between the attention and the MLP, ``r`` tokens are merged into
+their most similar partners by bipartite soft matching on the block's keys averaged over heads
+(cosine), with a size-weighted average; each token's size (how many patches it stands for) is
+tracked, and **proportional attention** adds ``log(size)`` to the attention logit of every key
+in the following blocks. CLS (and DeiT's distillation token) never merge and stay first.
+Shapes: tokens ``(B, T, C)``, sizes ``(B, T, 1)``.
+
+Budget: ``keep`` is the number (or ratio) of mergeable tokens left after the last block. The
+official code takes a constant ``r`` per block; here the ``N - keep`` removals are spread evenly
+over the blocks (``r_l`` differ by at most 1), capped at half the mergeable tokens per block, so a
+budget maps to a schedule with the same total. Output token order is **not** spatial (unmerged
+A tokens ascending, then the B tokens), as in the official code.
+
+Deviations: mergeable tokens are split into A/B by original index parity exactly as the official
+code does, but protected tokens are held outside the matching instead of being given ``-inf``
+scores (same result for one CLS token; also correct for DeiT's second token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...budget import resolve_keep
+from ...registry import register
+from ..context import Signal, TokenContext, TokenMethod
+
+
+@register(
+    "tome",
+    family="tokens",
+    paper="Token Merging: Your ViT But Faster",
+    stages=("encoder",),
+    signals=("keys@every-block",),
+    summary="merge similar tokens in every ViT block (bipartite soft matching, size-weighted)",
+)
+@dataclass
+class ToMe(TokenMethod):
+    prop_attn: bool = True  # proportional attention: + log(size) on every key's logit
+
+    def needs(self, stage: str) -> tuple[Signal, ...]:
+        return (Signal("keys"),)
+
+    def merge_schedule(self, n_mergeable: int, n_blocks: int, keep: int | float) -> list[int]:
+        """Tokens merged away in each block so that ``keep`` mergeable tokens are left at the end."""
+        removals = n_mergeable - resolve_keep(keep, n_mergeable)
+        schedule, left = [], n_mergeable
+        for l in range(n_blocks):
+            r = removals * (l + 1) // n_blocks - removals * l // n_blocks
+            r = min(r, left // 2)  # bipartite matching merges at most half per block
+            schedule.append(r)
+            left -= r
+        return schedule
+
+    def score(self, ctx: TokenContext):  # pragma: no cover - merging, not scoring
+        raise NotImplementedError("ToMe merges inside blocks; it has no per-token score")
