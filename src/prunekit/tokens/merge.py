@@ -39,6 +39,8 @@ class MergePlan:
 
     def merge(self, x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
         """``(B, T, C) -> (B, T - r, C)``; ``mode`` reduces the tokens landing on one destination."""
+        if self.r == 0:  # nothing merges: the identity, order included
+            return x
         prot, a, b = self._split(x)
         C = x.shape[-1]
         kept = a.gather(1, self.unm[..., None].expand(-1, -1, C))  # (B, |A| - r, C)

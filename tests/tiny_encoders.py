@@ -1,0 +1,58 @@
+"""Tiny random encoders built from configs: ViT, DeiT (with teacher), DINOv2, CLIP vision, BERT."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    BertConfig,
+    BertModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    DeiTConfig,
+    DeiTForImageClassificationWithTeacher,
+    Dinov2Config,
+    Dinov2Model,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+V = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4)
+
+
+def build(name: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    if name == "vit":
+        cfg = ViTConfig(**V, intermediate_size=64, image_size=32, patch_size=8, num_labels=5)
+        model = ViTForImageClassification(cfg)
+    elif name == "deit":
+        cfg = DeiTConfig(**V, intermediate_size=64, image_size=32, patch_size=8, num_labels=5)
+        model = DeiTForImageClassificationWithTeacher(cfg)
+    elif name == "dinov2":
+        model = Dinov2Model(Dinov2Config(**V, mlp_ratio=2, image_size=28, patch_size=7))
+    elif name == "clip_vision":
+        model = CLIPVisionModel(CLIPVisionConfig(**V, intermediate_size=64, image_size=28, patch_size=7))
+    elif name == "bert":
+        model = BertModel(BertConfig(**V, vocab_size=100, intermediate_size=64))
+    else:
+        raise KeyError(name)
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+ENCODERS = ("vit", "deit", "dinov2", "clip_vision", "bert")
+
+
+def inputs(name: str, model, batch: int = 2, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    if name == "bert":
+        ids = torch.randint(3, 100, (batch, 12), generator=g)
+        am = torch.ones_like(ids)
+        am[1:, 9:] = 0  # the second row is padded
+        return dict(input_ids=ids, attention_mask=am)
+    S = model.config.image_size
+    return dict(pixel_values=torch.randn(batch, 3, S, S, generator=g))
+
+
+def output(out) -> torch.Tensor:
+    """The head output a user reads: logits, else the pooled CLS output."""
+    return out.logits if getattr(out, "logits", None) is not None else out.pooler_output
