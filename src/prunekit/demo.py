@@ -4,8 +4,9 @@
   decoder layer 2; quality = top-1 next-token agreement with dense and KL(dense || pruned);
   latency = prefill time.
 - **DINOv2-S/14** (real weights) on real Fashion-MNIST images: ToMe, FasterVLM's [CLS]-attention
-  ranking, DivPrune and random at the encoder stage; quality = kNN accuracy (features of dense
-  training images) and cosine of the [CLS] output to dense; latency = forward time of a batch.
+  ranking, DivPrune and random at the encoder stage; quality = accuracy of a linear probe fit on
+  dense features of training images, and cosine of the [CLS] output to dense; latency = forward
+  time of a batch of 16.
 
 Dense and pruned runs are interleaved in one process; latency is the median after a warm-up.
 Results go to a JSON-lines file, one line per row.
@@ -47,11 +48,11 @@ def _text_rows(quick: bool, bar: tqdm) -> list[Row]:
     from .assets import wiki_text
     from .models import zoo
 
-    model, tok = zoo.smollm2(dtype=torch.float32)
+    model, tok = zoo.smollm2(dtype=torch.bfloat16)  # bf16: ~4x faster than fp32 on AVX512-BF16 CPUs
     tok.padding_side = "left"
-    n = 4 if quick else 8
-    passages = [p[:1000] for p in wiki_text().split("\n\n") if len(p) > 1200][:n]
-    enc = tok(passages, return_tensors="pt", padding=True, truncation=True, max_length=256)
+    n = 8 if quick else 16
+    passages = [p[:800] for p in wiki_text().split("\n\n") if len(p) > 1000][:n]
+    enc = tok(passages, return_tensors="pt", padding=True, truncation=True, max_length=128)
     configs = {"dense": None, "fastv": ("fastv", {"layer": 2}), "random": ("random", {"layer": 2})}
 
     def forward(cfg):
@@ -66,7 +67,7 @@ def _text_rows(quick: bool, bar: tqdm) -> list[Row]:
         outs = {k: forward(c) for k, c in configs.items()}
         bar.update(1)
         lat = interleaved_medians(
-            {k: (lambda c=c: forward(c)) for k, c in configs.items()}, repeats=2 if quick else 5
+            {k: (lambda c=c: forward(c)) for k, c in configs.items()}, repeats=2 if quick else 3
         )
         bar.update(1)
     dense = outs["dense"][0].log_softmax(-1)
@@ -91,13 +92,24 @@ def _text_rows(quick: bool, bar: tqdm) -> list[Row]:
     return rows
 
 
-def _knn_accuracy(
-    train: torch.Tensor, labels: torch.Tensor, test: torch.Tensor, truth: torch.Tensor, k=20
-) -> float:
-    sim = torch.nn.functional.normalize(test, dim=-1) @ torch.nn.functional.normalize(train, dim=-1).T
-    top = sim.topk(k, dim=-1)
-    votes = torch.zeros(test.shape[0], 10).scatter_add_(1, labels[top.indices], top.values.exp())
-    return (votes.argmax(-1) == truth).float().mean().item()
+def fit_probe(train: torch.Tensor, labels: torch.Tensor, classes: int = 10, l2: float = 1e-3):
+    """A linear probe (multinomial logistic regression, L-BFGS) on standardised features."""
+    mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
+    z = (train - mean) / std
+    W = torch.zeros(z.shape[1], classes, requires_grad=True)
+    bias = torch.zeros(classes, requires_grad=True)
+    opt = torch.optim.LBFGS([W, bias], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z @ W + bias, labels) + l2 * W.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    W, bias = W.detach(), bias.detach()
+    return lambda x: (((x - mean) / std) @ W + bias).argmax(-1)
 
 
 def _vision_rows(quick: bool, bar: tqdm) -> list[Row]:
@@ -105,7 +117,7 @@ def _vision_rows(quick: bool, bar: tqdm) -> list[Row]:
     from .models import zoo
 
     model = zoo.dinov2_small()
-    n_train, n_test = (300, 64) if quick else (1000, 160)
+    n_train, n_test = (500, 64) if quick else (1000, 192)
     Xtr, ytr = fashion_mnist("train")
     Xte, yte = fashion_mnist("test")
     feats_file = cache_dir("demo") / f"dinov2s_fashion_train_{n_train}.npz"
@@ -121,6 +133,7 @@ def _vision_rows(quick: bool, bar: tqdm) -> list[Row]:
             np.savez(feats_file, f=train.numpy())
     bar.update(1)
     labels = torch.from_numpy(ytr[:n_train].astype(np.int64))
+    probe = fit_probe(train, labels)
     test_x = zoo.image_batch(Xte[:n_test])
     truth = torch.from_numpy(yte[:n_test].astype(np.int64))
     timing_batch = test_x[:16]
@@ -172,18 +185,18 @@ def _vision_rows(quick: bool, bar: tqdm) -> list[Row]:
                     stage="-" if cfg is None else "encoder",
                     tokens_kept=1.0 if stats is None else stats.kept_fraction,
                     quality={
-                        "knn_acc": _knn_accuracy(train, labels, feats, truth),
+                        "probe_acc": (probe(feats) == truth).float().mean().item(),
                         "cls_cosine": torch.nn.functional.cosine_similarity(feats, dense_feats).mean().item(),
                     },
                     latency_s=float("nan"),
                     latency_ratio=float("nan"),
                     options={} if cfg is None else cfg[1],
-                    note=f"Fashion-MNIST: {n_test} test images, kNN on {n_train} dense train features",
+                    note=f"Fashion-MNIST: {n_test} test images, probe on {n_train} dense train features",
                 )
             )
             runners[k] = run
             bar.update(1)
-        lat = interleaved_medians(runners, repeats=2 if quick else 5)
+        lat = interleaved_medians(runners, repeats=2 if quick else 7)
     for r in rows:
         if r.method in lat:
             r.latency_s, r.latency_ratio = lat[r.method], lat[r.method] / lat["dense"]
