@@ -3,13 +3,18 @@ masked reference for the cut, the recomputed [CLS] row, errors, and ToMe on the 
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
+import numpy as np
 import pytest
 import torch
 
 import prunekit
 from invariants import assert_same, snapshot
 from prunekit.errors import SignalUnavailableError, UnsupportedModelError
-from tiny_encoders import ENCODERS, build, inputs, output
+from prunekit.tokens.methods.tome import ToMe
+from tiny_encoders import CLASSES, ENCODERS, build, build_class, inputs, output
 
 CASES = [
     (f, m)
@@ -69,19 +74,19 @@ def masked_reference_hidden(model, fam, inp, kept: torch.Tensor, K: int) -> torc
     handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers[K:]]
     try:
         with torch.no_grad():
-            return model(**inp).last_hidden_state
+            return model(**inp, output_hidden_states=True).hidden_states[-1]
     finally:
         for h in handles:
             h.remove()
 
 
-@pytest.mark.parametrize("fam", ["dinov2", "clip_vision", "bert"])
+@pytest.mark.parametrize("fam", ["vit", "deit", "dinov2", "clip_vision", "bert"])
 @pytest.mark.parametrize("method", ["fastervlm", "divprune", "random"])
 def test_cut_equals_masked_reference(fam, method):
     model = build(fam, attn="eager")
     inp = inputs(fam, model, batch=2)
     with torch.no_grad(), prunekit.prune_tokens(model, method, keep=0.4, layer=2) as s:
-        pruned = model(**inp).last_hidden_state  # (B, T', D): kept tokens first, in order
+        pruned = model(**inp, output_hidden_states=True).hidden_states[-1]  # (B, T', D): kept first
     kept = s.stats.kept_masks[0]
     ref = masked_reference_hidden(model, fam, inp, kept, K=2)
     for b in range(kept.shape[0]):
@@ -100,6 +105,8 @@ def test_recomputed_cls_row_and_fastervlm_selection_match_eager(fam):
     row = att.mean(1)[:, 0]  # (B, T) head mean of the CLS query
     with torch.no_grad(), prunekit.prune_tokens(model, "fastervlm", keep=3, layer=2) as s:
         model(**inp)
+    err = (s.adapter.row - row).abs().max().item()
+    assert err < 1e-5, f"recomputed CLS row differs from eager output_attentions by {err:.2e} (tol 1e-5)"
     kept = s.stats.kept_masks[0]
     valid = inp.get("attention_mask", torch.ones(row.shape, dtype=torch.long)).bool()
     for b in range(row.shape[0]):
@@ -138,8 +145,6 @@ def test_encoder_errors():
         with prunekit.prune_tokens(vit, "fastv", keep=0.5):
             pass
 
-    from dataclasses import dataclass
-
     from prunekit.tokens.context import Signal
     from prunekit.tokens.methods.random import RandomDrop
 
@@ -156,23 +161,120 @@ def test_encoder_errors():
     assert_same(before, snapshot(vit))
 
 
-# ---------------------------------------------------------------- real model
-def test_tome_keeps_dinov2_features_better_than_random():
-    """Real DINOv2-S on 16 real Fashion-MNIST images, half the patch tokens gone by the end."""
-    from prunekit.assets import fashion_mnist
-    from prunekit.models import zoo
+@pytest.mark.parametrize("cls_name", CLASSES)
+def test_every_listed_class_gets_its_family_adapter(cls_name):
+    from prunekit.models import get_adapter
 
-    model = zoo.dinov2_small()
-    images, _ = fashion_mnist("test")
-    x = zoo.image_batch(images[:16])
+    model, fam = build_class(cls_name)
+    adapter = get_adapter(model)
+    assert adapter.family == fam and len(adapter.layers) == 4
+    with pytest.raises(UnsupportedModelError, match="stage 'llm'"):
+        with prunekit.prune_tokens(model, "random", keep=0.5, stage="llm"):
+            pass
+
+
+def test_bert_attention_mask_given_positionally():
+    model = build("bert")
+    inp = inputs("bert", model)
+    with torch.no_grad(), prunekit.prune_tokens(model, "random", keep=0.5, layer=2) as s:
+        by_kw = model(**inp).last_hidden_state
+        by_pos = model(inp["input_ids"], inp["attention_mask"]).last_hidden_state
+    assert torch.equal(by_kw, by_pos)
+    assert not bool((s.stats.kept_masks[1] & ~inp["attention_mask"].bool()).any())  # padding dropped
+
+
+@dataclass
+class ToMeAllInBlock0(ToMe):
+    """ToMe merging half the mergeable tokens in block 0 and none after."""
+
+    def merge_schedule(self, n_mergeable, n_blocks, keep):
+        return [n_mergeable // 2] + [0] * (n_blocks - 1)
+
+
+@pytest.mark.parametrize("prop_attn", [True, False])
+def test_tome_merging_exact_duplicates_equals_dense_only_with_proportional_attention(prop_attn):
+    """Independent check of proportional attention: a size-2 token merged from two identical
+    tokens must act in later blocks exactly like the two copies did (log 2 on its logit), so
+    the whole ViT output equals the dense one. Without proportional attention it does not."""
+    model = build("vit")
+    with torch.no_grad():
+        model.vit.embeddings.position_embeddings.zero_()  # identical patches -> identical tokens
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    x[..., 8:16], x[..., 24:32] = x[..., 0:8], x[..., 16:24]  # 4x4 patches: column 1 = 0, 3 = 2
+    # tokens 1 + 4 row + col: every A token (even index) has its copy in B (the odd index before it)
+    with torch.no_grad():
+        dense = model(pixel_values=x, output_hidden_states=True)
+        with prunekit.prune_tokens(model, ToMeAllInBlock0(prop_attn=prop_attn), keep=0.5) as s:
+            merged = model(pixel_values=x, output_hidden_states=True)
+    assert [h.shape[1] for h in merged.hidden_states] == [17, 9, 9, 9, 9]
+    assert s.stats.tokens_kept == 2 * 8
+    err = max(
+        (merged.logits - dense.logits).abs().max().item(),
+        (merged.hidden_states[-1] - dense.hidden_states[-1][:, 0::2]).abs().max().item(),
+    )
+    if prop_attn:
+        assert err < 1e-5, f"merged duplicates differ from dense by {err:.2e} (tol 1e-5)"
+    else:
+        assert err > 1e-3, f"without proportional attention the output should move; moved {err:.2e}"
+
+
+# ---------------------------------------------------------------- real model
+@pytest.fixture(scope="module")
+def dinov2_small():
+    try:
+        from prunekit.models import zoo
+    except ImportError:
+        zoo = None
+    if zoo is not None and hasattr(zoo, "dinov2_small"):
+        return zoo.dinov2_small()
+    from transformers import Dinov2Model
+
+    path = os.path.expanduser("~/.cache/offline-assets/dinov2-small-imgfocus")
+    if not os.path.isdir(path):
+        pytest.skip(f"DINOv2-S not found at {path}")
+    return Dinov2Model.from_pretrained(path).eval()
+
+
+def fashion_mnist_test_images(n: int) -> np.ndarray:
+    try:
+        from prunekit.assets import fashion_mnist
+    except ImportError:
+        import gzip
+        import subprocess
+
+        files = subprocess.run(["dpkg", "-L", "dataset-fashion-mnist"], capture_output=True, text=True).stdout
+        path = next((f for f in files.split() if f.endswith("t10k-images-idx3-ubyte.gz")), None)
+        if path is None:
+            pytest.skip("Fashion-MNIST (Debian package dataset-fashion-mnist) not installed")
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+        return np.frombuffer(data, np.uint8, offset=16).reshape(-1, 28, 28)[:n]
+    return fashion_mnist("test")[0][:n]
+
+
+def imagenet_batch(images: np.ndarray, size: int = 224) -> torch.Tensor:
+    """``uint8 (N, 28, 28)`` -> ``(N, 3, size, size)``: bilinear, grey to RGB, ImageNet mean/std."""
+    x = torch.from_numpy(images.astype(np.float32))[:, None] / 255.0  # (N, 1, 28, 28)
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return (x.expand(-1, 3, -1, -1) - mean) / std
+
+
+def test_tome_keeps_dinov2_features_better_than_random(dinov2_small):
+    """Real DINOv2-S on 16 real Fashion-MNIST images; half the 256 patch tokens are gone by the
+    end (ToMe: merged gradually over the 12 blocks; random: cut at block 4)."""
+    model = dinov2_small
+    x = imagenet_batch(fashion_mnist_test_images(16))
     with torch.no_grad():
         dense = model(pixel_values=x).pooler_output
 
         def cosine(method, **opts):
-            with prunekit.prune_tokens(model, method, keep=0.5, **opts):
+            with prunekit.prune_tokens(model, method, keep=0.5, **opts) as s:
                 out = model(pixel_values=x).pooler_output
+            assert abs(s.stats.kept_fraction - 0.5) < 0.01
             return torch.nn.functional.cosine_similarity(out, dense).mean().item()
 
         tome, rand = cosine("tome"), cosine("random", layer=4)
     print(f"DINOv2-S CLS cosine to dense at keep=0.5: ToMe {tome:.4f}, random (cut at block 4) {rand:.4f}")
-    assert tome > rand
+    assert tome > rand, f"ToMe {tome:.4f} should beat random {rand:.4f}"

@@ -65,3 +65,20 @@ def test_schedule_spreads_removals_and_respects_budget():
     assert ToMe().merge_schedule(256, 12, 1.0) == [0] * 12
     assert ToMe().merge_schedule(10, 1, 1) == [5]  # wants 9, capped at half
     assert sum(ToMe().merge_schedule(196, 12, 16)) == 180
+
+
+def test_unmerge_maps_every_original_token_to_the_token_holding_it():
+    # the hand-worked plan above: 2 merged into 1, so unmerge gives 1 and 2 the merged value
+    x = torch.tensor([[[5.0, 5.0], [1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.6, 0.8]]])
+    plan = bipartite_soft_matching(x, 1, protected=1)
+    back = plan.unmerge(merge_wavg(plan, x, torch.ones(1, 5, 1))[0])
+    expected = torch.tensor([[[5.0, 5.0], [0.95, 0.05], [0.95, 0.05], [0.0, 1.0], [0.6, 0.8]]])
+    assert torch.allclose(back, expected)
+    g = torch.Generator().manual_seed(1)
+    for protected in (1, 2):
+        plan = bipartite_soft_matching(torch.randn(2, 12, 4, generator=g), 4, protected=protected)
+        covers = plan.unmerge(merge_source(plan, torch.eye(12).expand(2, -1, -1)))  # (B, T, T0)
+        assert covers.shape == (2, 12, 12)
+        assert bool(covers.diagonal(dim1=1, dim2=2).eq(1).all())  # every token's row covers itself
+        assert bool(covers[:, :protected].sum(-1).eq(1).all())  # protected tokens cover only themselves
+        assert covers.sum(-1).max().item() > 1  # ...while merged ones cover several

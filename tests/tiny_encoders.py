@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import transformers
 from transformers import (
     BertConfig,
     BertModel,
@@ -40,6 +41,36 @@ def build(name: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
 
 
 ENCODERS = ("vit", "deit", "dinov2", "clip_vision", "bert")
+
+
+#: every model class the encoder adapters promise to support, with its family
+CLASSES = {
+    "ViTModel": "vit",
+    "ViTForImageClassification": "vit",
+    "DeiTModel": "deit",
+    "DeiTForImageClassification": "deit",
+    "DeiTForImageClassificationWithTeacher": "deit",
+    "Dinov2Model": "dinov2",
+    "Dinov2ForImageClassification": "dinov2",
+    "CLIPVisionModel": "clip_vision",
+    "CLIPVisionModelWithProjection": "clip_vision",
+    "BertModel": "bert",
+    "BertForSequenceClassification": "bert",
+}
+
+
+def build_class(name: str) -> tuple[torch.nn.Module, str]:
+    """A tiny random model of class ``name`` (see :data:`CLASSES`) and its family."""
+    fam = CLASSES[name]
+    config = type(build(fam).config)
+    extra = {
+        "vit": dict(intermediate_size=64, image_size=32, patch_size=8),
+        "deit": dict(intermediate_size=64, image_size=32, patch_size=8),
+        "dinov2": dict(mlp_ratio=2, image_size=28, patch_size=7),
+        "clip_vision": dict(intermediate_size=64, image_size=28, patch_size=7),
+        "bert": dict(vocab_size=100, intermediate_size=64),
+    }[fam]
+    return getattr(transformers, name)(config(**V, **extra)).eval(), fam
 
 
 def inputs(name: str, model, batch: int = 2, seed: int = 0) -> dict:

@@ -9,12 +9,15 @@ Two modes, chosen by what the method offers:
   one that merges tokens between attention and MLP and applies proportional attention.
 
 Position embeddings are added before the first block in these families, so dropping or merging
-tokens inside the encoder needs no position bookkeeping. BERT with padding: kept tokens are packed
-first and the rest masked; ``session.output_mask`` then holds the ``(B, T')`` mask of the output.
+tokens inside the encoder needs no position bookkeeping. BERT supports cut mode only (ToMe is
+refused with a clear error: its post-norm block and padding masks are not handled by the merging
+forward). BERT with padding: kept tokens are packed first and the rest masked;
+``session.output_mask`` then holds the ``(B, T')`` mask of the output.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
@@ -98,6 +101,8 @@ class EncoderAdapter(Adapter):
         self.check_stage(session.stage)
         self.session = session
         self.am2d: torch.Tensor | None = None
+        params = list(inspect.signature(self.model.forward).parameters)
+        self.mask_arg = params.index("attention_mask") if "attention_mask" in params else None
         session.output_mask = None
         session.hooks.pre(self.model, self._on_model)
         if hasattr(session.method, "merge_schedule"):
@@ -107,6 +112,8 @@ class EncoderAdapter(Adapter):
 
     def _on_model(self, module: nn.Module, args: tuple, kw: dict) -> None:
         am = kw.get("attention_mask")
+        if am is None and self.mask_arg is not None and len(args) > self.mask_arg:
+            am = args[self.mask_arg]  # BertModel(input_ids, attention_mask)
         self.am2d = am if isinstance(am, torch.Tensor) and am.dim() == 2 else None
 
     # ------------------------------------------------------------------ cut

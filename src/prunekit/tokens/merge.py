@@ -7,7 +7,6 @@ Written from the paper and the spec; shapes: ``B`` batch, ``T`` tokens, ``C`` ch
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +19,7 @@ class MergePlan:
     The mergeable tokens alternate between a source set A (merged away) and a destination set B;
     ``src`` ``(B, r)`` are A-indices merged into B-indices ``dst`` ``(B, r)``; ``unm`` ``(B, |A|-r)``
     are the A-indices kept, ascending. Output order: protected, kept A (ascending), all of B.
+    ``merge`` applies the plan to any ``(B, T, C)`` tensor; ``unmerge`` maps back to ``T`` tokens.
     """
 
     protected: int
@@ -48,6 +48,23 @@ class MergePlan:
         b = b.scatter_reduce(1, self.dst[..., None].expand(-1, -1, C), moved, reduce=mode)
         return torch.cat([prot, kept, b], dim=1)
 
+    def unmerge(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, T - r, C) -> (B, T, C)`` in the original order: every merged-away token gets the
+        value of the token it was merged into (ToMe's ``unmerge``, e.g. for dense prediction)."""
+        if self.r == 0:
+            return x
+        p, n_unm = self.protected, self.unm.shape[1]
+        prot, kept, b = x[:, :p], x[:, p : p + n_unm], x[:, p + n_unm :]
+        B, _, C = x.shape
+        moved = b.gather(1, self.dst[..., None].expand(-1, -1, C))  # (B, r, C) their destinations
+        a = x.new_zeros(B, n_unm + self.r, C)  # (B, |A|, C)
+        a.scatter_(1, self.unm[..., None].expand(-1, -1, C), kept)
+        a.scatter_(1, self.src[..., None].expand(-1, -1, C), moved)
+        rest = x.new_zeros(B, a.shape[1] + b.shape[1], C)  # (B, T - p, C)
+        rest[:, self.a_start :: 2] = a
+        rest[:, 1 - self.a_start :: 2] = b
+        return torch.cat([prot, rest], dim=1)
+
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 1) -> MergePlan:
     """Plan ``r`` merges from ``metric`` ``(B, T, C)`` (e.g. keys averaged over heads).
@@ -56,7 +73,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 1) ->
     their original index (even indices in A, as in the official code where the CLS token sits at
     index 0 of A). Each A token's most similar B token (cosine) is its edge; the ``r`` A tokens
     with the most similar edges merge into their partners. ``r`` is capped at ``|A|`` (at most
-    half of the mergeable tokens per block).
+    half of the mergeable tokens per block). The kept A tokens are returned in index order
+    (the official code sorts them only when a CLS token exists; every family here has one).
     """
     p = protected
     a_start = p % 2  # mergeable index 0 is original index p: it is in A when p is even
@@ -84,6 +102,3 @@ def merge_wavg(plan: MergePlan, x: torch.Tensor, size: torch.Tensor) -> tuple[to
 def merge_source(plan: MergePlan, source: torch.Tensor) -> torch.Tensor:
     """Track which original tokens each token covers: ``source (B, T, T0)`` 0/1 -> ``(B, T - r, T0)``."""
     return plan.merge(source, mode="amax")
-
-
-MergeFn = Callable[[torch.Tensor], torch.Tensor]

@@ -9,13 +9,17 @@ Shapes: tokens ``(B, T, C)``, sizes ``(B, T, 1)``.
 
 Budget: ``keep`` is the number (or ratio) of mergeable tokens left after the last block. The
 official code takes a constant ``r`` per block; here the ``N - keep`` removals are spread evenly
-over the blocks (``r_l`` differ by at most 1), capped at half the mergeable tokens per block, so a
-budget maps to a schedule with the same total. Output token order is **not** spatial (unmerged
-A tokens ascending, then the B tokens), as in the official code.
+over the blocks (``r_l`` differ by at most 1), capped at half the mergeable tokens per block
+(bipartite matching cannot merge more). Where the cap binds (a very small ``keep`` over few
+blocks) more tokens are left than asked; ``stats`` report the real count. Output token order is
+**not** spatial (unmerged A tokens ascending, then the B tokens), as in the official code.
 
 Deviations: mergeable tokens are split into A/B by original index parity exactly as the official
 code does, but protected tokens are held outside the matching instead of being given ``-inf``
-scores (same result for one CLS token; also correct for DeiT's second token).
+scores (same result for one CLS token; for DeiT the distillation token stays at index 1, where
+the official code moves it behind the unmerged A tokens). Heads that average patch tokens
+(``Dinov2ForImageClassification``) average the merged tokens unweighted by size. Text encoders
+(BERT, post-norm) are refused: use a cut method there.
 """
 
 from __future__ import annotations
