@@ -10,10 +10,37 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import SignalUnavailableError, UnsupportedModelError
 from ..tokens.context import STAGE_HELP, TokenMethod
 
 _MISSING = object()
+
+
+def required_signals(method: TokenMethod, stage: str, family: str, offered: Mapping[str, str]) -> dict:
+    """The signals ``method`` needs at ``stage``, keyed by kind; refuses any this adapter cannot give.
+
+    ``offered`` maps each kind the adapter computes to how it gets it (for the error message).
+    ``tokens`` and ``hidden`` (the candidates themselves) are always available.
+    """
+    needs = {s.kind: s for s in method.needs(stage)}
+    missing = sorted(set(needs) - set(offered) - {"tokens", "hidden"})
+    if missing:
+        gives = "; ".join(f"{k} ({how})" for k, how in offered.items()) or "none"
+        raise SignalUnavailableError(
+            f"signal(s) {missing} needed by {method.name!r} are not available at the {stage} stage of "
+            f"{family}; it gives: tokens, {gives}"
+        )
+    return needs
+
+
+def check_cut_layer(K: object, n_layers: int, what: str) -> int:
+    """A cut before layer ``K`` needs ``1 <= K <= n_layers - 1`` (a layer before it gives signals)."""
+    if isinstance(K, bool) or not isinstance(K, int) or not 1 <= K <= n_layers - 1:
+        raise ValueError(
+            f"{what} cut layer K must be an int in [1, {n_layers - 1}] for this {n_layers}-layer model; "
+            f"got {K!r}"
+        )
+    return K
 
 
 class HookSet:
@@ -97,6 +124,9 @@ class Session:
         self.adapter, self.stage, self.method, self.keep = adapter, stage, method, keep
         self.hooks = HookSet()
         self.stats = PruneStats()
+        #: ``(B, T')`` validity of the output tokens when pruning left ragged rows (BERT with
+        #: padding); ``None`` when every output position is a real token
+        self.output_mask: torch.Tensor | None = None
 
     def remove(self) -> None:
         self.hooks.remove()

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import PrunekitError, SignalUnavailableError, UnsupportedModelError
 from .attention import last_query_attention
-from .base import Adapter, Session
+from .base import Adapter, Session, check_cut_layer, required_signals
 from .sequence import Groups, attention_mask_4d, gather_tokens, left_pack, select_in_groups
 
 DECODER_TYPES = ("llama", "qwen2", "mistral", "mixtral", "qwen3")
@@ -49,20 +49,12 @@ class LLMCut:
         self.session, self.text_model, self.K = session, text_model, layer
         self.layers = text_model.layers
         self.candidates, self.family = candidates, family
-        n = len(self.layers)
-        if not isinstance(layer, int) or not 1 <= layer < n:
-            raise ValueError(
-                f"LLM cut layer K must be an int in [1, {n - 1}] for this {n}-layer model; got {layer!r}"
-            )
+        check_cut_layer(layer, len(self.layers), "LLM")
         self.signal_layers: dict[str, int] = {}
-        for sig in session.method.needs("llm"):
-            if sig.kind in ("tokens", "hidden"):
-                continue
+        offered = {"last_token_attention": "recomputed from q/k of a layer before K"}
+        for sig in required_signals(session.method, "llm", family, offered).values():
             if sig.kind != "last_token_attention":
-                raise SignalUnavailableError(
-                    f"signal {sig} is not available at the llm stage of {family}: a decoder gives "
-                    "'last_token_attention' (recomputed from q/k) and 'tokens'"
-                )
+                continue
             l = self.K - 1 if sig.layer is None else sig.layer
             if not 0 <= l < self.K:
                 raise SignalUnavailableError(

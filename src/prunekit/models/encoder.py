@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import PrunekitError, SignalUnavailableError, UnsupportedModelError
 from ..tokens.merge import bipartite_soft_matching, merge_wavg
 from .attention import cls_query_attention
-from .base import Adapter, Session
+from .base import Adapter, Session, check_cut_layer, required_signals
 from .sequence import Groups, gather_tokens, right_pack, select_in_groups
 
 
@@ -121,20 +121,12 @@ class EncoderAdapter(Adapter):
         depth = len(self.layers)
         K = session.method.layer
         K = (4 if depth > 4 else max(1, depth // 2)) if K is None else K
-        if not isinstance(K, int) or not 1 <= K <= depth - 1:
-            raise ValueError(
-                f"encoder cut layer K must be an int in [1, {depth - 1}] for this {depth}-block model; "
-                f"got {K!r}"
-            )
+        check_cut_layer(K, depth, "encoder")
         self.K, self.row = K, None
-        for sig in session.method.needs("encoder"):
-            if sig.kind in ("tokens", "hidden"):
-                continue
+        offered = {"cls_attention": "recomputed from q/k of block K-1"}
+        for sig in required_signals(session.method, "encoder", self.family, offered).values():
             if sig.kind != "cls_attention":
-                raise SignalUnavailableError(
-                    f"signal {sig} is not available at the encoder stage of {self.family}: it gives "
-                    "'cls_attention' (recomputed from q/k of block K-1) and 'tokens'"
-                )
+                continue
             if sig.layer is not None and sig.layer != K:
                 raise SignalUnavailableError(
                     f"signal {sig}: at the encoder stage it comes from block K-1 = {K - 1}"

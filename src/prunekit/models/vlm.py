@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import PrunekitError, SignalUnavailableError
 from .attention import cls_query_attention
-from .base import Adapter, Session
+from .base import Adapter, Session, required_signals
 from .decoder import LLMCut
 from .sequence import Groups, gather_tokens, left_pack, select_in_groups
 
@@ -90,14 +90,11 @@ class VLMAdapter(Adapter):
             return out
 
         hooks.setattr(core, "get_image_features", get_image_features)
-        needs = {s.kind: s for s in session.method.needs(session.stage)}
-        self.want_cls = "cls_attention" in needs
+        self.want_cls = False
         if session.stage == "vision":
-            unknown = set(needs) - {"tokens", "hidden", "cls_attention"}
-            if unknown:
-                raise SignalUnavailableError(
-                    f"signals {sorted(unknown)} are not available at the vision stage of {self.family}"
-                )
+            offered = {"cls_attention": "the [CLS] row of a vision layer, recomputed from q/k"}
+            needs = required_signals(session.method, "vision", self.family, offered)
+            self.want_cls = "cls_attention" in needs
             if self.want_cls:
                 if not self.has_cls:
                     raise SignalUnavailableError(
