@@ -105,7 +105,7 @@ def test_recomputed_cls_row_and_fastervlm_selection_match_eager(fam):
     row = att.mean(1)[:, 0]  # (B, T) head mean of the CLS query
     with torch.no_grad(), prunekit.prune_tokens(model, "fastervlm", keep=3, layer=2) as s:
         model(**inp)
-    err = (s.adapter.row - row).abs().max().item()
+    err = (s.adapter.maps["cls_attention"] - row).abs().max().item()
     assert err < 1e-5, f"recomputed CLS row differs from eager output_attentions by {err:.2e} (tol 1e-5)"
     kept = s.stats.kept_masks[0]
     valid = inp.get("attention_mask", torch.ones(row.shape, dtype=torch.long)).bool()

@@ -255,14 +255,14 @@ def test_signal_the_adapter_cannot_give_is_refused_before_any_forward():
     from prunekit.tokens.methods.fastv import FastV
 
     @dataclass
-    class NeedsFullMap(FastV):  # asks for a full attention map at the llm stage
+    class NeedsFullMap(FastV):  # asks for a [CLS] row: a decoder has no [CLS] token
         def needs(self, stage):
-            return (Signal("attention_map", 1),)
+            return (Signal("cls_attention", 1),)
 
     NeedsFullMap.name = "fastv"
     model = build("llama", "sdpa")
     before = snapshot(model)
-    with pytest.raises(SignalUnavailableError, match="attention_map"):
+    with pytest.raises(SignalUnavailableError, match=r"cls_attention.*gives: tokens, last_token_attention"):
         with prunekit.prune_tokens(model, NeedsFullMap(), keep=0.5):
             pass
     assert_same(before, snapshot(model))

@@ -28,13 +28,14 @@ def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.view(B, L, -1, head_dim).transpose(1, 2)  # (B, H, L, hd)
 
 
-def last_query_attention(
+def decoder_attention(
     attn: nn.Module,
     hidden: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     key_valid: torch.Tensor | None = None,
+    last_only: bool = False,
 ) -> torch.Tensor:
-    """Head-mean softmax attention of the **last** query over all keys of a decoder layer.
+    """Per-head causal softmax attention of a decoder layer, recomputed from its q/k.
 
     Args:
         attn: the layer's self-attention module (Llama/Qwen2/Mistral/Qwen2-VL style: q_proj,
@@ -42,23 +43,63 @@ def last_query_attention(
         hidden: ``(B, L, D)`` the attention's input (after the layer's input norm).
         position_embeddings: ``(cos, sin)`` each ``(B|1, L, head_dim)`` as the layer receives them.
         key_valid: ``(B, L)`` bool, False for padding keys (they get zero probability).
+        last_only: only the last query row (``Lq = 1``), O(L) instead of O(L^2).
 
-    Returns ``(B, L)`` float32 probabilities (each row sums to 1).
+    Returns ``(B, H, Lq, L)`` float32 probabilities.
     """
     hd = attn.head_dim
-    q = _heads(attn.q_proj(hidden[:, -1:]), hd)  # (B, Hq, 1, hd)
+    cos, sin = position_embeddings
+    q_in, q_cos, q_sin = (hidden[:, -1:], cos[:, -1:], sin[:, -1:]) if last_only else (hidden, cos, sin)
+    q = _heads(attn.q_proj(q_in), hd)  # (B, Hq, Lq, hd)
     k = _heads(attn.k_proj(hidden), hd)  # (B, Hkv, L, hd)
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
-    cos, sin = position_embeddings
     rope = _rope(attn)
-    q = rope(q, q, cos[:, -1:], sin[:, -1:])[0]
+    q = rope(q, q, q_cos, q_sin)[0]
     k = rope(k, k, cos, sin)[0]
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA: (B, Hq, L, hd)
-    logits = (q.float() @ k.float().transpose(-1, -2)).squeeze(2) * attn.scaling  # (B, Hq, L)
+    logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling  # (B, Hq, Lq, L)
+    L, Lq = k.shape[2], q.shape[2]
+    q_pos = torch.arange(L - Lq, L, device=hidden.device)[:, None]  # queries are the last Lq keys
+    k_pos = torch.arange(L, device=hidden.device)[None, :]
+    allowed = k_pos <= q_pos  # (Lq, L) causal
+    if key_valid is not None:  # padding keys hidden; a query always sees itself (no all-masked row)
+        allowed = ((allowed[None] & key_valid[:, None, :]) | (k_pos == q_pos)[None])[:, None]  # (B, 1, Lq, L)
+    return logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+
+
+def last_query_attention(
+    attn: nn.Module,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    key_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Head-mean attention of the **last** query over all keys of a decoder layer: ``(B, L)``."""
+    return decoder_attention(attn, hidden, position_embeddings, key_valid, last_only=True).mean(dim=1)[:, 0]
+
+
+def encoder_attention(
+    q_proj: nn.Module,
+    k_proj: nn.Module,
+    hidden: torch.Tensor,
+    num_heads: int,
+    scale: float,
+    query: int | None = None,
+    key_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-head softmax attention of an (unrotated, bidirectional) ViT / encoder layer.
+
+    ``hidden``: ``(B, T, D)`` the attention's input. ``query``: one query row only (e.g. 0 for
+    [CLS]), else all. Returns ``(B, H, Tq, T)`` float32 probabilities.
+    """
+    B, T, _ = hidden.shape
+    q_in = hidden if query is None else hidden[:, query : query + 1]
+    q = q_proj(q_in).view(B, q_in.shape[1], num_heads, -1).transpose(1, 2)  # (B, H, Tq, hd)
+    k = k_proj(hidden).view(B, T, num_heads, -1).transpose(1, 2)  # (B, H, T, hd)
+    logits = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, H, Tq, T)
     if key_valid is not None:
-        logits = logits.masked_fill(~key_valid[:, None, :], float("-inf"))
-    return logits.softmax(dim=-1).mean(dim=1)  # (B, L)
+        logits = logits.masked_fill(~key_valid[:, None, None, :], float("-inf"))
+    return logits.softmax(dim=-1)
 
 
 def cls_query_attention(
@@ -70,17 +111,5 @@ def cls_query_attention(
     cls_index: int = 0,
     key_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Head-mean softmax attention of the [CLS] query over all tokens of an (unrotated) ViT layer.
-
-    ``hidden``: ``(B, T, D)`` the attention's input (after the block's pre-norm).
-    Returns ``(B, T)`` float32 probabilities (the CLS column included).
-    """
-    B, T, _ = hidden.shape
-    q = (
-        q_proj(hidden[:, cls_index : cls_index + 1]).view(B, 1, num_heads, -1).transpose(1, 2)
-    )  # (B, H, 1, hd)
-    k = k_proj(hidden).view(B, T, num_heads, -1).transpose(1, 2)  # (B, H, T, hd)
-    logits = (q.float() @ k.float().transpose(-1, -2)).squeeze(2) * scale  # (B, H, T)
-    if key_valid is not None:
-        logits = logits.masked_fill(~key_valid[:, None, :], float("-inf"))
-    return logits.softmax(dim=-1).mean(dim=1)  # (B, T)
+    """Head-mean softmax attention of the [CLS] query over all tokens: ``(B, T)`` (CLS column included)."""
+    return encoder_attention(q_proj, k_proj, hidden, num_heads, scale, cls_index, key_valid).mean(dim=1)[:, 0]

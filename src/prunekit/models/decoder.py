@@ -21,9 +21,16 @@ import torch
 from torch import nn
 
 from ..errors import PrunekitError, SignalUnavailableError, UnsupportedModelError
-from .attention import last_query_attention
+from .attention import decoder_attention, last_query_attention
 from .base import Adapter, Session, check_cut_layer, required_signals
-from .sequence import Groups, attention_mask_4d, gather_tokens, left_pack, select_in_groups
+from .sequence import (
+    Groups,
+    attention_mask_4d,
+    gather_tokens,
+    left_pack,
+    select_in_groups,
+    signal_gatherers,
+)
 
 DECODER_TYPES = ("llama", "qwen2", "mistral", "mixtral", "qwen3")
 
@@ -51,9 +58,12 @@ class LLMCut:
         self.candidates, self.family = candidates, family
         check_cut_layer(layer, len(self.layers), "LLM")
         self.signal_layers: dict[str, int] = {}
-        offered = {"last_token_attention": "recomputed from q/k of a layer before K"}
+        offered = {
+            "last_token_attention": "head mean, recomputed from q/k of a layer before K",
+            "attention_map": "per-head causal map of a layer before K, recomputed from q/k",
+        }
         for sig in required_signals(session.method, "llm", family, offered).values():
-            if sig.kind != "last_token_attention":
+            if sig.kind not in offered:
                 continue
             l = self.K - 1 if sig.layer is None else sig.layer
             if not 0 <= l < self.K:
@@ -69,7 +79,8 @@ class LLMCut:
         hooks = self.session.hooks
         hooks.pre(self.text_model, self._on_model)
         for l in set(self.signal_layers.values()):
-            hooks.pre(self.layers[l].self_attn, self._on_signal_layer)
+            kinds = [k for k, layer in self.signal_layers.items() if layer == l]
+            hooks.pre(self.layers[l].self_attn, self._signal_hook(kinds))
         for layer in self.layers[self.K :]:
             hooks.pre(layer, self._on_layer)
 
@@ -105,21 +116,23 @@ class LLMCut:
                 )
             self.valid = valid
 
-    def _on_signal_layer(self, attn: nn.Module, args: tuple, kw: dict) -> None:
-        if self.prefill:
-            h = _arg(args, kw, "hidden_states")
-            self.rows["last_token_attention"] = last_query_attention(
-                attn, h, kw["position_embeddings"], self.valid
-            )
+    def _signal_hook(self, kinds: list[str]):
+        def hook(attn: nn.Module, args: tuple, kw: dict) -> None:
+            if not self.prefill:
+                return
+            h, pe = _arg(args, kw, "hidden_states"), kw["position_embeddings"]
+            if "attention_map" in kinds:
+                self.rows["attention_map"] = decoder_attention(attn, h, pe, self.valid)  # (B, H, L, L)
+            if "last_token_attention" in kinds:
+                self.rows["last_token_attention"] = last_query_attention(attn, h, pe, self.valid)  # (B, L)
+
+        return hook
 
     # --------------------------------------------------------------- the cut
     def _select(self, h: torch.Tensor) -> None:
         keep_mask = self.valid.clone()  # padding is dropped too: it becomes masked slots
         groups = self.candidates(self.valid)
-        row = self.rows.get("last_token_attention")
-        signals = {}
-        if row is not None:
-            signals["last_token_attention"] = lambda b, pos, ids: row[b[:, None], pos]
+        signals = signal_gatherers(self.rows)
         select_in_groups(
             self.session,
             keep_mask,

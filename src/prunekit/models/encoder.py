@@ -27,9 +27,9 @@ from torch import nn
 
 from ..errors import PrunekitError, SignalUnavailableError, UnsupportedModelError
 from ..tokens.merge import bipartite_soft_matching, merge_wavg
-from .attention import cls_query_attention
+from .attention import cls_query_attention, encoder_attention
 from .base import Adapter, Session, check_cut_layer, required_signals
-from .sequence import Groups, gather_tokens, right_pack, select_in_groups
+from .sequence import Groups, gather_tokens, right_pack, select_in_groups, signal_gatherers
 
 
 @dataclass(frozen=True)
@@ -122,15 +122,19 @@ class EncoderAdapter(Adapter):
         K = session.method.layer
         K = (4 if depth > 4 else max(1, depth // 2)) if K is None else K
         check_cut_layer(K, depth, "encoder")
-        self.K, self.row = K, None
-        offered = {"cls_attention": "recomputed from q/k of block K-1"}
-        for sig in required_signals(session.method, "encoder", self.family, offered).values():
-            if sig.kind != "cls_attention":
-                continue
-            if sig.layer is not None and sig.layer != K:
+        self.K, self.maps = K, {}
+        offered = {
+            "cls_attention": "head-mean [CLS] row of block K-1, recomputed from q/k",
+            "attention_map": "per-head map of block K-1, recomputed from q/k",
+        }
+        needs = required_signals(session.method, "encoder", self.family, offered)
+        self.signal_kinds = [kind for kind in offered if kind in needs]
+        for kind in self.signal_kinds:
+            if needs[kind].layer is not None and needs[kind].layer != K:
                 raise SignalUnavailableError(
-                    f"signal {sig}: at the encoder stage it comes from block K-1 = {K - 1}"
+                    f"signal {needs[kind]}: at the encoder stage it comes from block K-1 = {K - 1}"
                 )
+        if self.signal_kinds:
             attn, *_ = self.attention_parts(self.layers[K - 1])
             session.hooks.pre(attn, self._on_signal_attention)
         for layer in self.layers[K:]:
@@ -146,7 +150,13 @@ class EncoderAdapter(Adapter):
     def _on_signal_attention(self, attn: nn.Module, args: tuple, kw: dict) -> None:
         h = _arg(args, kw, 0, "hidden_states")
         _, q, k, heads, scale = self.attention_parts(self.layers[self.K - 1])
-        self.row = cls_query_attention(q, k, h, heads, scale, key_valid=self._valid(h))  # (B, T)
+        valid = self._valid(h)
+        if "attention_map" in self.signal_kinds:
+            self.maps["attention_map"] = encoder_attention(
+                q, k, h, heads, scale, key_valid=valid
+            )  # (B, H, T, T)
+        if "cls_attention" in self.signal_kinds:
+            self.maps["cls_attention"] = cls_query_attention(q, k, h, heads, scale, key_valid=valid)  # (B, T)
 
     def _on_layer(self, layer: nn.Module, args: tuple, kw: dict):
         x = _arg(args, kw, 0, "hidden_states")
@@ -160,11 +170,9 @@ class EncoderAdapter(Adapter):
                 positions=[valid[b, p:].nonzero().flatten() + p for b in range(B)],
                 ids=list(range(B)),
             )
-            row = self.row
-            signals = {} if row is None else {"cls_attention": lambda b, pos, ids: row[b[:, None], pos]}
             select_in_groups(
-                self.session, keep_mask, groups, tokens=lambda b, pos: x[b[:, None], pos], signals=signals,
-                family=self.family,
+                self.session, keep_mask, groups, tokens=lambda b, pos: x[b[:, None], pos],
+                signals=signal_gatherers(self.maps), family=self.family,
             )  # fmt: skip
             self.session.stats.kept_masks.append(keep_mask.cpu())
             self.kidx, slot_valid = right_pack(keep_mask)

@@ -92,6 +92,27 @@ class Groups:
 SignalFn = Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
 
 
+def gather_square(A: torch.Tensor, b: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Rows and columns ``pos (S, n)`` of per-head maps ``A[b]``: ``(B, H, L, L) -> (S, H, n, n)``."""
+    A = A[b]  # (S, H, L, L)
+    S, H, L, _ = A.shape
+    n = pos.shape[1]
+    rows = A.gather(2, pos[:, None, :, None].expand(S, H, n, L))  # (S, H, n, L)
+    return rows.gather(3, pos[:, None, None, :].expand(S, H, n, n))  # (S, H, n, n)
+
+
+def signal_gatherers(per_sequence: dict[str, torch.Tensor]) -> dict[str, SignalFn]:
+    """Signal functions for signals computed over whole sequences: ``(B, L)`` rows are gathered at
+    the group's positions, ``(B, H, L, L)`` maps at its rows and columns."""
+    fns: dict[str, SignalFn] = {}
+    for kind, t in per_sequence.items():
+        if t.dim() == 2:
+            fns[kind] = lambda b, pos, ids, t=t: t[b[:, None], pos]  # (S, n)
+        else:
+            fns[kind] = lambda b, pos, ids, t=t: gather_square(t, b, pos)  # (S, H, n, n)
+    return fns
+
+
 def select_in_groups(
     session: Session,
     keep_mask: torch.Tensor,

@@ -27,14 +27,20 @@ import torch
 from torch import nn
 
 from ..errors import PrunekitError, SignalUnavailableError
-from .attention import cls_query_attention
+from .attention import cls_query_attention, encoder_attention
 from .base import Adapter, Session, required_signals
 from .decoder import LLMCut
-from .sequence import Groups, gather_tokens, left_pack, select_in_groups
+from .sequence import Groups, gather_tokens, left_pack, right_pack, select_in_groups
 
 
 class VLMAdapter(Adapter):
     stages = ("vision", "llm")
+    #: signals the vision stage computes (beyond the candidate tokens), and how
+    vision_signals: ClassVar[Mapping[str, str]] = {
+        "cls_attention": "the [CLS] row of a vision layer, recomputed from q/k",
+        "attention_map": "per-head patch-to-patch map of a vision layer, recomputed from q/k",
+        "text_embeddings": "the prompt's text-token input embeddings, zero-padded",
+    }
     model_types: tuple[str, ...] = ()
     has_cls = True
     missing_stage_reason: ClassVar[Mapping[str, str]] = {
@@ -76,6 +82,7 @@ class VLMAdapter(Adapter):
         self.ids: torch.Tensor | None = None
         self.counts: list[int] = []
         self.cls_rows: list[torch.Tensor] = []
+        self.maps: list[torch.Tensor] = []
         self.candidate_valid: list[torch.Tensor] | None = None
         hooks = session.hooks
         hooks.pre(self.model, self._on_top)
@@ -84,25 +91,26 @@ class VLMAdapter(Adapter):
 
         @functools.wraps(original)  # generate() inspects its signature
         def get_image_features(*args, **kw):
-            self.counts, self.cls_rows, self.candidate_valid = [], [], None
+            self.counts, self.cls_rows, self.maps, self.candidate_valid = [], [], [], None
             out = original(*args, **kw)
             self._on_image_features(out, args, kw)
             return out
 
         hooks.setattr(core, "get_image_features", get_image_features)
-        self.want_cls = False
+        self.want_cls = self.want_map = self.want_text = False
         if session.stage == "vision":
-            offered = {"cls_attention": "the [CLS] row of a vision layer, recomputed from q/k"}
-            needs = required_signals(session.method, "vision", self.family, offered)
-            self.want_cls = "cls_attention" in needs
-            if self.want_cls:
-                if not self.has_cls:
-                    raise SignalUnavailableError(
-                        f"{self.family}: signal 'cls_attention' cannot be had: this vision tower has no "
-                        "[CLS] token (its patches are merged and fed to the LLM without one)"
-                    )
+            asked = {s.kind: s for s in session.method.needs("vision")}
+            if "cls_attention" in asked and not self.has_cls:
+                raise SignalUnavailableError(
+                    f"{self.family}: signal 'cls_attention' cannot be had: this vision tower has no "
+                    "[CLS] token (its patches are merged and fed to the LLM without one)"
+                )
+            needs = required_signals(session.method, "vision", self.family, self.vision_signals)
+            self.want_cls, self.want_map = "cls_attention" in needs, "attention_map" in needs
+            self.want_text = "text_embeddings" in needs
+            if self.want_cls or self.want_map:
                 n = len(self.vision_layers())
-                layer = needs["cls_attention"].layer
+                layer = (needs.get("cls_attention") or needs["attention_map"]).layer
                 layer = self.feature_attention_layer() if layer is None else layer % n
                 hooks.pre(self.vision_layers()[layer].self_attn, self._on_vision_attention)
             hooks.pre(self.text_model, self._on_language_model)
@@ -126,8 +134,17 @@ class VLMAdapter(Adapter):
 
     def _on_vision_attention(self, attn: nn.Module, args: tuple, kw: dict) -> None:
         h = args[0] if args else kw["hidden_states"]
-        row = cls_query_attention(attn.q_proj, attn.k_proj, h, attn.num_heads, attn.scale)  # (n_crops, 1+N)
-        self.cls_rows.append(row)
+        if self.want_cls:
+            row = cls_query_attention(
+                attn.q_proj, attn.k_proj, h, attn.num_heads, attn.scale
+            )  # (n_crops, 1+N)
+            self.cls_rows.append(row)
+        if self.want_map:
+            A = encoder_attention(
+                attn.q_proj, attn.k_proj, h, attn.num_heads, attn.scale
+            )  # (n_img, H, 1+N, 1+N)
+            skip = 1 if self.model.config.vision_feature_select_strategy == "default" else 0
+            self.maps.append(A[:, :, skip:, skip:])
 
     def _on_image_features(self, out, args: tuple, kw: dict) -> None:
         feats = out.pooler_output if hasattr(out, "pooler_output") else out
@@ -164,18 +181,29 @@ class VLMAdapter(Adapter):
             sample=[int(c[0, 0]) for c in chunks], positions=positions, ids=list(range(len(chunks)))
         )
 
-    def _signal_fns(self) -> dict:
-        if not self.want_cls:
-            return {}
-        scores = self.cls_rows[0] if self.cls_rows else None
-        if scores is None:
-            raise SignalUnavailableError(f"{self.family}: the vision tower did not run; no cls_attention")
-        per_image = list(torch.split(scores, 1)) if isinstance(scores, torch.Tensor) else scores
+    def _signal_fns(self, x: torch.Tensor, valid: torch.Tensor) -> dict:
+        fns = {}
+        if self.want_cls:
+            scores = self.cls_rows[0] if self.cls_rows else None
+            if scores is None:
+                raise SignalUnavailableError(f"{self.family}: the vision tower did not run; no cls_attention")
+            per_image = list(torch.split(scores, 1)) if isinstance(scores, torch.Tensor) else scores
+            fns["cls_attention"] = lambda b, pos, ids: torch.stack([per_image[i].flatten() for i in ids]).to(
+                pos.device
+            )
+        if self.want_map:
+            maps = torch.cat(self.maps)  # (n_images, H, N, N)
+            fns["attention_map"] = lambda b, pos, ids: maps[ids].to(pos.device)
+        if self.want_text:  # the prompt's text tokens of each group's sample, zero-padded: (S, T, D)
+            media = torch.isin(self.ids, torch.tensor(self.media_token_ids(), device=self.ids.device))
+            idx, ok = right_pack(valid & ~media)
+            text = gather_tokens(x, idx, 1) * ok[..., None]  # (B, T, D)
+            fns["text_embeddings"] = lambda b, pos, ids: text[b]
+        return fns
 
-        def cls(b, pos, ids):
-            return torch.stack([per_image[i].flatten() for i in ids]).to(pos.device)
-
-        return {"cls_attention": cls}
+    def media_token_ids(self) -> list[int]:
+        cfg = self.model.config
+        return [t for t in (cfg.image_token_id, getattr(cfg, "video_token_id", None)) if t is not None]
 
     def _on_language_model(self, module: nn.Module, args: tuple, kw: dict):
         x = kw.get("inputs_embeds")
@@ -198,7 +226,7 @@ class VLMAdapter(Adapter):
                 keep_mask,
                 self._groups(valid),
                 tokens=lambda b, pos: x[b[:, None], pos],
-                signals=self._signal_fns(),
+                signals=self._signal_fns(x, valid),
                 family=self.family,
             )
             self.session.stats.kept_masks.append(keep_mask.cpu())
@@ -238,6 +266,10 @@ class LlavaNextAdapter(VLMAdapter):
 
     family = "llava_next"
     model_types = ("llava_next",)
+    vision_signals: ClassVar[Mapping[str, str]] = {
+        "cls_attention": "the [CLS] row of each crop, packed like the features",
+        "text_embeddings": "the prompt's text-token input embeddings, zero-padded",
+    }
 
     def _on_image_features(self, out, args: tuple, kw: dict) -> None:
         super()._on_image_features(out, args, kw)
@@ -274,6 +306,9 @@ class Qwen2VLAdapter(VLMAdapter):
     family = "qwen2_vl"
     model_types = ("qwen2_vl",)
     has_cls = False
+    vision_signals: ClassVar[Mapping[str, str]] = {
+        "text_embeddings": "the prompt's text-token input embeddings, zero-padded",
+    }
 
     def vision_layers(self) -> nn.ModuleList:
         return self.core.visual.blocks
