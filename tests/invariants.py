@@ -22,7 +22,7 @@ def snapshot(model: torch.nn.Module) -> dict:
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim too
     return {"hooks": hooks, "attrs": attrs, "modes": modes, "params": h.hexdigest()}
 
 

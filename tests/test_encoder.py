@@ -9,12 +9,13 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+from transformers import BertConfig, BertLMHeadModel, ViTForMaskedImageModeling
 
 import prunekit
 from invariants import assert_same, snapshot
 from prunekit.errors import SignalUnavailableError, UnsupportedModelError
 from prunekit.tokens.methods.tome import ToMe
-from tiny_encoders import CLASSES, ENCODERS, build, build_class, inputs, output
+from tiny_encoders import CLASSES, ENCODERS, build, build_class, build_clip, inputs, output
 
 CASES = [
     (f, m)
@@ -93,10 +94,12 @@ def test_cut_equals_masked_reference(fam, method):
         n = int(kept[b].sum())
         err = (pruned[b, :n] - ref[b, kept[b]]).abs().max().item()
         assert err < 1e-5, f"row {b}: kept tokens differ from the masked reference by {err:.2e} (tol 1e-5)"
-    assert s.output_mask.sum(1).tolist() == kept.sum(1).tolist()
+    lengths = [pruned.shape[1]] * kept.shape[0] if s.output_mask is None else s.output_mask.sum(1).tolist()
+    assert lengths == kept.sum(1).tolist()
+    assert (s.output_mask is not None) == (fam == "bert")  # only BERT's padded batch leaves ragged rows
 
 
-@pytest.mark.parametrize("fam", ["vit", "bert"])
+@pytest.mark.parametrize("fam", ENCODERS)
 def test_recomputed_cls_row_and_fastervlm_selection_match_eager(fam):
     model = build(fam, attn="eager")
     inp = inputs(fam, model, batch=2)
@@ -107,15 +110,100 @@ def test_recomputed_cls_row_and_fastervlm_selection_match_eager(fam):
         model(**inp)
     err = (s.adapter.maps["cls_attention"] - row).abs().max().item()
     assert err < 1e-5, f"recomputed CLS row differs from eager output_attentions by {err:.2e} (tol 1e-5)"
-    kept = s.stats.kept_masks[0]
+    kept, p = s.stats.kept_masks[0], s.adapter.protected
     valid = inp.get("attention_mask", torch.ones(row.shape, dtype=torch.long)).bool()
     for b in range(row.shape[0]):
         cand = valid[b].clone()
-        cand[0] = False
+        cand[:p] = False
         pos = cand.nonzero().flatten()
         expected = set(pos[row[b, pos].topk(3).indices].tolist())
-        assert set(kept[b].nonzero().flatten().tolist()) - {0} == expected
-        assert bool(kept[b, 0])
+        assert set(kept[b].nonzero().flatten().tolist()) - set(range(p)) == expected
+        assert bool(kept[b, :p].all())
+
+
+@pytest.mark.parametrize(("fam", "method"), [c for c in CASES if c[1] != "random"])
+def test_each_row_of_a_batch_is_pruned_as_if_alone(fam, method):
+    """Batch of 2 vs each row alone (deterministic methods); BERT's padded row alone is the row
+    without its padding."""
+    model = build(fam)
+    inp = inputs(fam, model, batch=2)
+    with torch.no_grad(), prunekit.prune_tokens(model, method, keep=0.5, **options(method)) as s:
+        both = model(**inp, output_hidden_states=True).hidden_states[-1]
+        valid = s.output_mask
+        for b in range(2):
+            row = {k: v[b : b + 1] for k, v in inp.items()}
+            if fam == "bert":
+                n = int(row["attention_mask"].sum())
+                row = {k: v[:, :n] for k, v in row.items()}
+            alone = model(**row, output_hidden_states=True).hidden_states[-1][0]
+            got = both[b] if valid is None else both[b, valid[b].bool()]
+            assert got.shape == alone.shape, f"row {b}: {tuple(got.shape)} vs alone {tuple(alone.shape)}"
+            err = (got - alone).abs().max().item()
+            assert err < 1e-5, f"row {b} in the batch differs from the row alone by {err:.2e} (tol 1e-5)"
+
+
+def test_full_clip_model_prunes_only_its_vision_tower():
+    """CLIPModel: the text tower is untouched, and the text padding mask (here of the same shape as
+    the vision tokens, 17) must not be taken for a vision mask."""
+    model = build_clip()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 100, (2, 17), generator=g)
+    am = torch.ones_like(ids)
+    am[1, 9:] = 0
+    inp = dict(input_ids=ids, attention_mask=am, pixel_values=torch.randn(2, 3, 28, 28, generator=g))
+    before = snapshot(model)
+    with torch.no_grad():
+        dense = model(**inp)
+        with prunekit.prune_tokens(model, "fastervlm", keep=1.0, layer=2):
+            same = model(**inp)
+        for method in ("fastervlm", "tome"):
+            with prunekit.prune_tokens(model, method, keep=0.5, **options(method)) as s:
+                pruned = model(**inp)
+            assert s.stats.tokens_in == 2 * 16 and s.stats.tokens_kept == 2 * 8, method
+            assert s.output_mask is None
+            assert torch.equal(pruned.text_embeds, dense.text_embeds)
+            assert not torch.allclose(pruned.image_embeds, dense.image_embeds)
+    err = (same.logits_per_image - dense.logits_per_image).abs().max().item()
+    assert err < 1e-5, f"keep=1.0 differs from dense by {err:.2e} (tolerance 1e-5)"
+    assert_same(before, snapshot(model))
+
+
+def test_bert_padding_is_read_where_the_base_model_receives_it():
+    """Multiple choice reshapes (B, C, L) masks to (B*C, L) before BertModel; a direct call to
+    ``model.bert`` skips the task head's forward. Padding is never kept in either case."""
+    mc, _ = build_class("BertForMultipleChoice")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 100, (2, 3, 12), generator=g)
+    am = torch.ones_like(ids)
+    am[0, 1, 7:], am[1, 2, 4:] = 0, 0
+    with torch.no_grad():
+        dense = mc(input_ids=ids, attention_mask=am).logits
+        with prunekit.prune_tokens(mc, "random", keep=1.0, layer=2):
+            same = mc(input_ids=ids, attention_mask=am).logits
+        with prunekit.prune_tokens(mc, "random", keep=0.5, layer=2) as s:
+            mc(input_ids=ids, attention_mask=am)
+    err = (same - dense).abs().max().item()
+    assert err < 1e-5, f"keep=1.0 differs from dense by {err:.2e} (tolerance 1e-5)"
+    assert not bool((s.stats.kept_masks[0] & ~am.view(6, 12).bool()).any())
+
+    seq, _ = build_class("BertForSequenceClassification")
+    inp = inputs("bert", seq)
+    with torch.no_grad(), prunekit.prune_tokens(seq, "random", keep=0.5, layer=2) as s:
+        seq.bert(inp["input_ids"], inp["attention_mask"])
+    assert not bool((s.stats.kept_masks[0] & ~inp["attention_mask"].bool()).any())
+
+
+def test_tome_lengths_follow_the_schedule():
+    model = build("vit")
+    x = inputs("vit", model)["pixel_values"]
+    schedule = ToMe().merge_schedule(16, 4, 0.25)
+    with torch.no_grad(), prunekit.prune_tokens(model, "tome", keep=0.25) as s:
+        hs = model(pixel_values=x, output_hidden_states=True).hidden_states
+    lengths = [17]
+    for r in schedule:
+        lengths.append(lengths[-1] - r)
+    assert [h.shape[1] for h in hs] == lengths and lengths[-1] == 1 + 4
+    assert s.stats.tokens_in == 2 * 16 and s.stats.tokens_kept == 2 * 4 and s.stats.select_seconds > 0
 
 
 def test_deit_keeps_both_special_tokens_first():
@@ -144,6 +232,16 @@ def test_encoder_errors():
     with pytest.raises(UnsupportedModelError, match="stage"):
         with prunekit.prune_tokens(vit, "fastv", keep=0.5):
             pass
+    mim = ViTForMaskedImageModeling(vit.config).eval()
+    with pytest.raises(UnsupportedModelError, match="image grid"):
+        with prunekit.prune_tokens(mim, "random", keep=0.5, layer=2):
+            pass
+    causal = BertLMHeadModel(BertConfig.from_dict({**bert.config.to_dict(), "is_decoder": True}))
+    with pytest.raises(UnsupportedModelError, match="is_decoder"):
+        with prunekit.prune_tokens(causal, "random", keep=0.5, layer=2):
+            pass
+    for model in (mim, causal):
+        assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
 
     from prunekit.tokens.context import Signal
     from prunekit.tokens.methods.random import RandomDrop
@@ -191,26 +289,36 @@ class ToMeAllInBlock0(ToMe):
         return [n_mergeable // 2] + [0] * (n_blocks - 1)
 
 
+@pytest.mark.parametrize("fam", ["vit", "deit", "dinov2", "clip_vision"])
 @pytest.mark.parametrize("prop_attn", [True, False])
-def test_tome_merging_exact_duplicates_equals_dense_only_with_proportional_attention(prop_attn):
+def test_tome_merging_exact_duplicates_equals_dense_only_with_proportional_attention(fam, prop_attn):
     """Independent check of proportional attention: a size-2 token merged from two identical
     tokens must act in later blocks exactly like the two copies did (log 2 on its logit), so
-    the whole ViT output equals the dense one. Without proportional attention it does not."""
-    model = build("vit")
+    the whole output equals the dense one. Without proportional attention it does not (which
+    also proves the family's attention really applies the additive mask)."""
+    model = build(fam)
     with torch.no_grad():
-        model.vit.embeddings.position_embeddings.zero_()  # identical patches -> identical tokens
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    x[..., 8:16], x[..., 24:32] = x[..., 0:8], x[..., 16:24]  # 4x4 patches: column 1 = 0, 3 = 2
-    # tokens 1 + 4 row + col: every A token (even index) has its copy in B (the odd index before it)
+        for name, param in model.named_parameters():
+            if "position_embedding" in name:
+                param.zero_()  # identical patches -> identical tokens
+    S = model.config.image_size
+    P = S // 4
+    x = torch.randn(2, 3, S, S, generator=torch.Generator().manual_seed(0))
+    x[..., P : 2 * P], x[..., 3 * P :] = x[..., :P], x[..., 2 * P : 3 * P]  # 4x4 patches: col 1 = 0, 3 = 2
+    # patch pairs (4i, 4i+1) and (4i+2, 4i+3) are copies; A/B alternate by patch index, so every
+    # A token's copy is in B, whatever the number of protected tokens p
+    p = 2 if fam == "deit" else 1
+    T = p + 16
     with torch.no_grad():
         dense = model(pixel_values=x, output_hidden_states=True)
         with prunekit.prune_tokens(model, ToMeAllInBlock0(prop_attn=prop_attn), keep=0.5) as s:
             merged = model(pixel_values=x, output_hidden_states=True)
-    assert [h.shape[1] for h in merged.hidden_states] == [17, 9, 9, 9, 9]
+    assert [h.shape[1] for h in merged.hidden_states] == [T] + [p + 8] * 4
     assert s.stats.tokens_kept == 2 * 8
+    survivors = list(range(p)) + list(range(p + 1 - p % 2, T, 2))  # protected, then the B set
     err = max(
-        (merged.logits - dense.logits).abs().max().item(),
-        (merged.hidden_states[-1] - dense.hidden_states[-1][:, 0::2]).abs().max().item(),
+        (output(merged) - output(dense)).abs().max().item(),
+        (merged.hidden_states[-1] - dense.hidden_states[-1][:, survivors]).abs().max().item(),
     )
     if prop_attn:
         assert err < 1e-5, f"merged duplicates differ from dense by {err:.2e} (tol 1e-5)"

@@ -67,6 +67,25 @@ def test_schedule_spreads_removals_and_respects_budget():
     assert sum(ToMe().merge_schedule(196, 12, 16)) == 180
 
 
+def test_schedule_front_loads_where_the_half_cap_would_bind_late():
+    # 256 -> 16 in 4 blocks is only possible by halving every time; an even 60 per block is not
+    assert ToMe().merge_schedule(256, 4, 16) == [128, 64, 32, 16]
+    for n, blocks, keep in [(256, 12, 16), (256, 12, 1), (197, 12, 3), (50, 6, 2)]:
+        sched, left = ToMe().merge_schedule(n, blocks, keep), n
+        for r in sched:
+            assert r <= left // 2, (n, blocks, keep, sched)
+            left -= r
+        assert left == keep, (n, blocks, keep, sched)
+
+
+def test_plan_unpacks_into_merge_and_unmerge():
+    x = torch.tensor([[[5.0, 5.0], [1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.6, 0.8]]])
+    merge, unmerge = bipartite_soft_matching(x, 1, protected=1)
+    summed = merge(x)  # default reduction: sum
+    assert torch.allclose(summed, torch.tensor([[[5.0, 5.0], [0.6, 0.8], [1.9, 0.1], [0.0, 1.0]]]))
+    assert unmerge(summed).shape == x.shape
+
+
 def test_unmerge_maps_every_original_token_to_the_token_holding_it():
     # the hand-worked plan above: 2 merged into 1, so unmerge gives 1 and 2 the merged value
     x = torch.tensor([[[5.0, 5.0], [1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.6, 0.8]]])

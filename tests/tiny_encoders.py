@@ -1,4 +1,5 @@
-"""Tiny random encoders built from configs: ViT, DeiT (with teacher), DINOv2, CLIP vision, BERT."""
+"""Tiny random encoders built from configs: ViT, DeiT (with teacher), DINOv2, CLIP vision, BERT,
+and the full CLIP model (text + vision)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import transformers
 from transformers import (
     BertConfig,
     BertModel,
+    CLIPConfig,
+    CLIPModel,
     CLIPVisionConfig,
     CLIPVisionModel,
     DeiTConfig,
@@ -54,14 +57,29 @@ CLASSES = {
     "Dinov2ForImageClassification": "dinov2",
     "CLIPVisionModel": "clip_vision",
     "CLIPVisionModelWithProjection": "clip_vision",
+    "CLIPModel": "clip_vision",
+    "CLIPForImageClassification": "clip_vision",
     "BertModel": "bert",
     "BertForSequenceClassification": "bert",
+    "BertForMultipleChoice": "bert",
 }
+
+
+def build_clip(seed: int = 0) -> CLIPModel:
+    """The full CLIP model; its 28x28 images give 17 vision tokens (CLS + 4x4 patches)."""
+    torch.manual_seed(seed)
+    text = dict(
+        V, intermediate_size=64, vocab_size=100, max_position_embeddings=32, bos_token_id=1, eos_token_id=2
+    )
+    vision = dict(V, intermediate_size=64, image_size=28, patch_size=7)
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
 
 
 def build_class(name: str) -> tuple[torch.nn.Module, str]:
     """A tiny random model of class ``name`` (see :data:`CLASSES`) and its family."""
     fam = CLASSES[name]
+    if name.startswith("CLIP") and not name.startswith("CLIPVision"):
+        return getattr(transformers, name)(build_clip().config).eval(), fam
     config = type(build(fam).config)
     extra = {
         "vit": dict(intermediate_size=64, image_size=32, patch_size=8),

@@ -9,10 +9,16 @@ Two modes, chosen by what the method offers:
   one that merges tokens between attention and MLP and applies proportional attention.
 
 Position embeddings are added before the first block in these families, so dropping or merging
-tokens inside the encoder needs no position bookkeeping. BERT supports cut mode only (ToMe is
-refused with a clear error: its post-norm block and padding masks are not handled by the merging
-forward). BERT with padding: kept tokens are packed first and the rest masked;
+tokens inside the encoder needs no position bookkeeping. The full ``CLIPModel`` (and
+``CLIPForImageClassification``) prunes its vision tower only; the text tower is untouched.
+BERT supports cut mode only (ToMe is refused with a clear error: its post-norm block and padding
+masks are not handled by the merging forward). BERT with padding: the padding mask is read where
+the base ``BertModel`` receives it (so task heads that reshape it, e.g. multiple choice, work);
+padding is never a candidate, kept tokens are packed first and the rest masked as keys;
 ``session.output_mask`` then holds the ``(B, T')`` mask of the output.
+
+Heads that need every patch token back in its grid (``*ForMaskedImageModeling``) and BERT used as
+a causal decoder (``is_decoder=True``) are refused with a clear error.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from torch import nn
 from ..errors import PrunekitError, SignalUnavailableError, UnsupportedModelError
 from ..tokens.merge import bipartite_soft_matching, merge_wavg
 from .attention import cls_query_attention, encoder_attention
-from .base import Adapter, Session, check_cut_layer, required_signals
+from .base import Adapter, Session, Timer, check_cut_layer, required_signals
 from .sequence import Groups, gather_tokens, right_pack, select_in_groups, signal_gatherers
 
 
@@ -69,6 +75,9 @@ class EncoderAdapter(Adapter):
     names: ClassVar[BlockNames | None] = None
     pre_norm: ClassVar[bool] = True
     protected: ClassVar[int] = 1
+    #: whether inputs carry a padding mask (text); image families never read one, so a text mask
+    #: passed to a full CLIPModel cannot be mistaken for the vision tower's
+    reads_padding: ClassVar[bool] = False
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -99,22 +108,34 @@ class EncoderAdapter(Adapter):
     # ------------------------------------------------------------------ attach
     def attach(self, session: Session) -> None:
         self.check_stage(session.stage)
+        if type(self.model).__name__.endswith("ForMaskedImageModeling"):
+            raise UnsupportedModelError(
+                f"{self.family}: {type(self.model).__name__} reshapes every patch token back into the "
+                "image grid; cutting or merging tokens inside the encoder would break it"
+            )
         self.session = session
         self.am2d: torch.Tensor | None = None
-        params = list(inspect.signature(self.model.forward).parameters)
-        self.mask_arg = params.index("attention_mask") if "attention_mask" in params else None
         session.output_mask = None
-        session.hooks.pre(self.model, self._on_model)
+        if self.reads_padding:
+            self._watch_padding(session)
         if hasattr(session.method, "merge_schedule"):
             self._attach_merge(session)
         else:
             self._attach_cut(session)
 
-    def _on_model(self, module: nn.Module, args: tuple, kw: dict) -> None:
-        am = kw.get("attention_mask")
-        if am is None and self.mask_arg is not None and len(args) > self.mask_arg:
-            am = args[self.mask_arg]  # BertModel(input_ids, attention_mask)
-        self.am2d = am if isinstance(am, torch.Tensor) and am.dim() == 2 else None
+    def _watch_padding(self, session: Session) -> None:
+        """Capture the 2-D padding mask where the base model (e.g. ``BertModel``) receives it."""
+        base = getattr(self.model, "base_model", self.model)
+        params = list(inspect.signature(base.forward).parameters)
+        at = params.index("attention_mask") if "attention_mask" in params else None
+
+        def on_base(module: nn.Module, args: tuple, kw: dict) -> None:
+            am = kw.get("attention_mask")
+            if am is None and at is not None and len(args) > at:
+                am = args[at]  # BertModel(input_ids, attention_mask)
+            self.am2d = am if isinstance(am, torch.Tensor) and am.dim() == 2 else None
+
+        session.hooks.pre(base, on_base)
 
     # ------------------------------------------------------------------ cut
     def _attach_cut(self, session: Session) -> None:
@@ -181,7 +202,9 @@ class EncoderAdapter(Adapter):
             if not bool(slot_valid.all()):  # ragged rows: mask the unused slots as keys
                 self.mask = torch.zeros(B, 1, 1, slot_valid.shape[1], dtype=x.dtype, device=x.device)
                 self.mask.masked_fill_(~slot_valid[:, None, None, :], torch.finfo(x.dtype).min)
-            self.session.output_mask = slot_valid.long()
+                self.session.output_mask = slot_valid.long()
+            else:
+                self.session.output_mask = None
         args = list(args)
         if args:
             args[0] = x
@@ -202,16 +225,23 @@ class EncoderAdapter(Adapter):
             )
         self.schedule: list[int] = []
         self.size: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
+            # the matching metric is the block's own keys: keep k_proj's output instead of recomputing it
+            session.hooks.post(self.attention_parts(layer)[2], self._on_keys)
             session.hooks.setattr(layer, "forward", self._merge_forward(layer, i))
 
+    def _on_keys(self, k_proj: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        self.keys = out  # (B, T, H * hd)
+
     def _merge_forward(self, layer: nn.Module, i: int):
+        """Block ``i``'s forward with a ToMe merge between attention and MLP (pre-norm blocks)."""
         n = self.names
-        attn, _, k_proj, heads, _ = self.attention_parts(layer)
+        attn, _, _, heads, _ = self.attention_parts(layer)
         norm1, norm2, mlp = _get(layer, n.norm1), _get(layer, n.norm2), _get(layer, n.mlp)
         post_attn = [_get(layer, p) for p in n.post_attn]
         post_mlp = [_get(layer, p) for p in n.post_mlp]
-        method, session, p = self.session.method, self.session, self.protected
+        method, session, p, last = self.session.method, self.session, self.protected, len(self.layers) - 1
 
         def forward(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
             x = hidden_states
@@ -221,27 +251,28 @@ class EncoderAdapter(Adapter):
             if i == 0:  # a new forward: sizes start at 1, the schedule follows the token count
                 self.size = torch.ones(B, T, 1, dtype=x.dtype, device=x.device)
                 self.schedule = method.merge_schedule(T - p, len(self.layers), session.keep)
-                self.tokens_in = T - p
+                self.tokens_in, self.seconds = T - p, 0.0
             bias = None
             if method.prop_attn and i > 0:
                 bias = self.size.log().transpose(1, 2)[:, None]  # (B, 1, 1, T) added to every key's logit
-            h = norm1(x)
-            out = attn(h, attention_mask=bias)[0]
+            out = attn(norm1(x), attention_mask=bias)[0]
             for mod in post_attn:
                 out = mod(out)
             x = x + out
             r = self.schedule[i]
             if r > 0:
-                metric = k_proj(h).view(B, T, heads, -1).mean(dim=2)  # (B, T, hd) keys, mean over heads
-                plan = bipartite_soft_matching(metric, r, protected=p)
-                x, self.size = merge_wavg(plan, x, self.size)
+                with Timer() as t:
+                    metric = self.keys.view(B, T, heads, -1).mean(dim=2)  # (B, T, hd) keys, mean over heads
+                    plan = bipartite_soft_matching(metric, r, protected=p)
+                    x, self.size = merge_wavg(plan, x, self.size)
+                self.seconds += t.seconds
             h = mlp(norm2(x))
             for mod in post_mlp:
                 h = mod(h)
             x = x + h
-            if i == len(self.layers) - 1:
-                kept = x.shape[1] - p
-                session.stats.record(B * self.tokens_in, B * kept, None, 0.0)
+            self.keys = None  # used: do not hold it past the block
+            if i == last:
+                session.stats.record(B * self.tokens_in, B * (x.shape[1] - p), None, self.seconds)
             return x
 
         return forward
@@ -283,8 +314,11 @@ class Dinov2Adapter(EncoderAdapter):
 
 
 class CLIPVisionAdapter(EncoderAdapter):
+    """CLIP's vision tower: CLIPVisionModel(WithProjection), and the full CLIPModel /
+    CLIPForImageClassification, whose vision tower alone is pruned (the text tower is untouched)."""
+
     family = "clip_vision"
-    model_types = ("clip_vision_model",)  # CLIPVisionModel(WithProjection); CLIPModel: pass .vision_model
+    model_types = ("clip_vision_model", "clip")
     layers_path = ("vision_model.encoder.layers", "encoder.layers")
     names = BlockNames(
         norm1="layer_norm1", attn="self_attn", post_attn=(), norm2="layer_norm2", mlp="mlp", post_mlp=(),
@@ -299,6 +333,15 @@ class BertAdapter(EncoderAdapter):
     model_types = ("bert",)
     layers_path = ("encoder.layer", "bert.encoder.layer")
     pre_norm = False
+    reads_padding = True
+
+    def attach(self, session: Session) -> None:
+        if getattr(self.model.config, "is_decoder", False):
+            raise UnsupportedModelError(
+                "bert: this model is configured as a causal decoder (is_decoder=True); the encoder stage "
+                "cuts tokens of a bidirectional encoder and does not keep a KV cache consistent"
+            )
+        super().attach(session)
 
     def attention_parts(self, layer: nn.Module):
         attn = layer.attention.self

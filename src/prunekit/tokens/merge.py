@@ -32,6 +32,10 @@ class MergePlan:
     def r(self) -> int:
         return self.src.shape[1]
 
+    def __iter__(self):
+        """``merge, unmerge = bipartite_soft_matching(...)``, as in the paper's code."""
+        return iter((self.merge, self.unmerge))
+
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         p = self.protected
         rest = x[:, p:]

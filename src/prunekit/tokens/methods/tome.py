@@ -9,10 +9,12 @@ Shapes: tokens ``(B, T, C)``, sizes ``(B, T, 1)``.
 
 Budget: ``keep`` is the number (or ratio) of mergeable tokens left after the last block. The
 official code takes a constant ``r`` per block; here the ``N - keep`` removals are spread evenly
-over the blocks (``r_l`` differ by at most 1), capped at half the mergeable tokens per block
-(bipartite matching cannot merge more). Where the cap binds (a very small ``keep`` over few
-blocks) more tokens are left than asked; ``stats`` report the real count. Output token order is
-**not** spatial (unmerged A tokens ascending, then the B tokens), as in the official code.
+over the blocks (``r_l`` differ by at most 1), capped at half the tokens left per block
+(bipartite matching cannot merge more); where the cap would bind late, earlier blocks merge
+more, so ``keep`` is met exactly whenever halving ``N`` once per block can reach it. Below that
+(e.g. ``keep=1`` over few blocks) more tokens are left than asked; ``stats`` report the real
+count. Output token order is **not** spatial (unmerged A tokens ascending, then the B tokens), as
+in the official code.
 
 Deviations: mergeable tokens are split into A/B by original index parity exactly as the official
 code does, but protected tokens are held outside the matching instead of being given ``-inf``
@@ -47,12 +49,19 @@ class ToMe(TokenMethod):
         return (Signal("keys"),)
 
     def merge_schedule(self, n_mergeable: int, n_blocks: int, keep: int | float) -> list[int]:
-        """Tokens merged away in each block so that ``keep`` mergeable tokens are left at the end."""
-        removals = n_mergeable - resolve_keep(keep, n_mergeable)
+        """Tokens merged away in each block so that ``keep`` mergeable tokens are left at the end.
+
+        Each block takes an even share of the removals still to do (shares differ by at most 1),
+        or more where the remaining blocks, each able to merge at most half of what is left,
+        could not reach the budget otherwise; never more than half of what is left.
+        """
+        target = resolve_keep(keep, n_mergeable)
         schedule, left = [], n_mergeable
         for l in range(n_blocks):
-            r = removals * (l + 1) // n_blocks - removals * l // n_blocks
-            r = min(r, left // 2)  # bipartite matching merges at most half per block
+            later = n_blocks - l - 1
+            share = (left - target) // (later + 1)
+            must = left - target * 2**later  # so that halving `later` times can still reach `target`
+            r = min(max(share, must, 0), left // 2)
             schedule.append(r)
             left -= r
         return schedule
