@@ -44,6 +44,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     m = get(args.method)
     for key, value in m.row().items():
         print(f"{key:8} {', '.join(value) if isinstance(value, list) else value}")
+    if m.summary:
+        print(f"{'summary':8} {m.summary}")
     doc = (m.factory.__module__ and __import__(m.factory.__module__, fromlist=["_"]).__doc__) or ""
     print("\n" + doc.strip())
     return 0

@@ -88,7 +88,6 @@ class PruneStats:
     tokens_in: int = 0  # candidate tokens seen (summed over groups and calls)
     tokens_kept: int = 0
     select_seconds: float = 0.0
-    selections: list[torch.Tensor] = field(default_factory=list)  # (G, K) kept indices per call
     #: per pruning call, ``(B, L)`` bool over the sequence the cut applied to: which positions
     #: survived (non-candidates included, padding excluded) — what a masked reference needs
     kept_masks: list[torch.Tensor] = field(default_factory=list)
@@ -97,13 +96,11 @@ class PruneStats:
     def kept_fraction(self) -> float:
         return self.tokens_kept / self.tokens_in if self.tokens_in else 1.0
 
-    def record(self, n_in: int, n_kept: int, keep: torch.Tensor | None, seconds: float) -> None:
+    def record(self, n_in: int, n_kept: int, seconds: float) -> None:
         self.calls += 1
         self.tokens_in += n_in
         self.tokens_kept += n_kept
         self.select_seconds += seconds
-        if keep is not None:
-            self.selections.append(keep.detach().cpu())
 
 
 class Timer:

@@ -272,7 +272,7 @@ class EncoderAdapter(Adapter):
             x = x + h
             self.keys = None  # used: do not hold it past the block
             if i == last:
-                session.stats.record(B * self.tokens_in, B * (x.shape[1] - p), None, self.seconds)
+                session.stats.record(B * self.tokens_in, B * (x.shape[1] - p), self.seconds)
             return x
 
         return forward

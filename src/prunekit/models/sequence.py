@@ -150,4 +150,4 @@ def select_in_groups(
         dropped.scatter_(1, sel.keep.to(pos.device), False)
         rows = b[:, None].expand_as(pos)
         keep_mask[rows[dropped], pos[dropped]] = False
-        session.stats.record(len(members) * n, kept_pos.numel(), sel.keep, t.seconds)
+        session.stats.record(len(members) * n, kept_pos.numel(), t.seconds)
