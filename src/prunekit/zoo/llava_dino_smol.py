@@ -1,0 +1,335 @@
+"""A real, small vision-language model from packaged parts: ``LlavaForConditionalGeneration``
+with the real DINOv2-S/14 as vision tower and the real SmolLM2-135M-Instruct as language model,
+joined by a LLaVA-style 2-layer MLP projector (Linear-GELU-Linear).
+
+Only the projector is trained, LLaVA stage-1 style (vision tower and LLM frozen), on Fashion-MNIST
+scenes (:mod:`prunekit.zoo.scenes`) with templated questions, on CPU, deterministically under a
+seed: the frozen vision features are computed once, then the projector learns to map them into
+the LLM's embedding space so that the frozen LLM answers. The trained projector is cached as
+safetensors in the user cache (``$PRUNEKIT_CACHE/llava-dino-smol``); later calls load it.
+
+Layout: the tower's last layer (``vision_feature_layer=-1``) without [CLS]
+(``vision_feature_select_strategy="default"``): 16 x 16 = 256 visual tokens per 224-px image.
+The image placeholder is SmolLM2's token 16 (``<empty_output>``), which the chat format never
+uses; :func:`prompt_ids` builds prompts with it. Images are grey ``uint8`` arrays, turned into
+``pixel_values`` by :func:`pixel_values` (ImageNet normalisation, as DINOv2 expects).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..assets import cache_dir
+from ..models.zoo import dinov2_small, image_batch, smollm2
+from .scenes import Sample, SceneMaker, make_split
+
+CANVAS_PX = 224
+IMAGE_TOKEN_ID = 16  # "<empty_output>" in SmolLM2's vocabulary
+N_VISUAL = 256
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines the trained projector (its hash names the cache file)."""
+
+    n_train: int = 400  # training images (grid scenes and single items); features computed once
+    singles: float = 0.25  # fraction of one-item images ("What is this?")
+    n_questions: int = 14  # questions per image, asked as turns of one conversation (fresh each pass)
+    align_steps: int = 300  # stage 0: patch tokens regressed onto word embeddings (no LLM forward)
+    steps: int = 200
+    batch: int = 2
+    lr: float = 2e-3
+    warmup: int = 10
+    weight_decay: float = 0.0
+    seed: int = 0
+    version: int = 2
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+# ------------------------------------------------------------------ prompts and images
+def pixel_values(images: np.ndarray) -> torch.Tensor:
+    """``uint8 (n, 224, 224)`` grey images -> ``(n, 3, 224, 224)`` float, ImageNet-normalised."""
+    return image_batch(images, size=224)
+
+
+def _chat_turn(tok, question: str, images: int = 0, first: bool = False) -> list[int]:
+    head = tok("<|im_start|>user\n", add_special_tokens=False).input_ids
+    body = []
+    for i in range(images):
+        if images > 1:
+            body += tok(f"Image {i + 1}: ", add_special_tokens=False).input_ids
+        body += [IMAGE_TOKEN_ID] * N_VISUAL + tok("\n", add_special_tokens=False).input_ids
+    tail = tok(f"{question}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False).input_ids
+    return ([] if first else tok("\n", add_special_tokens=False).input_ids) + head + body + tail
+
+
+def prompt_ids(tok, question: str, n_images: int = 1) -> list[int]:
+    """Token ids of a one-question chat prompt with ``n_images`` images, ending where the answer starts."""
+    return _chat_turn(tok, question, n_images, first=True)
+
+
+def training_ids(tok, sample: Sample) -> tuple[list[int], list[int]]:
+    """A sample as one conversation (one turn per question): ids and labels (-100 = not scored)."""
+    ids, labels = [], []
+    end = tok("<|im_end|>", add_special_tokens=False).input_ids
+    for t, qa in enumerate(sample.qas):
+        turn = _chat_turn(tok, qa.question, len(sample.images) if t == 0 else 0, first=t == 0)
+        ans = tok(qa.answer, add_special_tokens=False).input_ids + end
+        ids += turn + ans
+        labels += [-100] * len(turn) + ans
+    return ids, labels
+
+
+# ------------------------------------------------------------------ the model
+def _config(vision, lm):
+    from transformers import LlavaConfig
+
+    return LlavaConfig(
+        vision_config=vision.config.to_dict() | {"model_type": "dinov2"},
+        text_config=lm.config.to_dict() | {"model_type": "llama"},
+        image_token_id=IMAGE_TOKEN_ID,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        image_seq_length=N_VISUAL,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=lm.config.tie_word_embeddings,
+    )
+
+
+def assemble(projector: dict[str, torch.Tensor] | None = None, dtype: torch.dtype = torch.float32):
+    """``(LlavaForConditionalGeneration, tokenizer)`` from the real parts and a projector state dict."""
+    from transformers import LlavaForConditionalGeneration
+
+    vision = dinov2_small(torch.float32)
+    lm, tok = smollm2(torch.float32)
+    cfg = _config(vision, lm)
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(cfg)
+    state = {f"model.vision_tower.{k}": v for k, v in vision.state_dict().items()}
+    state |= {f"model.language_model.{k}": v for k, v in lm.model.state_dict().items()}
+    state["lm_head.weight"] = lm.lm_head.weight
+    if projector is None:
+        proj = _new_projector(vision.config.hidden_size, lm.config.hidden_size, seed=0)
+        projector = proj.state_dict()
+    state |= {f"model.multi_modal_projector.{k}": v for k, v in projector.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if k != "lm_head.weight" or not cfg.tie_word_embeddings]
+    if missing or unexpected:
+        raise RuntimeError(f"assembling the VLM: missing {missing}, unexpected {unexpected}")
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    # non-persistent buffers (rotary inv_freq, ...) are not in state dicts: take them from the parts
+    sources = {f"model.vision_tower.{k}": v for k, v in vision.named_buffers()}
+    sources |= {f"model.language_model.{k}": v for k, v in lm.model.named_buffers()}
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:
+            owner, _, attr = name.rpartition(".")
+            if name not in sources:
+                raise RuntimeError(f"assembling the VLM: buffer {name} has no source")
+            model.get_submodule(owner).register_buffer(attr, sources[name].clone(), persistent=False)
+    tok.padding_side = "left"
+    return model.to(dtype).eval(), tok
+
+
+def _new_projector(d_vision: int, d_text: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.ModuleDict({"linear_1": nn.Linear(d_vision, d_text), "linear_2": nn.Linear(d_text, d_text)})
+
+
+class _Projector(nn.Module):
+    """LLaVA's projector on standardised features; :meth:`folded` puts the standardisation into
+    ``linear_1`` so the saved weights run on raw features in ``LlavaMultiModalProjector``."""
+
+    def __init__(self, d_vision: int, d_text: int, mean: torch.Tensor, std: torch.Tensor, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.linear_1 = nn.Linear(d_vision, d_text)
+        self.linear_2 = nn.Linear(d_text, d_text)
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        x = (f.float() - self.mean) / self.std
+        return self.linear_2(nn.functional.gelu(self.linear_1(x)))
+
+    def folded(self) -> dict[str, torch.Tensor]:
+        w = self.linear_1.weight / self.std[None, :]
+        b = self.linear_1.bias - (w * self.mean[None, :]).sum(1)
+        return {
+            "linear_1.weight": w.detach().clone(), "linear_1.bias": b.detach().clone(),
+            "linear_2.weight": self.linear_2.weight.detach().clone(),
+            "linear_2.bias": self.linear_2.bias.detach().clone(),
+        }  # fmt: skip
+
+
+@torch.inference_mode()
+def vision_features(
+    tower: nn.Module, images: np.ndarray, batch: int = 32, progress: bool = True
+) -> torch.Tensor:
+    """Frozen tower features the projector sees: last layer, [CLS] dropped -> ``(n, 256, d)`` bf16."""
+    out = []
+    for i in tqdm(range(0, len(images), batch), desc="vision features", unit="batch", disable=not progress):
+        hs = tower(pixel_values(images[i : i + batch]), output_hidden_states=True).hidden_states[-1]
+        out.append(hs[:, 1:].to(torch.bfloat16))
+    return torch.cat(out)
+
+
+def train_projector(recipe: Recipe = Recipe(), progress: bool = True) -> tuple[dict, dict]:
+    """Train the projector with the recipe; returns ``(folded state dict, training log)``."""
+    torch.manual_seed(recipe.seed)
+    t0 = time.perf_counter()
+    vision = dinov2_small(torch.float32)
+    # fp32: without native bf16 (AVX512-BF16 / AMX) a CPU emulates bf16 many times slower
+    lm, tok = smollm2(torch.float32)
+    lm.requires_grad_(False)
+    samples = make_split("train", recipe.n_train, recipe.seed, singles=recipe.singles,
+                         n_questions=recipe.n_questions)  # fmt: skip
+    images = np.concatenate([s.images for s in samples])
+    feats = vision_features(vision, images, progress=progress)  # (n_images, 256, d)
+    t_feat = time.perf_counter() - t0
+    flat = feats.float().reshape(-1, feats.shape[-1])
+    mean, std = flat.mean(0), flat.std(0).clamp_min(1e-3)
+    del flat
+    proj = _Projector(feats.shape[-1], lm.config.hidden_size, mean, std, recipe.seed)
+    embed = lm.get_input_embeddings()
+    if recipe.align_steps:
+        _align_words(proj, feats, samples, tok, embed, recipe, progress)
+    opt = torch.optim.AdamW(proj.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(recipe.warmup, recipe.steps))
+    # each pass over the images asks fresh questions about them (the features are reused)
+    n, passes = len(samples), math.ceil(recipe.steps * recipe.batch / len(samples))
+    encoded = [training_ids(tok, s) for s in samples]
+    for p in range(1, passes):
+        asker = SceneMaker("train", seed=recipe.seed * 1000 + p)
+        encoded += [training_ids(tok, asker.reask(s, recipe.n_questions)) for s in samples]
+    first_image = np.cumsum([0] + [len(s.images) for s in samples])
+    rng = np.random.default_rng(recipe.seed)
+    order = np.concatenate([p * n + rng.permutation(n) for p in range(passes)])
+    losses = []
+    bar = tqdm(range(recipe.steps), desc="training the projector", unit="step", disable=not progress)
+    for step in bar:
+        idx = order[step * recipe.batch : (step + 1) * recipe.batch]
+        ids, labels, am = _right_padded([encoded[i] for i in idx], pad=tok.pad_token_id or 0)
+        f = torch.cat([feats[first_image[i % n] : first_image[i % n + 1]] for i in idx])
+        with torch.no_grad():
+            x = embed(ids)
+        vis = proj(f).to(x.dtype)
+        x = x.masked_scatter((ids == IMAGE_TOKEN_ID)[..., None].expand_as(x), vis)
+        h = lm.model(inputs_embeds=x, attention_mask=am).last_hidden_state
+        tgt = labels[:, 1:]
+        rows = tgt != -100
+        logits = lm.lm_head(h[:, :-1][rows]).float()
+        loss = nn.functional.cross_entropy(logits, tgt[rows])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(proj.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    log = {"recipe": asdict(recipe), "feature_seconds": t_feat, "train_seconds": time.perf_counter() - t0,
+           "loss_first20": float(np.mean(losses[:20])), "loss_last20": float(np.mean(losses[-20:])),
+           "losses": losses, "threads": torch.get_num_threads()}  # fmt: skip
+    return proj.folded(), log
+
+
+def patch_words(sample: Sample, side: int = 16) -> torch.Tensor:
+    """Per image, the class under each of the ``side x side`` patches (10 = nothing: a black patch)."""
+    out = []
+    for image, cells in zip(sample.images, sample.cells, strict=True):
+        grid = math.isqrt(len(cells))
+        p = CANVAS_PX // side
+        patches = image.reshape(side, p, side, p).max(axis=(1, 3))  # (side, side) brightest pixel
+        centre = (np.arange(side) * p + p // 2) // (CANVAS_PX // grid)
+        cell = np.minimum(centre, grid - 1)[:, None] * grid + np.minimum(centre, grid - 1)[None, :]
+        label = np.where(patches > 0, np.asarray(cells)[cell], -1)
+        out.append(torch.from_numpy(np.where(label < 0, 10, label).reshape(-1)))
+    return torch.stack(out)
+
+
+def _align_words(proj: nn.Module, feats: torch.Tensor, samples, tok, embed: nn.Module, recipe: Recipe,
+                 progress: bool) -> None:  # fmt: skip
+    """Stage 0, no LLM forward: regress each patch's projected token onto the input embedding of
+    the word for what lies under it (" bag", " nothing"), so the LLM starts from word-like tokens."""
+    from .scenes import CLASSES
+
+    words = [*CLASSES, "nothing"]
+    with torch.no_grad():
+        target = torch.stack([embed(torch.tensor(tok(" " + w, add_special_tokens=False).input_ids)).mean(0)
+                              for w in words])  # fmt: skip
+    labels = torch.cat([patch_words(s) for s in samples]).reshape(-1)
+    x = feats.reshape(-1, feats.shape[-1])
+    opt = torch.optim.AdamW(proj.parameters(), lr=recipe.lr)
+    g = torch.Generator().manual_seed(recipe.seed)
+    for _ in tqdm(
+        range(recipe.align_steps), desc="aligning tokens to words", unit="step", disable=not progress
+    ):
+        rows = torch.randint(0, x.shape[0], (4096,), generator=g)
+        loss = nn.functional.mse_loss(proj(x[rows]), target[labels[rows]])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def _cosine(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return f
+
+
+def _right_padded(items, pad: int):
+    L = max(len(i) for i, _ in items)
+    ids = torch.full((len(items), L), pad, dtype=torch.long)
+    labels = torch.full((len(items), L), -100, dtype=torch.long)
+    am = torch.zeros(len(items), L, dtype=torch.long)
+    for r, (i, lab) in enumerate(items):
+        ids[r, : len(i)], labels[r, : len(i)], am[r, : len(i)] = torch.tensor(i), torch.tensor(lab), 1
+    return ids, labels, am
+
+
+def llava_dino_smol(
+    dtype: torch.dtype = torch.float32,
+    *,
+    recipe: Recipe = Recipe(),
+    progress: bool = True,
+    retrain: bool = False,
+):
+    """``(LlavaForConditionalGeneration, tokenizer)``: DINOv2-S + SmolLM2-135M with the trained projector.
+
+    The first call trains the projector (about 15-20 minutes on 2 CPU cores, with progress bars)
+    and caches it; later calls load it in seconds. ``retrain=True`` trains again.
+    """
+    from safetensors.torch import load_file, save_file
+
+    d = cache_dir("llava-dino-smol")
+    path = d / f"projector-{recipe.key()}.safetensors"
+    if retrain or not path.exists():
+        state, log = train_projector(recipe, progress=progress)
+        save_file(
+            {k: v.contiguous() for k, v in state.items()},
+            str(path),
+            metadata={"recipe": json.dumps(asdict(recipe))},
+        )
+        (d / f"train-log-{recipe.key()}.json").write_text(json.dumps(log, indent=1))
+    return assemble(load_file(str(path)), dtype)
+
+
+def training_log(recipe: Recipe = Recipe()) -> dict | None:
+    """The log written when the cached projector was trained (losses, seconds), if any."""
+    p = cache_dir("llava-dino-smol") / f"train-log-{recipe.key()}.json"
+    return json.loads(p.read_text()) if p.exists() else None
