@@ -82,8 +82,8 @@ def test_folded_projector_equals_the_standardised_one():
     assert torch.allclose(y, p(x), atol=1e-5)
 
 
-def test_projector_training_is_deterministic_and_learns():
-    r = Recipe(n_train=4, n_questions=2, steps=4, batch=2, lr=1e-2, warmup=1)
+def test_projector_training_is_deterministic():
+    r = Recipe(n_train=3, n_questions=2, align_steps=3, steps=3, batch=1, lr=1e-2, warmup=1)
     a, log_a = train_projector(r, progress=False)
     b, log_b = train_projector(r, progress=False)
     assert all(torch.equal(a[k], b[k]) for k in a) and log_a["losses"] == log_b["losses"]
