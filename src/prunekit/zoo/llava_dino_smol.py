@@ -121,8 +121,8 @@ def assemble(projector: dict[str, torch.Tensor] | None = None, dtype: torch.dtyp
     state |= {f"model.language_model.{k}": v for k, v in lm.model.state_dict().items()}
     state["lm_head.weight"] = lm.lm_head.weight
     if projector is None:
-        proj = _new_projector(vision.config.hidden_size, lm.config.hidden_size, seed=0)
-        projector = proj.state_dict()
+        dv = vision.config.hidden_size  # untrained: identity standardisation, seeded init
+        projector = _Projector(dv, lm.config.hidden_size, torch.zeros(dv), torch.ones(dv), seed=0).folded()
     state |= {f"model.multi_modal_projector.{k}": v for k, v in projector.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if k != "lm_head.weight" or not cfg.tie_word_embeddings]
@@ -141,11 +141,6 @@ def assemble(projector: dict[str, torch.Tensor] | None = None, dtype: torch.dtyp
             model.get_submodule(owner).register_buffer(attr, sources[name].clone(), persistent=False)
     tok.padding_side = "left"
     return model.to(dtype).eval(), tok
-
-
-def _new_projector(d_vision: int, d_text: int, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.ModuleDict({"linear_1": nn.Linear(d_vision, d_text), "linear_2": nn.Linear(d_text, d_text)})
 
 
 class _Projector(nn.Module):

@@ -41,7 +41,6 @@ class FashionVQA(Task):
     kind = "vlm"
     primary = "acc"
     default_limit = 200
-    families = ("tokens", "kv", "weights")
     summary = "questions on held-out Fashion-MNIST scenes (position, presence, count, left-of, single item)"
     variant = "single"
     batch = 8
