@@ -22,6 +22,22 @@ VLM_CASES = [
     for meth in ("fastervlm", "divprune", "random")
     if not (meth == "fastervlm" and fam.startswith("qwen"))
 ] + [(fam, "fastv", "llm", {"layer": 2}) for fam in VLMS]
+# issue 5's vision-stage methods, on the families that give their signals (tiny CLIP: 3 layers, 4x4)
+VLM_CASES += [
+    (fam, meth, "vision", opts)
+    for meth, fams, opts in [
+        ("hiprune", ("llava",), {"object_layer": 1, "alpha": 1.0}),
+        ("fopru", ("llava",), {}),
+        ("fopru", ("llava",), {"strategy": "row"}),
+        ("holov", ("llava",), {"num_crops": 4}),
+        ("holov", ("llava", "llava_next"), {"crops": "1d", "num_crops": 4}),
+        ("todre", tuple(VLMS), {}),
+        ("safewatch", tuple(VLMS), {}),
+        ("catp", tuple(VLMS), {}),
+        ("lvlm_csp", tuple(VLMS), {"n_clusters": 4}),
+    ]
+    for fam in fams
+]
 TEXT_CASES = [(fam, "fastv", "llm", {"layer": 2}) for fam in DECODERS] + [
     (fam, "random", "llm", {"layer": 1}) for fam in DECODERS
 ]
@@ -63,7 +79,14 @@ def test_generate_equals_masked_reference(fam, method, stage, options, attn):
     assert torch.equal(tokens, ref_tokens)
 
 
-@pytest.mark.parametrize(("fam", "method", "stage", "options"), VLM_CASES + TEXT_CASES)
+# merging methods change token vectors, so the masked reference does not apply; they are checked
+# by test_visionzip_feeds_dominant_tokens_and_merged_ones_in_their_slots
+MERGE_CASES = [
+    (fam, m, "vision", {}) for fam in ("llava", "llava_next") for m in ("visionzip", "recoverable")
+]
+
+
+@pytest.mark.parametrize(("fam", "method", "stage", "options"), VLM_CASES + TEXT_CASES + MERGE_CASES)
 def test_keep_everything_is_dense_and_model_restored(fam, method, stage, options):
     model = build(fam, "sdpa")
     inp = inputs_for(fam, model, batch=2)
@@ -195,6 +218,64 @@ def test_fastervlm_keeps_top_cls_attention_of_feature_layer():
     assert got == expected_rank
 
 
+def test_two_vision_layers_reach_the_method_as_their_own_maps(monkeypatch):
+    """HiPrune asks for the maps of two vision layers at once: each arrives under its own key and
+    equals eager attention of that layer ([CLS] row and column dropped)."""
+    from prunekit.tokens.methods.hiprune import HiPrune
+
+    model = build("llava", "eager")
+    inp = vlm_inputs("llava", model, batch=1)
+    with torch.no_grad():
+        att = model.model.vision_tower(inp["pixel_values"], output_attentions=True).attentions
+    seen = {}
+    original = HiPrune.select
+
+    def spy(self, ctx, k):
+        seen["obj"], seen["deep"] = ctx.signal("attention_map", 0), ctx.signal("attention_map")
+        return original(self, ctx, k)
+
+    monkeypatch.setattr(HiPrune, "select", spy)
+    with torch.no_grad(), prunekit.prune_tokens(model, "hiprune", keep=6, object_layer=1, alpha=1.0):
+        model(**inp)
+    assert (seen["obj"] - att[0][:, :, 1:, 1:]).abs().max() < 1e-5  # object layer 1 (1-based) = layer 0
+    assert (seen["deep"] - att[1][:, :, 1:, 1:]).abs().max() < 1e-5  # feature layer -2 of 3 = layer 1
+    with pytest.raises(ValueError, match="out of range"):
+        with prunekit.prune_tokens(model, "hiprune", keep=6, object_layer=9):
+            pass
+
+
+def test_visionzip_feeds_dominant_tokens_and_merged_ones_in_their_slots():
+    model = build("llava", "eager")
+    inp = vlm_inputs("llava", model, batch=1)
+    with torch.no_grad():
+        att = model.model.vision_tower(inp["pixel_values"], output_attentions=True).attentions
+        feats = model.model.get_image_features(pixel_values=inp["pixel_values"], return_dict=True)
+        feats = feats.pooler_output[0]  # (16, D) projected visual tokens
+    captured = {}
+
+    def grab(module, args, kw):
+        captured["x"] = kw["inputs_embeds"]
+
+    with torch.no_grad(), prunekit.prune_tokens(model, "visionzip", keep=8, dominant_ratio=0.75):
+        # registered after the adapter's pre-hook, so it sees the pruned inputs
+        hd = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            model(**inp)
+        finally:
+            hd.remove()
+    x = captured["x"][0]
+    n_text = int((inp["input_ids"][0] != model.config.image_token_id).sum())
+    assert x.shape[0] == n_text + 8
+    dominant = set(att[1].mean(1)[0, 0, 1:].topk(6).indices.tolist())  # round(8 * 0.75) = 6
+    # the 8 visual slots: 6 untouched originals (exactly the dominant tokens), 2 merged vectors
+    start = int((inp["input_ids"][0] == model.config.image_token_id).nonzero()[0])
+    vis = x[start : start + 8]
+    dist = (vis[:, None, :] - feats[None]).abs().amax(-1)  # (8, 16)
+    is_orig = dist.amin(-1) < 1e-6
+    assert int(is_orig.sum()) == 6
+    assert set(dist[is_orig].argmin(-1).tolist()) == dominant
+
+
 def test_llava_next_newline_tokens_always_kept_and_budget_per_image():
     model = build("llava_next", "sdpa")
     inp = vlm_inputs("llava_next", model, batch=2)
@@ -275,3 +356,27 @@ def test_unsupported_hf_family_names_supported_ones():
     with pytest.raises(UnsupportedModelError, match=r"GPT2LMHeadModel.*supported families"):
         with prunekit.prune_tokens(gpt2, "fastv", keep=0.5):
             pass
+
+
+def test_support_matrix_says_exactly_where_methods_attach():
+    """`prunekit methods --matrix` is read from declarations; here each cell is checked by attaching."""
+    from prunekit.errors import PrunekitError
+    from prunekit.models import support_matrix
+
+    options = {"hiprune": {"object_layer": 1}}  # the tiny towers have 3 layers
+    matrix = support_matrix()
+    for fam in [*VLMS, "llama"]:
+        model = build(fam, "sdpa")
+        family = "decoder (Llama/Qwen2/Mistral)" if fam == "llama" else fam
+        for method, row in matrix.items():
+            stage, why = row[family]
+            try:
+                with prunekit.prune_tokens(model, method, keep=0.5, **options.get(method, {})) as s:
+                    attached = s.stage
+            except (SignalUnavailableError, UnsupportedModelError) as e:
+                attached, err = None, e
+            except PrunekitError as e:  # any other refusal must not be a support question
+                raise AssertionError(f"{method} on {fam}: {e}") from e
+            assert attached == stage, f"{method} on {fam}: matrix {stage!r} ({why}), attach {attached!r}"
+            if attached is None:
+                assert str(err)

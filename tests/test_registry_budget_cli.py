@@ -81,3 +81,25 @@ def test_cli_info_and_errors_exit_2_with_a_message(capsys):
     with pytest.raises(SystemExit) as e:
         main(["no-such-command"])
     assert e.value.code == 2
+
+
+def test_cli_methods_matrix(capsys):
+    assert main(["methods", "--matrix"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["method", "llava", "llava_next"]
+    rows = {line.split()[0]: line.split()[1:] for line in out[2:] if line and not line.startswith("cells")}
+    assert set(rows) == {m.name for m in prunekit.methods("tokens")}
+    assert rows["fastervlm"][:4] == ["vision", "vision", "-", "-"]  # Qwen2-VL's tower has no [CLS]
+    assert main(["methods", "--matrix", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    by_name = {r["name"]: r["support"] for r in lines}
+    assert by_name["fastv"]["decoder (Llama/Qwen2/Mistral)"] == "llm"
+    assert by_name["hiprune"]["qwen2_vl"] is None
+
+
+def test_readme_lists_every_method():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    missing = [m.name for m in prunekit.methods() if f"| `{m.name}` |" not in readme]
+    assert not missing, f"methods missing from the README's table: {missing}"

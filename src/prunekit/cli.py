@@ -19,6 +19,23 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from .registry import methods
 
     infos = methods(args.family)
+    if args.matrix:
+        from .models import support_matrix
+
+        matrix = support_matrix([m.name for m in infos if m.family == "tokens"])
+        if args.json:
+            for name, row in matrix.items():
+                print(json.dumps({"name": name, "support": {f: st for f, (st, _) in row.items()}}))
+            return 0
+        families = list(next(iter(matrix.values()), {}))
+        short = [f.split(" ")[0] for f in families]
+        rows = [[name, *[row[f][0] or "-" for f in families]] for name, row in matrix.items()]
+        print(_table(rows, ["method", *short]))
+        print(
+            "\ncells: the stage the method runs at on that family; '-': not supported "
+            "(`prunekit info METHOD` says why)"
+        )
+        return 0
     if args.json:
         for m in infos:
             print(json.dumps(m.row()))
@@ -46,6 +63,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{key:8} {', '.join(value) if isinstance(value, list) else value}")
     if m.summary:
         print(f"{'summary':8} {m.summary}")
+    if m.family == "tokens":
+        from .models import support_matrix
+
+        for fam, (stage, why) in support_matrix([m.name])[m.name].items():
+            print(f"{'runs on':8} {fam}: {stage or 'no: ' + why}")
     doc = (m.factory.__module__ and __import__(m.factory.__module__, fromlist=["_"]).__doc__) or ""
     print("\n" + doc.strip())
     return 0
@@ -135,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("methods", help="list every method of the registry")
     m.add_argument("--family", help="only this family (tokens, kv, weights, data, decode)")
     m.add_argument("--json", action="store_true", help="one JSON line per method")
+    m.add_argument(
+        "--matrix", action="store_true", help="token methods x model families: the stage each runs at"
+    )
     m.set_defaults(fn=cmd_methods)
     i = sub.add_parser("info", help="one method: its paper, stages, signals and docstring")
     i.add_argument("method")

@@ -16,6 +16,15 @@ _METHOD_MODULES = (
     "prunekit.tokens.methods.divprune",
     "prunekit.tokens.methods.tome",
     "prunekit.tokens.methods.random",
+    "prunekit.tokens.methods.hiprune",
+    "prunekit.tokens.methods.fopru",
+    "prunekit.tokens.methods.holov",
+    "prunekit.tokens.methods.visionzip",
+    "prunekit.tokens.methods.todre",
+    "prunekit.tokens.methods.recoverable",
+    "prunekit.tokens.methods.safewatch",
+    "prunekit.tokens.methods.catp",
+    "prunekit.tokens.methods.lvlm_csp",
 )
 
 

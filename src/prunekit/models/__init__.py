@@ -38,4 +38,17 @@ def get_adapter(model: nn.Module) -> Adapter:
     )
 
 
-__all__ = ["Adapter", "HookSet", "PruneStats", "Session", "get_adapter"]
+def support_matrix(names: list[str] | None = None) -> dict[str, dict[str, tuple[str | None, str]]]:
+    """For each token method (default: all), each model family -> ``(stage, "")`` where the method
+    runs there, or ``(None, why)``; read from the adapters' declared stages and signals."""
+    from .. import registry
+
+    infos = [registry.get(n) for n in names] if names else registry.methods("tokens")
+    out: dict[str, dict[str, tuple[str | None, str]]] = {}
+    for info in infos:
+        method = info.factory()
+        out[info.name] = {cls.family: cls.support(method, info.stages) for cls in _adapters()}
+    return out
+
+
+__all__ = ["Adapter", "HookSet", "PruneStats", "Session", "get_adapter", "support_matrix"]

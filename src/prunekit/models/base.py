@@ -16,13 +16,25 @@ from ..tokens.context import STAGE_HELP, TokenMethod
 _MISSING = object()
 
 
-def required_signals(method: TokenMethod, stage: str, family: str, offered: Mapping[str, str]) -> dict:
+def required_signals(
+    method: TokenMethod, stage: str, family: str, offered: Mapping[str, str], several_layers: bool = False
+) -> dict:
     """The signals ``method`` needs at ``stage``, keyed by kind; refuses any this adapter cannot give.
 
     ``offered`` maps each kind the adapter computes to how it gets it (for the error message).
-    ``tokens`` and ``hidden`` (the candidates themselves) are always available.
+    ``tokens`` and ``hidden`` (the candidates themselves) are always available. One kind at
+    several layers is refused unless the stage computes ``several_layers``.
     """
-    needs = {s.kind: s for s in method.needs(stage)}
+    asked = method.needs(stage)
+    needs = {s.kind: s for s in asked}
+    if not several_layers:
+        for kind in needs:
+            layers = {s.layer for s in asked if s.kind == kind}
+            if len(layers) > 1:
+                raise SignalUnavailableError(
+                    f"{method.name!r} needs {kind!r} at layers {sorted(layers, key=str)}; the {stage} "
+                    f"stage of {family} computes one layer per signal"
+                )
     missing = sorted(set(needs) - set(offered) - {"tokens", "hidden"})
     if missing:
         gives = "; ".join(f"{k} ({how})" for k, how in offered.items()) or "none"
@@ -139,6 +151,36 @@ class Adapter:
     stages: ClassVar[tuple[str, ...]] = ()
     #: why a stage is missing, shown in the error when a user asks for it
     missing_stage_reason: ClassVar[Mapping[str, str]] = {}
+    #: per stage, the signals it computes beyond the candidate tokens (kind -> how)
+    stage_signals: ClassVar[Mapping[str, Mapping[str, str]]] = {}
+    #: whether the vision tower has a [CLS] token (``cls_attention`` at the vision stage)
+    has_cls: ClassVar[bool] = True
+
+    @classmethod
+    def offered(cls, stage: str) -> Mapping[str, str]:
+        """The signals ``stage`` computes beyond the candidate tokens (kind -> how)."""
+        return cls.stage_signals.get(stage, {})
+
+    @classmethod
+    def support(cls, method: TokenMethod, stages: tuple[str, ...]) -> tuple[str | None, str]:
+        """``(stage, "")`` where ``method`` runs on this family (its first stage that works), else
+        ``(None, why)``; decided from the declared stages and signals, without a model."""
+        why = ""
+        for stage in stages:
+            if stage not in cls.stages:
+                why = why or f"no {stage!r} stage" + (
+                    f" ({cls.missing_stage_reason[stage]})" if stage in cls.missing_stage_reason else ""
+                )
+                continue
+            kinds = {s.kind for s in method.needs(stage)} - {"tokens", "hidden"}
+            missing = sorted(kinds - set(cls.offered(stage)))
+            if stage == "vision" and "cls_attention" in kinds and not cls.has_cls:
+                missing = sorted({*missing, "cls_attention"})
+            if missing:
+                why = f"the {stage} stage cannot give {missing}"
+                continue
+            return stage, ""
+        return None, why
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -42,6 +42,13 @@ def _arg(args: tuple, kw: dict, name: str) -> torch.Tensor:
     return args[0] if args else kw[name]
 
 
+#: signals of the llm stage (a cut at decoder layer K), and how they are had
+LLM_SIGNALS: dict[str, str] = {
+    "last_token_attention": "head mean, recomputed from q/k of a layer before K",
+    "attention_map": "per-head causal map of a layer before K, recomputed from q/k",
+}
+
+
 class LLMCut:
     """Hooks that drop candidate tokens from the input of decoder layer ``K`` onward."""
 
@@ -58,10 +65,7 @@ class LLMCut:
         self.candidates, self.family = candidates, family
         check_cut_layer(layer, len(self.layers), "LLM")
         self.signal_layers: dict[str, int] = {}
-        offered = {
-            "last_token_attention": "head mean, recomputed from q/k of a layer before K",
-            "attention_map": "per-head causal map of a layer before K, recomputed from q/k",
-        }
+        offered = LLM_SIGNALS
         for sig in required_signals(session.method, "llm", family, offered).values():
             if sig.kind not in offered:
                 continue
@@ -215,6 +219,7 @@ class DecoderAdapter(Adapter):
 
     family = "decoder (Llama/Qwen2/Mistral)"
     stages = ("llm",)
+    stage_signals: ClassVar[Mapping[str, Mapping[str, str]]] = {"llm": LLM_SIGNALS}
     missing_stage_reason: ClassVar[Mapping[str, str]] = {
         "vision": "a text-only decoder has no visual tokens",
         "encoder": "a decoder has no ViT/encoder blocks",

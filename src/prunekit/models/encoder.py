@@ -64,8 +64,18 @@ def _arg(args: tuple, kw: dict, i: int, name: str):
     return args[i] if len(args) > i else kw.get(name)
 
 
+#: signals of the encoder stage (a cut before block K), and how they are had
+ENCODER_SIGNALS: dict[str, str] = {
+    "cls_attention": "head-mean [CLS] row of block K-1, recomputed from q/k",
+    "attention_map": "per-head map of block K-1, recomputed from q/k",
+}
+
+
 class EncoderAdapter(Adapter):
     stages = ("encoder",)
+    stage_signals: ClassVar[Mapping[str, Mapping[str, str]]] = {
+        "encoder": {**ENCODER_SIGNALS, "keys": "every block's keys (merge mode, ToMe)"}
+    }
     missing_stage_reason: ClassVar[Mapping[str, str]] = {
         "vision": "an encoder alone has no visual tokens between a tower and an LLM",
         "llm": "an encoder has no decoder layers",
@@ -144,10 +154,7 @@ class EncoderAdapter(Adapter):
         K = (4 if depth > 4 else max(1, depth // 2)) if K is None else K
         check_cut_layer(K, depth, "encoder")
         self.K, self.maps = K, {}
-        offered = {
-            "cls_attention": "head-mean [CLS] row of block K-1, recomputed from q/k",
-            "attention_map": "per-head map of block K-1, recomputed from q/k",
-        }
+        offered = ENCODER_SIGNALS
         needs = required_signals(session.method, "encoder", self.family, offered)
         self.signal_kinds = [kind for kind in offered if kind in needs]
         for kind in self.signal_kinds:
@@ -334,6 +341,7 @@ class BertAdapter(EncoderAdapter):
     layers_path = ("encoder.layer", "bert.encoder.layer")
     pre_norm = False
     reads_padding = True
+    stage_signals: ClassVar[Mapping[str, Mapping[str, str]]] = {"encoder": ENCODER_SIGNALS}  # cut only
 
     def attach(self, session: Session) -> None:
         if getattr(self.model.config, "is_decoder", False):

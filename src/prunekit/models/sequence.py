@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..budget import resolve_keep
+from ..errors import PrunekitError
 from ..tokens.context import TokenContext
 from .base import Session, Timer
 
@@ -120,12 +121,15 @@ def select_in_groups(
     tokens: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     signals: dict[str, SignalFn],
     family: str,
+    write: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> None:
     """Run the session's method on every group and clear the dropped positions in ``keep_mask``.
 
     Groups of equal size are stacked and handed to the method together (vectorised); the loop is
     over distinct group sizes only. ``tokens(sample_idx (S,), pos (S, n)) -> (S, n, D)``;
     each signal function takes ``(sample_idx, pos, group_ids)`` and returns ``(S, n)``.
+    A merging method's new token vectors go to ``write(sample_idx (S,), kept_pos (S, k), values
+    (S, k, D))``; a stage without ``write`` refuses them.
     """
     method = session.method
     sizes = torch.tensor([len(p) for p in groups.positions])
@@ -146,6 +150,13 @@ def select_in_groups(
             )
             sel = method.select(ctx, k)
         kept_pos = pos.gather(1, sel.keep.to(pos.device))  # (S, k)
+        if sel.values is not None:
+            if write is None:
+                raise PrunekitError(
+                    f"{method.name!r} merges tokens, but the {session.stage} stage of {family} "
+                    "can only drop them"
+                )
+            write(b, kept_pos, sel.values)
         dropped = torch.ones_like(pos, dtype=torch.bool)
         dropped.scatter_(1, sel.keep.to(pos.device), False)
         rows = b[:, None].expand_as(pos)

@@ -42,7 +42,13 @@ class VLMAdapter(Adapter):
         "text_embeddings": "the prompt's text-token input embeddings, zero-padded",
     }
     model_types: tuple[str, ...] = ()
-    has_cls = True
+
+    @classmethod
+    def offered(cls, stage: str) -> Mapping[str, str]:
+        from .decoder import LLM_SIGNALS
+
+        return {"vision": cls.vision_signals, "llm": LLM_SIGNALS}.get(stage, {})
+
     missing_stage_reason: ClassVar[Mapping[str, str]] = {
         "encoder": "prune inside the vision tower is not offered for VLMs yet; use 'vision'"
     }
@@ -92,8 +98,8 @@ class VLMAdapter(Adapter):
         self.session = session
         self.ids: torch.Tensor | None = None
         self.counts: list[int] = []
-        self.cls_rows: list[torch.Tensor] = []
-        self.maps: list[torch.Tensor] = []
+        self.cls_rows: dict[str, list] = {}  # signal key -> per-call rows (then per-image scores)
+        self.maps: dict[str, list[torch.Tensor]] = {}  # signal key -> per-call maps
         self.candidate_valid: list[torch.Tensor] | None = None
         hooks = session.hooks
         hooks.pre(self.model, self._on_top)
@@ -102,13 +108,13 @@ class VLMAdapter(Adapter):
 
         @functools.wraps(original)  # generate() inspects its signature
         def get_image_features(*args, **kw):
-            self.counts, self.cls_rows, self.maps, self.candidate_valid = [], [], [], None
+            self.counts, self.cls_rows, self.maps, self.candidate_valid = [], {}, {}, None
             out = original(*args, **kw)
             self._on_image_features(out, args, kw)
             return out
 
         hooks.setattr(core, "get_image_features", get_image_features)
-        self.want_cls = self.want_map = self.want_text = False
+        self.want_text, self.vision_asked = False, {}
         if session.stage == "vision":
             asked = {s.kind: s for s in session.method.needs("vision")}
             if "cls_attention" in asked and not self.has_cls:
@@ -116,15 +122,27 @@ class VLMAdapter(Adapter):
                     f"{self.family}: signal 'cls_attention' cannot be had: this vision tower has no "
                     "[CLS] token (its patches are merged and fed to the LLM without one)"
                 )
-            needs = required_signals(session.method, "vision", self.family, self.vision_signals)
-            self.want_cls, self.want_map = "cls_attention" in needs, "attention_map" in needs
+            needs = required_signals(
+                session.method, "vision", self.family, self.vision_signals, several_layers=True
+            )
             self.want_text = "text_embeddings" in needs
-            if self.want_cls or self.want_map:
-                n = len(self.vision_layers())
-                layer = (needs.get("cls_attention") or needs["attention_map"]).layer
-                layer = self.feature_attention_layer() if layer is None else layer % n
-                attn, *self.vision_qk = self.attention_parts(self.vision_layers()[layer])
-                hooks.pre(attn, self._on_vision_attention)
+            # every (kind, layer) asked, keyed as the method reads it: "attention_map", "attention_map@8"
+            attn_kinds = ("cls_attention", "attention_map")
+            asked = [s for s in session.method.needs("vision") if s.kind in attn_kinds]
+            n = len(self.vision_layers())
+            by_layer: dict[int, list] = {}
+            for sig in asked:
+                if sig.layer is not None and not -n <= sig.layer < n:
+                    raise ValueError(
+                        f"{session.method.name}: vision layer {sig.layer} is out of range for this "
+                        f"{n}-layer vision tower; allowed: {-n} to {n - 1}"
+                    )
+                layer = self.feature_attention_layer() if sig.layer is None else sig.layer % n
+                by_layer.setdefault(layer, []).append(sig)
+            self.vision_asked = by_layer
+            for layer, sigs in by_layer.items():
+                attn, *qk = self.attention_parts(self.vision_layers()[layer])
+                hooks.pre(attn, functools.partial(self._on_vision_attention, sigs=sigs, qk=qk))
             hooks.pre(self.text_model, self._on_language_model)
         else:
             K = 2 if session.method.layer is None else session.method.layer
@@ -144,15 +162,23 @@ class VLMAdapter(Adapter):
             if mm.get("image") is not None and not self.counts:
                 self._on_image_features(mm["image"], (), {})
 
-    def _on_vision_attention(self, attn: nn.Module, args: tuple, kw: dict) -> None:
+    def _on_vision_attention(self, attn: nn.Module, args: tuple, kw: dict, sigs: list, qk: list) -> None:
         h = args[0] if args else kw["hidden_states"]
-        q, k, heads, scale = self.vision_qk
-        if self.want_cls:
-            self.cls_rows.append(cls_query_attention(q, k, h, heads, scale))  # (n_crops, 1+N)
-        if self.want_map:
+        q, k, heads, scale = qk
+        kinds = {s.kind for s in sigs}
+        keys = [str(s) for s in sigs]
+        if "cls_attention" in kinds:
+            row = cls_query_attention(q, k, h, heads, scale)  # (n_crops, 1+N)
+            for key in keys:
+                if key.startswith("cls_attention"):
+                    self.cls_rows.setdefault(key, []).append(row)
+        if "attention_map" in kinds:
             A = encoder_attention(q, k, h, heads, scale)  # (n_img, H, 1+N, 1+N)
             skip = 1 if self.model.config.vision_feature_select_strategy == "default" else 0
-            self.maps.append(A[:, :, skip:, skip:])
+            A = A[:, :, skip:, skip:]
+            for key in keys:
+                if key.startswith("attention_map"):
+                    self.maps.setdefault(key, []).append(A)
 
     def _on_image_features(self, out, args: tuple, kw: dict) -> None:
         feats = out.pooler_output if hasattr(out, "pooler_output") else out
@@ -160,9 +186,7 @@ class VLMAdapter(Adapter):
             self.counts += [feats.shape[1]] * feats.shape[0] if feats.dim() == 3 else [feats.shape[0]]
         else:
             self.counts += [f.shape[0] for f in feats]
-        if self.cls_rows:
-            rows = torch.cat(self.cls_rows)
-            self.cls_rows = [self._image_scores(rows, args, kw)]
+        self.cls_rows = {key: self._image_scores(torch.cat(r), args, kw) for key, r in self.cls_rows.items()}
 
     def _image_scores(self, rows: torch.Tensor, args: tuple, kw: dict) -> torch.Tensor:
         """CLS rows ``(n_images, 1+N)`` -> scores aligned with each image's visual tokens."""
@@ -191,17 +215,18 @@ class VLMAdapter(Adapter):
 
     def _signal_fns(self, x: torch.Tensor, valid: torch.Tensor) -> dict:
         fns = {}
-        if self.want_cls:
-            scores = self.cls_rows[0] if self.cls_rows else None
-            if scores is None:
-                raise SignalUnavailableError(f"{self.family}: the vision tower did not run; no cls_attention")
-            per_image = list(torch.split(scores, 1)) if isinstance(scores, torch.Tensor) else scores
-            fns["cls_attention"] = lambda b, pos, ids: torch.stack([per_image[i].flatten() for i in ids]).to(
-                pos.device
-            )
-        if self.want_map:
-            maps = torch.cat(self.maps)  # (n_images, H, N, N)
-            fns["attention_map"] = lambda b, pos, ids: maps[ids].to(pos.device)
+        for key in (str(sig) for sigs in self.vision_asked.values() for sig in sigs):
+            if key.startswith("cls_attention"):
+                scores = self.cls_rows.get(key)
+                if scores is None:
+                    raise SignalUnavailableError(f"{self.family}: the vision tower did not run; no {key}")
+                per_image = list(torch.split(scores, 1)) if isinstance(scores, torch.Tensor) else scores
+                fns[key] = lambda b, pos, ids, p=per_image: torch.stack([p[i].flatten() for i in ids]).to(
+                    pos.device
+                )
+            else:
+                maps = torch.cat(self.maps[key])  # (n_images, H, N, N)
+                fns[key] = lambda b, pos, ids, m=maps: m[ids].to(pos.device)
         if self.want_text:  # the prompt's text tokens of each group's sample, zero-padded: (S, T, D)
             media = torch.isin(self.ids, torch.tensor(self.media_token_ids(), device=self.ids.device))
             idx, ok = right_pack(valid & ~media)
@@ -229,6 +254,11 @@ class VLMAdapter(Adapter):
             )
             valid = valid.to(x.device)
             keep_mask = valid.clone()
+            merged: list = []  # a merging method's new vectors for kept slots
+
+            def write(b: torch.Tensor, kept_pos: torch.Tensor, values: torch.Tensor) -> None:
+                merged.append((b, kept_pos, values))
+
             select_in_groups(
                 self.session,
                 keep_mask,
@@ -236,7 +266,12 @@ class VLMAdapter(Adapter):
                 tokens=lambda b, pos: x[b[:, None], pos],
                 signals=self._signal_fns(x, valid),
                 family=self.family,
+                write=write,
             )
+            if merged:
+                x = x.clone()
+                for b, kept_pos, values in merged:
+                    x[b[:, None], kept_pos] = values.to(x.dtype)
             self.session.stats.kept_masks.append(keep_mask.cpu())
             kidx, slot_valid = left_pack(keep_mask)
             self.L, self.pruned_mask = (
@@ -290,21 +325,23 @@ class LlavaNextAdapter(VLMAdapter):
             for s in sizes
         ]
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
-        # pack a 2-channel "feature": channel 0 = CLS score (or 0), channel 1 = newline flag
-        rows = self.cls_rows[0] if self.cls_rows else None
-        per_crop = torch.zeros(sum(n_crops), side * side, 2)
-        if rows is not None:
-            per_crop[..., 0] = rows.float()[:, -side * side :]
+        # pack a (1+C)-channel "feature": channel 0 = newline flag, then one CLS score per signal key
+        keys = list(self.cls_rows)
+        per_crop = torch.zeros(sum(n_crops), side * side, 1 + len(keys))
+        for c, key in enumerate(keys):
+            per_crop[..., 1 + c] = self.cls_rows[key].float()[:, -side * side :]
         packed, _ = self.core.pack_image_features(
             list(torch.split(per_crop, n_crops)),
             sizes,
             vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-            image_newline=torch.tensor([0.0, 1.0]),
+            image_newline=torch.tensor([1.0] + [0.0] * len(keys)),
         )
         packed = packed if isinstance(packed, (list, tuple)) else torch.split(packed, self.counts)
-        self.candidate_valid = [p[:, 1] == 0 for p in packed]
-        if rows is not None:
-            self.cls_rows = [[p[v, 0] for p, v in zip(packed, self.candidate_valid, strict=True)]]
+        self.candidate_valid = [p[:, 0] == 0 for p in packed]
+        self.cls_rows = {
+            key: [p[v, 1 + c] for p, v in zip(packed, self.candidate_valid, strict=True)]
+            for c, key in enumerate(keys)
+        }
 
     def _image_scores(self, rows, args, kw):
         return rows  # packed in _on_image_features

@@ -66,9 +66,14 @@ class TokenContext:
     def num_tokens(self) -> int:
         return self.tokens.shape[1]
 
-    def signal(self, kind: str) -> torch.Tensor:
+    def signal(self, kind: str, layer: int | None = None) -> torch.Tensor:
+        """The signal ``kind`` (``str(Signal(kind, layer))`` when a method asked for several layers
+        of one kind, e.g. ``ctx.signal("attention_map", 8)`` -> key ``"attention_map@8"``)."""
         if kind == "tokens":
             return self.tokens
+        key = kind if layer is None else str(Signal(kind, layer))
+        if key in self.signals:
+            return self.signals[key]
         if kind not in self.signals:
             raise SignalUnavailableError(
                 f"signal {kind!r} was not computed for stage {self.stage!r} on {self.model or 'this model'}; "
@@ -82,15 +87,16 @@ class Selection:
     """A method's plan: which candidates survive, in ascending (original) order.
 
     ``keep``: ``(G, K)`` long indices into the ``N`` candidates, ascending along the last dim.
-    ``merged``: optional ``(G, M, D)`` extra tokens appended after the kept ones (merging methods).
+    ``values``: optional ``(G, K, D)`` new vectors for the kept tokens, in ``keep`` order (merging
+    methods: a merged token takes the slot, and so the position id, of one of the tokens it merges).
     """
 
     keep: torch.Tensor
-    merged: torch.Tensor | None = None
+    values: torch.Tensor | None = None
 
     @property
     def num_kept(self) -> int:
-        return self.keep.shape[-1] + (0 if self.merged is None else self.merged.shape[-2])
+        return self.keep.shape[-1]
 
 
 def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from ..assets import fashion_mnist
 
@@ -46,6 +47,7 @@ POSITIONS = {
     3: ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"),
 }
 CANVAS = 224
+ITEM_FILL = 0.9  # an item's side as a fraction of its cell's
 QUESTION_TYPES = ("what", "presence", "count", "left", "single")
 ALL_TYPES = (*QUESTION_TYPES, "multi", "video")
 
@@ -72,14 +74,18 @@ def _a(name: str) -> str:
 
 
 def _paste(canvas: np.ndarray, item: np.ndarray, grid: int, cell: int) -> None:
-    """Resize a 28x28 item to the cell (nearest-neighbour upscaling by an integer, then centred)."""
+    """Put a 28x28 item in a cell: bilinear upscaling to 90 % of the cell side, centred. (Blocky
+    nearest-neighbour upscaling made the items harder for DINOv2 to tell apart: a linear probe on
+    its patch features (layer 9, 400 training scenes) identified 67 % of held-out items vs 72 % bilinear.)"""
     size = CANVAS // grid
-    scale = size // 28
-    big = np.kron(item, np.ones((scale, scale), dtype=np.uint8))
+    side = int(size * ITEM_FILL)
+    x = torch.tensor(item, dtype=torch.float32)[None, None]
+    big = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+    big = big[0, 0].round().clamp(0, 255).to(torch.uint8).numpy()
     r, c = divmod(cell, grid)
-    off = (size - big.shape[0]) // 2
-    y, x = r * size + off, c * size + off
-    canvas[y : y + big.shape[0], x : x + big.shape[1]] = big
+    off = (size - side) // 2
+    y, x0 = r * size + off, c * size + off
+    canvas[y : y + side, x0 : x0 + side] = big
 
 
 class SceneMaker:
@@ -89,11 +95,14 @@ class SceneMaker:
         self.images, self.labels = fashion_mnist(split)
         self.by_class = [np.flatnonzero(self.labels == k) for k in range(10)]
         self.rng = np.random.default_rng(seed)
+        self.drawn: list[int] = []  # index in the split of every item drawn, in order
 
     # ------------------------------------------------------------------ images
     def _item(self, cls: int) -> np.ndarray:
         pool = self.by_class[cls]
-        return self.images[pool[self.rng.integers(len(pool))]]
+        i = int(pool[self.rng.integers(len(pool))])
+        self.drawn.append(i)
+        return self.images[i]
 
     def layout(self, grid: int) -> np.ndarray:
         """Class per cell (-1 = empty), about 30 % of cells empty. Half the layouts use a different

@@ -32,26 +32,47 @@ def cosine_distance(x: torch.Tensor) -> torch.Tensor:
     return 1.0 - x @ x.transpose(-1, -2)
 
 
-def max_min_diverse(dist: torch.Tensor, k: int) -> torch.Tensor:
-    """Greedy max–min choice of ``k`` of ``N`` items from ``(G, N, N)`` distances -> ``(G, k)`` ascending."""
+def greedy_diverse(
+    dist: torch.Tensor,
+    k: int,
+    objective: str = "kcenter",
+    bonus: torch.Tensor | None = None,
+    lam: float = 0.0,
+) -> torch.Tensor:
+    """Greedy choice of ``k`` of ``N`` items from ``(G, N, N)`` distances -> ``(G, k)`` ascending.
+
+    Each pick maximises ``lam * bonus + (1 - lam) * spread`` over the unchosen items, where
+    ``spread`` is the min (``"kcenter"``: max-min / farthest point, DivPrune) or the sum
+    (``"maxsum"``) of the distances to the chosen set; the first pick uses the distance to the
+    nearest other item. ``bonus`` ``(G, N)`` is optional (e.g. CATP's text alignment). Ties go to
+    the lower index; chosen items are excluded with ``-inf``, so duplicates are never picked twice.
+    """
     G, N, _ = dist.shape
     k = min(k, N)
     eye = torch.eye(N, dtype=torch.bool, device=dist.device)
     nearest = dist.masked_fill(eye, float("inf")).amin(dim=-1)  # (G, N) distance to the nearest other token
     if N == 1:
         nearest = torch.zeros(G, 1, device=dist.device)
+    extra = 0.0 if bonus is None else lam * bonus
+    w = 1.0 - lam if bonus is not None else 1.0
     rows = torch.arange(G, device=dist.device)
     picks = torch.empty(G, k, dtype=torch.long, device=dist.device)
-    picks[:, 0] = nearest.argmax(dim=-1)
-    to_set = dist[rows, picks[:, 0]].clone()  # (G, N) min distance of each token to the selected set
+    picks[:, 0] = (extra + w * nearest).argmax(dim=-1)
+    to_set = dist[rows, picks[:, 0]].clone()  # (G, N) min or sum of distances to the chosen set
     chosen = torch.zeros(G, N, dtype=torch.bool, device=dist.device)
     chosen[rows, picks[:, 0]] = True
     for i in range(1, k):
-        nxt = to_set.masked_fill(chosen, float("-inf")).argmax(dim=-1)  # (G,)
+        nxt = (extra + w * to_set).masked_fill(chosen, float("-inf")).argmax(dim=-1)  # (G,)
         picks[:, i] = nxt
         chosen[rows, nxt] = True
-        to_set = torch.minimum(to_set, dist[rows, nxt])
+        d_new = dist[rows, nxt]
+        to_set = torch.minimum(to_set, d_new) if objective == "kcenter" else to_set + d_new
     return torch.sort(picks, dim=-1).values
+
+
+def max_min_diverse(dist: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy max–min choice of ``k`` of ``N`` items from ``(G, N, N)`` distances -> ``(G, k)`` ascending."""
+    return greedy_diverse(dist, k, "kcenter")
 
 
 @register(

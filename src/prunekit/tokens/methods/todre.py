@@ -1,0 +1,63 @@
+"""ToDRE (stage 1) — "ToDRE: Visual Token Pruning via Diversity and Task Awareness for Efficient
+Large Vision-Language Models" (2025).
+
+Stage 1 keeps a small **diverse** subset of the visual tokens after the vision tower [abstract]:
+greedy selection on pairwise cosine distances ``1 - cos`` of the projected visual tokens,
+
+- ``objective="kcenter"`` (paper v1, "greedy k-center"): each next pick is the token farthest from
+  the selected set (max over candidates of the *min* distance to the set) — farthest-point
+  sampling, the same greedy as DivPrune;
+- ``objective="maxsum"`` (paper v2, "greedy max-sum diversification"): each next pick maximises
+  the *sum* of distances to the selected set.
+
+Shapes: ``tokens`` ``(G, N, D)`` -> ``keep`` ``(G, k)`` ascending. No attention: SDPA/Flash friendly.
+
+**No official code was found** (spec §5): the feature space, the distance, the seed and the
+order below are the library's choices, all **unconfirmed** (spec §19). Seed: the token whose
+nearest other token is farthest (DivPrune's rule), for both objectives; with it ``kcenter`` gives
+exactly DivPrune's selection. v2's possible relevance term is not included. Ties go to the lower
+index; a selected token is never picked twice.
+
+Stage 2 (dropping task-irrelevant visual tokens, then all of them, inside the LLM by
+text-to-visual attention at a late decoder layer) is not part of this method: compose it with an
+``llm``-stage cut method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...registry import register
+from ..context import Selection, Signal, TokenContext, TokenMethod
+from .divprune import cosine_distance, greedy_diverse
+
+OBJECTIVES = ("kcenter", "maxsum")
+
+
+@register(
+    "todre",
+    family="tokens",
+    paper="ToDRE: Visual Token Pruning via Diversity and Task Awareness for Efficient Large "
+    "Vision-Language Models",
+    stages=("vision",),
+    signals=("tokens",),
+    summary="stage 1: greedy k-center (or max-sum) cosine diversity over the projected visual tokens",
+)
+@dataclass
+class ToDRE(TokenMethod):
+    objective: str = "kcenter"  # "kcenter" (paper v1) | "maxsum" (paper v2)
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"todre: objective must be one of {list(OBJECTIVES)}; got {self.objective!r}")
+
+    def needs(self, stage: str) -> tuple[Signal, ...]:
+        return (Signal("tokens"),)
+
+    def select(self, ctx: TokenContext, k: int) -> Selection:
+        G, N = ctx.num_groups, ctx.num_tokens
+        if k >= N:
+            return Selection(torch.arange(N, device=ctx.tokens.device).expand(G, -1))
+        return Selection(greedy_diverse(cosine_distance(ctx.tokens), k, self.objective))
