@@ -116,8 +116,8 @@ class VLMAdapter(Adapter):
         hooks.setattr(core, "get_image_features", get_image_features)
         self.want_text, self.vision_asked = False, {}
         if session.stage == "vision":
-            asked = {s.kind: s for s in session.method.needs("vision")}
-            if "cls_attention" in asked and not self.has_cls:
+            signals = session.method.needs("vision")
+            if any(s.kind == "cls_attention" for s in signals) and not self.has_cls:
                 raise SignalUnavailableError(
                     f"{self.family}: signal 'cls_attention' cannot be had: this vision tower has no "
                     "[CLS] token (its patches are merged and fed to the LLM without one)"
@@ -127,11 +127,9 @@ class VLMAdapter(Adapter):
             )
             self.want_text = "text_embeddings" in needs
             # every (kind, layer) asked, keyed as the method reads it: "attention_map", "attention_map@8"
-            attn_kinds = ("cls_attention", "attention_map")
-            asked = [s for s in session.method.needs("vision") if s.kind in attn_kinds]
             n = len(self.vision_layers())
             by_layer: dict[int, list] = {}
-            for sig in asked:
+            for sig in (s for s in signals if s.kind in ("cls_attention", "attention_map")):
                 if sig.layer is not None and not -n <= sig.layer < n:
                     raise ValueError(
                         f"{session.method.name}: vision layer {sig.layer} is out of range for this "
