@@ -23,18 +23,30 @@ def masked_reference(model, kept: torch.Tensor, K: int, attention_mask: torch.Te
 
     Padding (``attention_mask == 0``) is left to the model's own mask.
     """
+    with masked_reference_cuts(model, [(K, kept)], attention_mask):
+        yield
+
+
+@contextmanager
+def masked_reference_cuts(model, cuts: list, attention_mask: torch.Tensor | None = None):
+    """Several cuts ``[(K_i, kept_i (B, L)), ...]`` (ascending K): layer ``l`` hides the prompt keys
+    dropped by the last cut with ``K_i <= l``."""
     assert model.config.get_text_config()._attn_implementation == "eager", "reference needs eager masks"
-    L = kept.shape[1]
-    dropped = ~kept if attention_mask is None else (~kept & attention_mask.bool())
+    layers = decoder_layers(model)
+    handles = []
+    for i, (K, kept) in enumerate(cuts):
+        end = cuts[i + 1][0] if i + 1 < len(cuts) else len(layers)
+        L = kept.shape[1]
+        dropped = ~kept if attention_mask is None else (~kept & attention_mask.bool())
 
-    def hook(layer, args, kw):
-        am = kw["attention_mask"]
-        hide = torch.zeros(am.shape[0], 1, 1, am.shape[-1], dtype=torch.bool)
-        hide[:, 0, 0, :L] = dropped
-        kw["attention_mask"] = am.masked_fill(hide, torch.finfo(am.dtype).min)
-        return args, kw
+        def hook(layer, args, kw, dropped=dropped, L=L):
+            am = kw["attention_mask"]
+            hide = torch.zeros(am.shape[0], 1, 1, am.shape[-1], dtype=torch.bool)
+            hide[:, 0, 0, :L] = dropped
+            kw["attention_mask"] = am.masked_fill(hide, torch.finfo(am.dtype).min)
+            return args, kw
 
-    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in decoder_layers(model)[K:]]
+        handles += [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers[K:end]]
     try:
         yield
     finally:

@@ -4,6 +4,7 @@ independent masked reference, restoration, keep-everything identity, batching, e
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 import prunekit
 from invariants import assert_same, snapshot
 from prunekit.errors import SignalUnavailableError, UnknownMethodError, UnsupportedModelError
-from reference import greedy, masked_reference
+from reference import decoder_layers, greedy, masked_reference, masked_reference_cuts
 from tiny import DECODERS, VLMS, reset, text_inputs, vlm_inputs
 
 TOL = 1e-4
@@ -35,11 +36,20 @@ VLM_CASES += [
         ("safewatch", tuple(VLMS), {}),
         ("catp", tuple(VLMS), {}),
         ("lvlm_csp", tuple(VLMS), {"n_clusters": 4}),
+        ("hiprune+divprune", ("llava",), {"object_layer": 1}),  # compositions: score x select
+        ("fastervlm+holov", ("llava",), {"num_crops": 4}),
+        ("fastervlm+holov", ("llava_next",), {"crops": "1d", "num_crops": 4}),
     ]
     for fam in fams
 ]
 TEXT_CASES = [(fam, "fastv", "llm", {"layer": 2}) for fam in DECODERS] + [
     (fam, "random", "llm", {"layer": 1}) for fam in DECODERS
+]
+# progressive methods: several cuts inside the LLM (tiny decoders: 4 layers -> cuts at 1, 2, 3)
+PROGRESSIVE_CASES = [
+    (fam, meth, "llm", {})
+    for fam in (*VLMS, *DECODERS)
+    for meth in ("pyramiddrop", "transprune", "sparsevlm")
 ]
 
 
@@ -79,6 +89,41 @@ def test_generate_equals_masked_reference(fam, method, stage, options, attn):
     assert torch.equal(tokens, ref_tokens)
 
 
+@pytest.mark.parametrize(("fam", "method", "stage", "options"), PROGRESSIVE_CASES)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_progressive_generate_equals_masked_reference(fam, method, stage, options, attn):
+    """Cuts at several layers == full-length generate() hiding, from each cut layer on, the keys
+    dropped so far; the kept sets shrink and the mean per layer meets the budget."""
+    model = build(fam, attn)
+    ref_model = copy.deepcopy(model)
+    ref_model.set_attn_implementation("eager")
+    inp = inputs_for(fam, model, batch=2)
+    reset(model)
+    with torch.no_grad(), prunekit.prune_tokens(model, method, keep=0.5, stage=stage, **options) as session:
+        tokens, logits = greedy(model, inp)
+    stats = session.stats
+    n_layers = len(decoder_layers(model))
+    assert stats.cut_layers == list(session.method.cuts(n_layers)) and len(stats.cut_layers) >= 2
+    masks = stats.kept_masks
+    for a, b in itertools.pairwise(masks):
+        assert not bool((b & ~a).any()), "a later cut keeps a token an earlier one dropped"
+        assert int(b.sum()) < int(a.sum())
+    assert abs(stats.kept_fraction - 0.5) < 0.1, stats.kept_fraction
+    reset(ref_model)
+    with (
+        torch.no_grad(),
+        masked_reference_cuts(
+            ref_model, list(zip(stats.cut_layers, masks, strict=True)), inp["attention_mask"]
+        ),
+    ):
+        ref_tokens, ref_logits = greedy(ref_model, inp)
+    finite = torch.isfinite(ref_logits)
+    assert torch.equal(finite, torch.isfinite(logits))
+    err = (logits - ref_logits)[finite].abs().max().item()
+    assert err < TOL, f"max |logit - reference| = {err:.2e} > {TOL}"
+    assert torch.equal(tokens, ref_tokens)
+
+
 # merging methods change token vectors, so the masked reference does not apply; they are checked
 # by test_visionzip_feeds_dominant_tokens_and_merged_ones_in_their_slots
 MERGE_CASES = [
@@ -86,7 +131,9 @@ MERGE_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("fam", "method", "stage", "options"), VLM_CASES + TEXT_CASES + MERGE_CASES)
+@pytest.mark.parametrize(
+    ("fam", "method", "stage", "options"), VLM_CASES + TEXT_CASES + MERGE_CASES + PROGRESSIVE_CASES
+)
 def test_keep_everything_is_dense_and_model_restored(fam, method, stage, options):
     model = build(fam, "sdpa")
     inp = inputs_for(fam, model, batch=2)

@@ -13,9 +13,11 @@ __version__ = "0.1.0"
 from .budget import resolve_keep, validate_keep
 from .errors import PrunekitError, SignalUnavailableError, UnknownMethodError, UnsupportedModelError
 from .registry import MethodInfo, methods
+from .tokens.compose import Compose
 from .tokens.engine import prune_tokens
 
 __all__ = [
+    "Compose",
     "MethodInfo",
     "PrunekitError",
     "SignalUnavailableError",

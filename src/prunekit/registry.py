@@ -25,6 +25,9 @@ _METHOD_MODULES = (
     "prunekit.tokens.methods.safewatch",
     "prunekit.tokens.methods.catp",
     "prunekit.tokens.methods.lvlm_csp",
+    "prunekit.tokens.methods.pyramiddrop",
+    "prunekit.tokens.methods.transprune",
+    "prunekit.tokens.methods.sparsevlm",
 )
 
 

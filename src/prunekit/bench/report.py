@@ -35,15 +35,21 @@ def _groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return g
 
 
+def _overhead(lat: dict) -> str:
+    """Selection time as a share of the prefill time the pruning saved ("-" if it saved none)."""
+    saved = lat.get("saved_s")
+    return "-" if not saved or saved <= 0 else _fmt(lat["select_s"] / saved, ".1%")
+
+
 def table(rows: list[dict]) -> str:
     """A markdown table of one (model, task): the primary metric first, then cost vs dense."""
     metric = rows[0]["metric"]
     lm = any(r["latency"].get("decode_tps") is not None for r in rows)
     agree = "KL / top-1" if "kl" in rows[0]["quality"] else "cosine / top-1"
     head = ["method", "keep", metric, "retention", agree, "tokens kept", "params kept", "prefill ms",
-            "vs dense", "GFLOPs", "peak MB", "select ms"]  # fmt: skip
+            "vs dense", "FLOPs vs dense", "GFLOPs", "peak MB", "select ms", "select / saved"]  # fmt: skip
     if lm:
-        head[9:9] = ["decode tok/s", "KV MB"]
+        head[10:10] = ["decode tok/s", "KV MB"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         q, lat, mem = r["quality"], r["latency"], r["memory"]
@@ -53,11 +59,12 @@ def table(rows: list[dict]) -> str:
             r["label"], "-" if r["method"] == "dense" else str(r["keep"]), _fmt(q.get(metric)),
             _fmt(r.get("retention"), ".1%"), a, _fmt(r["tokens_kept"], ".0%"), _fmt(r["params_kept"], ".0%"),
             _fmt(lat["prefill_s"], ".1f", 1e3), _fmt(lat["prefill_ratio"], ".2f") + "x",
+            _fmt(r["flops"].get("ratio"), ".2f") + "x",
             _fmt(r["flops"]["prefill"], ".2f", 1e-9), _fmt(mem["peak_bytes"], ".0f", 2**-20),
-            _fmt(lat["select_s"], ".2f", 1e3),
+            _fmt(lat["select_s"], ".2f", 1e3), _overhead(lat),
         ]  # fmt: skip
         if lm:
-            cells[9:9] = [_fmt(lat.get("decode_tps"), ".1f"), _fmt(mem["kv_bytes"], ".1f", 2**-20)]
+            cells[10:10] = [_fmt(lat.get("decode_tps"), ".1f"), _fmt(mem["kv_bytes"], ".1f", 2**-20)]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 

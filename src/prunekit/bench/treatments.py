@@ -25,10 +25,18 @@ class Treatment:
 
     @property
     def family(self) -> str:
-        return "dense" if self.method == "dense" else registry.get(self.method).family
+        if self.method == "dense":
+            return "dense"
+        return "tokens" if "+" in self.method else registry.get(self.method).family
 
     def validate(self) -> None:
         if self.method == "dense":
+            return
+        if "+" in self.method:  # a composition "scorer+selector": building it checks names and options
+            from ..tokens.compose import parse
+
+            validate_keep(self.keep)
+            parse(self.method, self.options)
             return
         info = registry.get(self.method)  # unknown names raise with close matches
         validate_keep(self.keep)
@@ -60,12 +68,12 @@ def options_for(method: str, options: dict) -> dict:
     """The subset of sweep-wide ``options`` that ``method`` accepts (e.g. ``layer`` for FastV, not ToMe)."""
     if method == "dense" or not options:
         return {}
-    info = registry.get(method)
-    fields = (
-        {f.name for f in dataclasses.fields(info.factory)}
-        if dataclasses.is_dataclass(info.factory)
-        else set()
-    )
+    names = [n.strip() for n in method.split("+")]
+    fields = {"weight"} if len(names) > 1 else set()
+    for name in names:
+        factory = registry.get(name).factory
+        if dataclasses.is_dataclass(factory):
+            fields |= {f.name for f in dataclasses.fields(factory)}
     return {k: v for k, v in options.items() if k in fields}
 
 

@@ -20,7 +20,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..budget import resolve_keep
 from ..errors import PrunekitError, SignalUnavailableError, UnsupportedModelError
+from ..tokens.schedule import mean_tokens
 from .attention import decoder_attention, last_query_attention
 from .base import Adapter, Session, check_cut_layer, required_signals
 from .sequence import (
@@ -42,15 +44,27 @@ def _arg(args: tuple, kw: dict, name: str) -> torch.Tensor:
     return args[0] if args else kw[name]
 
 
-#: signals of the llm stage (a cut at decoder layer K), and how they are had
+#: signals of the llm stage, and how they are had. Single-cut methods (FastV) get them from layer
+#: ``K-1`` (or the layer they name); progressive methods from each cut layer's own q/k on its input.
 LLM_SIGNALS: dict[str, str] = {
-    "last_token_attention": "head mean, recomputed from q/k of a layer before K",
-    "attention_map": "per-head causal map of a layer before K, recomputed from q/k",
+    "last_token_attention": "head mean of the last prompt token's row, recomputed from q/k",
+    "attention_map": "per-head causal map of one layer, recomputed from q/k",
+    "instruction_attention": "head-mean rows of the instruction (the real tokens after the group) "
+    "over the candidates, recomputed from q/k, zero-padded (G, T, N)",
+    "instruction_mask": "which instruction rows are real (G, T)",
+    "instruction_embeddings": "the instruction tokens' input embeddings (decoder layer 0 input) (G, T, D)",
+    "input_embeddings": "the candidates' input embeddings (decoder layer 0 input) (G, N, D)",
+    "transition": "TransPrune's token transition variation summed over layers [layer, cut); layer "
+    "defaults to the one before the first cut (G, N)",
 }
+_ATTENTION_KINDS = ("last_token_attention", "attention_map", "instruction_attention")
+_INSTRUCTION_KINDS = ("instruction_attention", "instruction_mask", "instruction_embeddings")
+_EMBEDDING_KINDS = ("instruction_embeddings", "input_embeddings")
 
 
 class LLMCut:
-    """Hooks that drop candidate tokens from the input of decoder layer ``K`` onward."""
+    """Hooks that drop candidate tokens from the input of decoder layer ``K`` onward, or, for a
+    progressive method, at each of its cut layers ``K_1 < K_2 < ...`` (fewer at each)."""
 
     def __init__(
         self,
@@ -60,21 +74,42 @@ class LLMCut:
         candidates: CandidateFn,
         family: str,
     ) -> None:
-        self.session, self.text_model, self.K = session, text_model, layer
+        self.session, self.text_model = session, text_model
         self.layers = text_model.layers
         self.candidates, self.family = candidates, family
-        check_cut_layer(layer, len(self.layers), "LLM")
-        self.signal_layers: dict[str, int] = {}
-        offered = LLM_SIGNALS
-        for sig in required_signals(session.method, "llm", family, offered).values():
-            if sig.kind not in offered:
-                continue
-            l = self.K - 1 if sig.layer is None else sig.layer
-            if not 0 <= l < self.K:
-                raise SignalUnavailableError(
-                    f"signal {sig}: the layer must be in [0, K-1={self.K - 1}]; got {l}"
-                )
-            self.signal_layers[sig.kind] = l
+        n = len(self.layers)
+        method = session.method
+        cuts = method.cuts(n)
+        self.progressive = cuts is not None
+        self.cuts = tuple(check_cut_layer(K, n, "LLM") for K in (cuts if self.progressive else (layer,)))
+        self.K = self.cuts[0]
+        needs = required_signals(method, "llm", family, LLM_SIGNALS)
+        self.kinds = set(needs) - {"tokens", "hidden"}
+        self.signal_layers: dict[int, list[str]] = {}  # single cut: layer -> attention kinds there
+        self.ttv_start: int | None = None
+        for sig in needs.values():
+            if sig.kind == "transition":
+                start = self.K - 1 if sig.layer is None else sig.layer
+                if not 0 <= start < self.K:
+                    raise SignalUnavailableError(
+                        f"signal {sig}: accumulation must start in [0, first cut - 1 = {self.K - 1}]; "
+                        f"got {start}"
+                    )
+                self.ttv_start = start
+            elif sig.kind in _ATTENTION_KINDS:
+                if self.progressive:
+                    if sig.layer is not None:
+                        raise SignalUnavailableError(
+                            f"signal {sig}: a progressive method gets attention at each cut layer; "
+                            "ask for it without a layer"
+                        )
+                    continue
+                l = self.K - 1 if sig.layer is None else sig.layer
+                if not 0 <= l < self.K:
+                    raise SignalUnavailableError(
+                        f"signal {sig}: the layer must be in [0, K-1={self.K - 1}]; got {l}"
+                    )
+                self.signal_layers.setdefault(l, []).append(sig.kind)
         self.index = {id(m): i for i, m in enumerate(self.layers)}
         self.window = getattr(getattr(text_model, "config", None), "sliding_window", None)
         self._reset(0)
@@ -82,17 +117,33 @@ class LLMCut:
     def install(self) -> None:
         hooks = self.session.hooks
         hooks.pre(self.text_model, self._on_model)
-        for l in set(self.signal_layers.values()):
-            kinds = [k for k, layer in self.signal_layers.items() if layer == l]
+        if self.kinds & set(_EMBEDDING_KINDS):
+            hooks.pre(self.layers[0], self._on_first_layer)
+        for l, kinds in self.signal_layers.items():
             hooks.pre(self.layers[l].self_attn, self._signal_hook(kinds))
+        if self.ttv_start is not None:
+            for layer in self.layers[self.ttv_start : self.cuts[-1]]:
+                for norm, sub in (
+                    (layer.input_layernorm, layer.self_attn),
+                    (layer.post_attention_layernorm, layer.mlp),
+                ):
+                    hooks.post(norm, self._ttv_input)
+                    hooks.post(sub, self._ttv_output)
         for layer in self.layers[self.K :]:
             hooks.pre(layer, self._on_layer)
 
     # --------------------------------------------------------------- per call state
     def _reset(self, L: int) -> None:
         self.L, self.kidx, self.slot_valid, self.rows = L, None, None, {}
-        self.custom_mask = False
+        self.segments: list[tuple[int, torch.Tensor, bool]] = []  # (cut layer, slot validity, custom mask)
         self.pe = self.pid = self.mask = None
+        self.gid = self.emb = self.ttv = self._x = None
+        self.n0: list[int] = []
+        self.select_seconds = 0.0
+
+    @property
+    def cur_valid(self) -> torch.Tensor:
+        return self.valid if self.slot_valid is None else self.slot_valid
 
     def _on_model(self, module: nn.Module, args: tuple, kw: dict) -> None:
         x = kw.get("inputs_embeds")
@@ -119,34 +170,173 @@ class LLMCut:
                     f"prompt of {L} tokens exceeds the sliding window {self.window}: not supported"
                 )
             self.valid = valid
+            if self.ttv_start is not None:
+                self.ttv = torch.zeros(B, L, device=x.device)
 
+    def _on_first_layer(self, layer: nn.Module, args: tuple, kw: dict) -> None:
+        if self.prefill:
+            self.emb = _arg(args, kw, "hidden_states")  # (B, L, D) input embeddings
+
+    # --------------------------------------------------------------- signals
     def _signal_hook(self, kinds: list[str]):
         def hook(attn: nn.Module, args: tuple, kw: dict) -> None:
-            if not self.prefill:
-                return
-            h, pe = _arg(args, kw, "hidden_states"), kw["position_embeddings"]
-            if "attention_map" in kinds:
-                self.rows["attention_map"] = decoder_attention(attn, h, pe, self.valid)  # (B, H, L, L)
-            if "last_token_attention" in kinds:
-                self.rows["last_token_attention"] = last_query_attention(attn, h, pe, self.valid)  # (B, L)
+            if self.prefill:
+                self._attention_signals(
+                    kinds, attn, _arg(args, kw, "hidden_states"), kw["position_embeddings"]
+                )
 
         return hook
 
+    def _attention_signals(
+        self, kinds: list[str], attn: nn.Module, h: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor]
+    ) -> None:
+        """Attention signals from ``attn``'s q/k on ``h`` (its normed input) over the current sequence."""
+        valid = self.cur_valid
+        if "attention_map" in kinds or "instruction_attention" in kinds:
+            A = decoder_attention(attn, h, pe, valid)  # (B, H, L, L)
+            if "attention_map" in kinds:
+                self.rows["attention_map"] = A
+            if "instruction_attention" in kinds:
+                self.rows["instruction_attention"] = A.mean(dim=1)  # (B, L, L)
+        if "last_token_attention" in kinds:
+            self.rows["last_token_attention"] = last_query_attention(attn, h, pe, valid)  # (B, L)
+
+    def _ttv_input(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if self.prefill:
+            self._x = out
+
+    def _ttv_output(self, module: nn.Module, args: tuple, out) -> None:
+        """TransPrune's token transition of one sub-layer: ``|y|/|x| * softmax_seq(1 - cos(x, y))``."""
+        if not self.prefill or self._x is None:
+            return
+        y = (out[0] if isinstance(out, tuple) else out).float()
+        x = self._x.float()
+        ratio = y.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)
+        d = 1 - torch.nn.functional.cosine_similarity(x, y, dim=-1, eps=1e-12)
+        nec = d.masked_fill(~self.cur_valid, float("-inf")).softmax(dim=-1)  # over this sequence's tokens
+        self.ttv = self.ttv + ratio * nec
+        self._x = None
+
     # --------------------------------------------------------------- the cut
-    def _select(self, h: torch.Tensor) -> None:
-        keep_mask = self.valid.clone()  # padding is dropped too: it becomes masked slots
-        groups = self.candidates(self.valid)
-        signals = signal_gatherers(self.rows)
-        select_in_groups(
+    def _groups_now(self) -> tuple[Groups, list[torch.Tensor], torch.Tensor]:
+        """Candidate groups in the current sequence, each group's instruction positions, and the
+        per-slot group id (-1: not a candidate)."""
+        if self.gid is None:  # first cut: candidates of the full sequence
+            groups = self.candidates(self.valid)
+            self.gid = torch.full(self.valid.shape, -1, dtype=torch.long, device=self.valid.device)
+            for g, (b, pos) in enumerate(zip(groups.sample, groups.positions, strict=True)):
+                self.gid[b, pos.to(self.gid.device)] = g
+            self.group_sample, self.group_ids = list(groups.sample), list(groups.ids)
+            self.n0 = [len(p) for p in groups.positions]
+        gid = (
+            self.gid if self.kidx is None else self.gid.gather(1, self.kidx).masked_fill(~self.slot_valid, -1)
+        )
+        valid = self.cur_valid
+        Lc = gid.shape[1]
+        ar = torch.arange(Lc, device=gid.device)
+        positions, instr = [], []
+        for g, b in enumerate(self.group_sample):
+            pos = (gid[b] == g).nonzero().flatten()
+            positions.append(pos)
+            last = int(pos[-1]) if len(pos) else Lc
+            instr.append((valid[b] & (gid[b] < 0) & (ar > last)).nonzero().flatten())
+        return (
+            Groups(sample=self.group_sample, positions=positions, ids=list(range(len(positions)))),
+            instr,
+            gid,
+        )
+
+    def _budgets(self, groups: Groups, cut: int) -> list[int]:
+        keep = self.session.keep
+        if not self.progressive:
+            return [resolve_keep(keep, len(p)) for p in groups.positions]
+        n_layers = len(self.layers)
+        return [
+            self.session.method.counts(n0, resolve_keep(keep, n0), n_layers)[cut] if n0 else 0
+            for n0 in self.n0
+        ]
+
+    def _select(self, h: torch.Tensor, cut: int) -> torch.Tensor:
+        """Select at the ``cut``-th cut; returns the local slot indices kept (left-packed)."""
+        groups, instr, _ = self._groups_now()
+        groups.budgets = self._budgets(groups, cut)
+        keep_mask = self.cur_valid.clone()  # padding is dropped too: it becomes masked slots
+        signals = signal_gatherers(
+            {k: v for k, v in self.rows.items() if k in ("last_token_attention", "attention_map")}
+        )
+        signals.update(self._instruction_gatherers(instr, groups))
+        if self.ttv is not None:
+            ttv = self.ttv
+            signals["transition"] = lambda b, pos, ids: ttv[b[:, None], pos]
+        self.select_seconds += select_in_groups(
             self.session,
             keep_mask,
             groups,
             tokens=lambda b, pos: h[b[:, None], pos],
             signals=signals,
             family=self.family,
+            layer=self.cuts[cut],
+            record=not self.progressive,
         )
-        self.kidx, self.slot_valid = left_pack(keep_mask)  # (B, L'), (B, L')
-        self.session.stats.kept_masks.append(keep_mask.cpu())
+        local, slot_valid = left_pack(keep_mask)  # (B, L'), (B, L')
+        self.kidx = local if self.kidx is None else self.kidx.gather(1, local)
+        self.slot_valid = slot_valid
+        kept = torch.zeros_like(self.valid).scatter_(1, self.kidx, slot_valid)  # original coordinates
+        stats = self.session.stats
+        stats.kept_masks.append(kept.cpu())
+        stats.cut_layers.append(self.cuts[cut])
+        if self.ttv is not None:
+            self.ttv = self.ttv.gather(1, local)
+        if self.progressive and cut == len(self.cuts) - 1:
+            self._record_progressive(groups)
+        return local
+
+    def _instruction_gatherers(self, instr: list[torch.Tensor], groups: Groups) -> dict:
+        if not self.kinds & {*_INSTRUCTION_KINDS, *_EMBEDDING_KINDS}:
+            return {}
+        T = max([len(p) for p in instr] + [1])
+        dev = self.valid.device
+        ipos = torch.zeros(len(instr), T, dtype=torch.long, device=dev)
+        imask = torch.zeros(len(instr), T, dtype=torch.bool, device=dev)
+        for g, p in enumerate(instr):
+            ipos[g, : len(p)], imask[g, : len(p)] = p, True
+        fns = {}
+        if "instruction_mask" in self.kinds:
+            fns["instruction_mask"] = lambda b, pos, ids: imask[ids]
+        if "instruction_attention" in self.kinds:
+            A = self.rows["instruction_attention"]  # (B, L, L) head mean
+
+            def attention(b, pos, ids):
+                rows = A[b[:, None], ipos[ids]]  # (S, T, L)
+                cols = rows.gather(2, pos[:, None, :].expand(-1, T, -1))  # (S, T, n)
+                return cols * imask[ids][..., None]
+
+            fns["instruction_attention"] = attention
+        emb = None
+        if self.kinds & set(_EMBEDDING_KINDS):
+            emb = self.emb if self.kidx is None else gather_tokens(self.emb, self.kidx, 1)
+        if "input_embeddings" in self.kinds:
+            fns["input_embeddings"] = lambda b, pos, ids: emb[b[:, None], pos]
+        if "instruction_embeddings" in self.kinds:
+
+            def embeddings(b, pos, ids):
+                return emb[b[:, None], ipos[ids]] * imask[ids][..., None]
+
+            fns["instruction_embeddings"] = embeddings
+        return fns
+
+    def _record_progressive(self, groups: Groups) -> None:
+        """One record per call: candidates seen, and the mean kept per decoder layer achieved."""
+        n_layers = len(self.layers)
+        kept = torch.stack(
+            [m.to(self.valid.device) for m in self.session.stats.kept_masks[-len(self.cuts) :]]
+        )
+        per_cut = [
+            [int(kept[c, b, self.gid[b] == g].sum()) for c in range(len(self.cuts))]
+            for g, b in enumerate(self.group_sample)
+        ]
+        mean = sum(mean_tokens(self.cuts, cs, n0, n_layers) for cs, n0 in zip(per_cut, self.n0, strict=True))
+        self.session.stats.record(sum(self.n0), mean, self.select_seconds)
 
     def _on_layer(self, layer: nn.Module, args: tuple, kw: dict):
         h = _arg(args, kw, "hidden_states")
@@ -154,38 +344,46 @@ class LLMCut:
         am = kw.get("attention_mask")
         additive = layer.self_attn.config._attn_implementation == "eager"
         if self.prefill:
-            if i == self.K:
-                self._select(h)
-                cos, sin = kw["position_embeddings"]
-                self.pe = (gather_tokens(cos, self.kidx, 1), gather_tokens(sin, self.kidx, 1))
-                pid = kw.get("position_ids")
-                self.pid = None if pid is None else gather_tokens(pid, self.kidx, pid.dim() - 1)
-                self.custom_mask = am is not None or not bool(self.slot_valid.all())
+            if i in self.cuts:
+                cut = self.cuts.index(i)
+                pe = kw["position_embeddings"] if self.pe is None else self.pe
+                if self.progressive:
+                    kinds = [k for k in _ATTENTION_KINDS if k in self.kinds]
+                    if kinds:
+                        self._attention_signals(kinds, layer.self_attn, layer.input_layernorm(h), pe)
+                local = self._select(h, cut)
+                self.pe = (gather_tokens(pe[0], local, 1), gather_tokens(pe[1], local, 1))
+                pid = kw.get("position_ids") if self.pid is None else self.pid
+                self.pid = None if pid is None else gather_tokens(pid, local, pid.dim() - 1)
+                custom = am is not None or not bool(self.slot_valid.all())
                 self.mask = (
-                    attention_mask_4d(self.slot_valid, self.kidx.shape[1], h.dtype, additive)
-                    if self.custom_mask
+                    attention_mask_4d(self.slot_valid, self.slot_valid.shape[1], h.dtype, additive)
+                    if custom
                     else None
                 )
-                h = gather_tokens(h, self.kidx, 1)
+                self.segments.append((i, self.slot_valid, custom))
+                h = gather_tokens(h, local, 1)
             kw["position_embeddings"] = self.pe
             if "position_ids" in kw:
                 kw["position_ids"] = self.pid
             kw["attention_mask"] = self.mask
-        elif self.kidx is not None and (self.custom_mask or am is not None):
-            # decode (or a multi-token continuation, for which the model builds a full-length causal
-            # mask): columns = kept slots + new tokens
-            B = h.shape[0]
-            new = (
-                self.am2d[:, self.L :].bool()
-                if self.am2d is not None
-                else torch.ones(B, 0, dtype=torch.bool, device=h.device)
-            )
-            key_valid = torch.cat([self.slot_valid, new], dim=1)
-            n_keys = kw["past_key_values"].get_seq_length(i) + h.shape[1]  # this layer's cache + new tokens
-            if key_valid.shape[1] != n_keys:  # no 2-D mask given: new tokens are all real
-                pad = torch.ones(B, n_keys - key_valid.shape[1], dtype=torch.bool, device=h.device)
-                key_valid = torch.cat([key_valid, pad], dim=1)
-            kw["attention_mask"] = attention_mask_4d(key_valid, h.shape[1], h.dtype, additive)
+        elif self.kidx is not None:
+            _, slot_valid, custom = next(s for s in reversed(self.segments) if s[0] <= i)
+            if custom or am is not None:
+                # decode (or a multi-token continuation, for which the model builds a full-length
+                # causal mask): columns = this layer's kept slots + new tokens
+                B = h.shape[0]
+                new = (
+                    self.am2d[:, self.L :].bool()
+                    if self.am2d is not None
+                    else torch.ones(B, 0, dtype=torch.bool, device=h.device)
+                )
+                key_valid = torch.cat([slot_valid, new], dim=1)
+                n_keys = kw["past_key_values"].get_seq_length(i) + h.shape[1]  # this layer's cache + new
+                if key_valid.shape[1] != n_keys:  # no 2-D mask given: new tokens are all real
+                    pad = torch.ones(B, n_keys - key_valid.shape[1], dtype=torch.bool, device=h.device)
+                    key_valid = torch.cat([key_valid, pad], dim=1)
+                kw["attention_mask"] = attention_mask_4d(key_valid, h.shape[1], h.dtype, additive)
         if args:
             return (h, *args[1:]), kw
         kw["hidden_states"] = h

@@ -88,6 +88,8 @@ class Groups:
     sample: list[int]
     positions: list[torch.Tensor]  # each (n_g,) long, positions in the sequence of sample[g]
     ids: list[int]  # an id per group (e.g. the image index), handed to signal functions
+    #: tokens kept per group; ``None``: the session's budget resolved on the group's size
+    budgets: list[int] | None = None
 
 
 SignalFn = Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
@@ -122,31 +124,37 @@ def select_in_groups(
     signals: dict[str, SignalFn],
     family: str,
     write: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
-) -> None:
+    layer: int | None = None,
+    record: bool = True,
+) -> float:
     """Run the session's method on every group and clear the dropped positions in ``keep_mask``.
 
     Groups of equal size are stacked and handed to the method together (vectorised); the loop is
     over distinct group sizes only. ``tokens(sample_idx (S,), pos (S, n)) -> (S, n, D)``;
     each signal function takes ``(sample_idx, pos, group_ids)`` and returns ``(S, n)``.
     A merging method's new token vectors go to ``write(sample_idx (S,), kept_pos (S, k), values
-    (S, k, D))``; a stage without ``write`` refuses them.
+    (S, k, D))``; a stage without ``write`` refuses them. Groups of one size but different
+    ``groups.budgets`` are stacked separately. ``layer``: the decoder layer being cut (llm stage).
+    ``record=False`` leaves the statistics to the caller. Returns the seconds spent selecting.
     """
     method = session.method
-    sizes = torch.tensor([len(p) for p in groups.positions])
-    for n in sizes.unique().tolist():
+    sizes = [len(p) for p in groups.positions]
+    budgets = groups.budgets or [resolve_keep(session.keep, n) for n in sizes]
+    seconds = 0.0
+    for n, k in sorted(set(zip(sizes, budgets, strict=True))):
         if n == 0:
             continue
-        members = (sizes == n).nonzero().flatten().tolist()
+        members = [g for g in range(len(sizes)) if sizes[g] == n and budgets[g] == k]
         b = torch.tensor([groups.sample[g] for g in members], device=keep_mask.device)
         pos = torch.stack([groups.positions[g] for g in members]).to(keep_mask.device)  # (S, n)
         ids = [groups.ids[g] for g in members]
-        k = resolve_keep(session.keep, n)
         with Timer() as t:
             ctx = TokenContext(
                 stage=session.stage,
                 tokens=tokens(b, pos),
                 signals={kind: fn(b, pos, ids) for kind, fn in signals.items()},
                 model=family,
+                layer=layer,
             )
             sel = method.select(ctx, k)
         kept_pos = pos.gather(1, sel.keep.to(pos.device))  # (S, k)
@@ -161,4 +169,7 @@ def select_in_groups(
         dropped.scatter_(1, sel.keep.to(pos.device), False)
         rows = b[:, None].expand_as(pos)
         keep_mask[rows[dropped], pos[dropped]] = False
-        session.stats.record(len(members) * n, kept_pos.numel(), t.seconds)
+        seconds += t.seconds
+        if record:
+            session.stats.record(len(members) * n, kept_pos.numel(), t.seconds)
+    return seconds

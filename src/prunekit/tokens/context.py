@@ -57,6 +57,8 @@ class TokenContext:
     grid: tuple[int, int] | None = None  # (rows, cols) of the candidates when they form a patch grid
     generator: torch.Generator | None = None
     model: str = ""  # adapter family, for error messages
+    #: the decoder layer whose input is being cut (llm stage), else None
+    layer: int | None = None
 
     @property
     def num_groups(self) -> int:
@@ -128,8 +130,57 @@ class TokenMethod:
         """``(G, N)`` importance, higher is kept first."""
         raise NotImplementedError
 
+    def cuts(self, n_layers: int) -> tuple[int, ...] | None:
+        """Progressive methods: the decoder layers whose input is cut, ascending; ``None`` (the
+        default) means one cut, at ``layer``."""
+        return None
+
+    def counts(self, n: int, keep: int, n_layers: int) -> tuple[int, ...]:
+        """Progressive methods: candidates kept at each of :meth:`cuts` out of a group's ``n``,
+        for ``keep`` = the mean number of candidates per decoder layer."""
+        raise NotImplementedError
+
     def select(self, ctx: TokenContext, k: int) -> Selection:
+        return self.select_scored(ctx, k, None if k >= ctx.num_tokens else self.score(ctx))
+
+    def select_scored(
+        self, ctx: TokenContext, k: int, scores: torch.Tensor | None, weight: float = 0.5
+    ) -> Selection:
+        """This method's selection rule applied to given ``(G, N)`` scores (composition: another
+        method's scores, see :mod:`prunekit.tokens.compose`). Default: the top-``k``. ``weight``
+        is the scores' share where the rule mixes them with its own criterion (diversity)."""
         if k >= ctx.num_tokens:
             idx = torch.arange(ctx.num_tokens, device=ctx.tokens.device)
             return Selection(idx.expand(ctx.num_groups, -1))
-        return Selection(topk_sorted(self.score(ctx), k))
+        return Selection(topk_sorted(scores, k))
+
+
+class ProgressiveMethod(TokenMethod):
+    """A method that cuts at several decoder layers (llm stage), fewer candidates at each.
+
+    Subclasses are dataclasses with a ``layers`` option (``None``: the paper's layers, given for a
+    ``reference_depth``-layer model, scaled to the model's depth) and define :meth:`shape`. The
+    budget ``keep`` is the mean number of candidates per decoder layer (see
+    :mod:`prunekit.tokens.schedule`). Signals asked with ``layer=None`` are computed at each cut
+    from the cut layer's own attention on its input.
+    """
+
+    official_layers: ClassVar[tuple[int, ...]] = ()
+    reference_depth: ClassVar[int] = 32
+    layers: tuple[int, ...] | None = None
+
+    def shape(self, n_cuts: int):
+        raise NotImplementedError
+
+    def cuts(self, n_layers: int) -> tuple[int, ...]:
+        from .schedule import check_layers, scale_layers
+
+        if self.layers is None:
+            return scale_layers(self.official_layers, self.reference_depth, n_layers)
+        return check_layers(tuple(self.layers), n_layers, self.name)
+
+    def counts(self, n: int, keep: int, n_layers: int) -> tuple[int, ...]:
+        from .schedule import fit_counts
+
+        layers = self.cuts(n_layers)
+        return fit_counts(layers, n_layers, n, keep, self.shape(len(layers)), self.name)

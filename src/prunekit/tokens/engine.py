@@ -20,6 +20,10 @@ def make_method(method: str | TokenMethod, options: dict) -> TokenMethod:
         if options:
             raise ValueError("options are given either to the method object or to prune_tokens, not both")
         return method
+    if isinstance(method, str) and "+" in method:  # "scorer+selector": see prunekit.tokens.compose
+        from .compose import parse
+
+        return parse(method, options)
     info = registry.get(method)
     if info.family != "tokens":
         raise ValueError(f"method {info.name!r} is a {info.family} method; prune_tokens takes token methods")
@@ -32,20 +36,20 @@ def make_method(method: str | TokenMethod, options: dict) -> TokenMethod:
 
 
 def choose_stage(method: TokenMethod, adapter_stages: tuple[str, ...], family: str, stage: str | None) -> str:
-    info = registry.get(method.name)
+    stages = getattr(method, "stages", None) or registry.get(method.name).stages  # Compose: its own
     if stage is not None:
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; allowed: {list(STAGES)}")
-        if stage not in info.stages:
+        if stage not in stages:
             raise UnsupportedModelError(
-                f"method {info.name!r} runs at stages {list(info.stages)}, not {stage!r}"
+                f"method {method.name!r} runs at stages {list(stages)}, not {stage!r}"
             )
         return stage
-    for s in info.stages:  # the method's preferred stage first
+    for s in stages:  # the method's preferred stage first
         if s in adapter_stages:
             return s
     raise UnsupportedModelError(
-        f"method {info.name!r} runs at stages {list(info.stages)}, "
+        f"method {method.name!r} runs at stages {list(stages)}, "
         f"but {family} offers only {list(adapter_stages)}"
     )
 

@@ -92,3 +92,14 @@ class DivPrune(TokenMethod):
 
     def select(self, ctx: TokenContext, k: int) -> Selection:
         return Selection(max_min_diverse(cosine_distance(ctx.tokens), k))
+
+    def select_scored(
+        self, ctx: TokenContext, k: int, scores: torch.Tensor | None, weight: float = 0.5
+    ) -> Selection:
+        """Composition: the max-min greedy with ``weight`` x the scores (min-max normalised) as a bonus."""
+        if scores is None:
+            return self.select(ctx, k)
+        from ..compose import unit_range
+
+        dist = cosine_distance(ctx.tokens)
+        return Selection(greedy_diverse(dist, k, "kcenter", unit_range(scores), weight))

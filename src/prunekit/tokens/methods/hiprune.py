@@ -126,6 +126,13 @@ class HiPrune(TokenMethod):
             maps.append(ctx.signal(sig.kind, sig.layer))
         return maps
 
+    def score(self, ctx: TokenContext) -> torch.Tensor:
+        """Per-token scores for composition (``"hiprune+divprune"``): the received attention of the
+        object layer and of the deep layer, each normalised to sum 1, averaged. HiPrune's own
+        :meth:`select` uses the two hierarchically (anchors, buffers, registers) instead."""
+        s_obj, s_deep = (received_attention(m) for m in self._maps(ctx))
+        return (s_obj / s_obj.sum(dim=-1, keepdim=True) + s_deep / s_deep.sum(dim=-1, keepdim=True)) / 2
+
     def select(self, ctx: TokenContext, k: int) -> Selection:
         G, N = ctx.num_groups, ctx.num_tokens
         if k >= N:

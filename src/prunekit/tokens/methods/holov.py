@@ -144,6 +144,19 @@ class HoloV(TokenMethod):
         return (Signal("cls_attention", self.layer), Signal("tokens"))
 
     def select(self, ctx: TokenContext, k: int) -> Selection:
+        return self._crop_select(ctx, k, None)
+
+    def select_scored(
+        self, ctx: TokenContext, k: int, scores: torch.Tensor | None, weight: float = 0.5
+    ) -> Selection:
+        """Composition: crop budgets and in-crop ranking on ``scores`` (shifted to >= 0 and
+        normalised to sum 1 per group, like an attention row) instead of [CLS] attention."""
+        if scores is None:
+            return self.select(ctx, k)
+        s = scores.float() - scores.float().amin(dim=-1, keepdim=True)
+        return self._crop_select(ctx, k, s / s.sum(dim=-1, keepdim=True).clamp_min(1e-12))
+
+    def _crop_select(self, ctx: TokenContext, k: int, a: torch.Tensor | None) -> Selection:
         G, N = ctx.num_groups, ctx.num_tokens
         if k >= N:
             return Selection(torch.arange(N, device=ctx.tokens.device).expand(G, -1))
@@ -156,7 +169,8 @@ class HoloV(TokenMethod):
             raise ValueError(f"holov: a {rows}x{cols} grid cannot be cut into {side}x{side} crops")
         C = self.num_crops if self.crops == "2d" else min(self.num_crops, N)
         crop = crop_ids(rows, cols, C, self.crops, ctx.tokens.device)  # (N,)
-        a = ctx.signal("cls_attention", self.layer).float()  # (G, N)
+        if a is None:
+            a = ctx.signal("cls_attention", self.layer).float()  # (G, N)
         score = crop_scores(a, ctx.tokens, crop, C, self.alpha)  # (G, C)
         alloc = allocate(score / (score.sum(dim=-1, keepdim=True) + 1e-6), k)  # (G, C)
         picked = rank_in_crop(a, crop, C) < alloc.gather(1, crop.expand(G, -1))  # (G, N), <= k per group

@@ -61,3 +61,15 @@ class ToDRE(TokenMethod):
         if k >= N:
             return Selection(torch.arange(N, device=ctx.tokens.device).expand(G, -1))
         return Selection(greedy_diverse(cosine_distance(ctx.tokens), k, self.objective))
+
+    def select_scored(
+        self, ctx: TokenContext, k: int, scores: torch.Tensor | None, weight: float = 0.5
+    ) -> Selection:
+        """Composition: the greedy (k-center or max-sum) with ``weight`` x the scores (min-max
+        normalised) as a relevance bonus."""
+        if scores is None or k >= ctx.num_tokens:
+            return self.select(ctx, k)
+        from ..compose import unit_range
+
+        dist = cosine_distance(ctx.tokens)
+        return Selection(greedy_diverse(dist, k, self.objective, unit_range(scores), weight))
