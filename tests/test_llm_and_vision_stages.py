@@ -12,6 +12,7 @@ import torch
 import prunekit
 from invariants import assert_same, snapshot
 from prunekit.errors import SignalUnavailableError, UnknownMethodError, UnsupportedModelError
+from prunekit.models.sequence import left_pack
 from reference import decoder_layers, greedy, masked_reference, masked_reference_cuts
 from tiny import DECODERS, VLMS, reset, text_inputs, vlm_inputs
 
@@ -36,6 +37,7 @@ VLM_CASES += [
         ("safewatch", tuple(VLMS), {}),
         ("catp", tuple(VLMS), {}),
         ("lvlm_csp", tuple(VLMS), {"n_clusters": 4}),
+        ("vflowopt", ("llava",), {"recycle": False}),
         ("hiprune+divprune", ("llava",), {"object_layer": 1}),  # compositions: score x select
         ("fastervlm+holov", ("llava",), {"num_crops": 4}),
         ("fastervlm+holov", ("llava_next",), {"crops": "1d", "num_crops": 4}),
@@ -45,6 +47,8 @@ VLM_CASES += [
 TEXT_CASES = [(fam, "fastv", "llm", {"layer": 2}) for fam in DECODERS] + [
     (fam, "random", "llm", {"layer": 1}) for fam in DECODERS
 ]
+# stage 2 of two-stage methods: instruction attention at an LLM layer, on VLMs and plain decoders
+TEXT_CASES += [(fam, m, "llm", {"layer": 2}) for fam in (*VLMS, *DECODERS) for m in ("todre", "catp")]
 # progressive methods: several cuts inside the LLM (tiny decoders: 4 layers -> cuts at 1, 2, 3)
 PROGRESSIVE_CASES = [
     (fam, meth, "llm", {})
@@ -129,6 +133,7 @@ def test_progressive_generate_equals_masked_reference(fam, method, stage, option
 MERGE_CASES = [
     (fam, m, "vision", {}) for fam in ("llava", "llava_next") for m in ("visionzip", "recoverable")
 ]
+MERGE_CASES += [("llava", "vflowopt", "vision", {"m": 2.0})]
 
 
 @pytest.mark.parametrize(
@@ -427,3 +432,46 @@ def test_support_matrix_says_exactly_where_methods_attach():
             assert attached == stage, f"{method} on {fam}: matrix {stage!r} ({why}), attach {attached!r}"
             if attached is None:
                 assert str(err)
+
+
+@pytest.mark.parametrize("fam", ["llava", "llava_next", "qwen2_vl"])
+@pytest.mark.parametrize("method", ["todre", "catp"])
+def test_two_stages_nested_equal_the_masked_reference(fam, method):
+    """Stage 1 at the vision stage (outer session) + stage 2 at LLM layer 2 (inner session): the
+    LLM cut sees the vision stage's survivors; == hiding vision-dropped keys from layer 0 and the
+    LLM-dropped ones from layer 2."""
+    model = build(fam, "sdpa")
+    ref_model = copy.deepcopy(model)
+    ref_model.set_attn_implementation("eager")
+    inp = inputs_for(fam, model, batch=2)
+    reset(model)
+    with (
+        torch.no_grad(),
+        prunekit.prune_tokens(model, method, keep=0.6) as vision,
+        prunekit.prune_tokens(model, method, keep=0.5, stage="llm", layer=2) as llm,
+    ):
+        tokens, logits = greedy(model, inp)
+    v_kept, l_kept = vision.stats.kept_masks[0], llm.stats.kept_masks[0]
+    assert l_kept.shape[1] < v_kept.shape[1], "the LLM cut ran on the vision stage's output"
+    kidx, ok = left_pack(v_kept)
+    both = torch.zeros_like(v_kept).scatter_(1, kidx, l_kept & ok)  # LLM survivors, prompt coordinates
+    assert not bool((both & ~v_kept).any())
+    n_img = int(v_kept.sum() - both.sum())
+    assert n_img > 0, "stage 2 dropped nothing"
+    reset(ref_model)
+    with torch.no_grad(), masked_reference_cuts(ref_model, [(0, v_kept), (2, both)], inp["attention_mask"]):
+        ref_tokens, ref_logits = greedy(ref_model, inp)
+    finite = torch.isfinite(ref_logits)
+    err = (logits - ref_logits)[finite].abs().max().item()
+    assert err < TOL, f"max |logit - reference| = {err:.2e} > {TOL}"
+    assert torch.equal(tokens, ref_tokens)
+    assert not hasattr(model, "_prunekit_vision_index") and not hasattr(model, "_prunekit_llm_cut")
+
+
+def test_vision_session_inside_an_llm_session_is_refused():
+    model = build("llava", "sdpa")
+    with prunekit.prune_tokens(model, "fastv", keep=0.5):
+        with pytest.raises(prunekit.PrunekitError, match="open the vision-stage prune_tokens first"):
+            with prunekit.prune_tokens(model, "divprune", keep=0.5):
+                pass
+    assert not hasattr(model, "_prunekit_llm_cut")

@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 from .budget import resolve_keep, validate_keep
 from .errors import PrunekitError, SignalUnavailableError, UnknownMethodError, UnsupportedModelError
+from .kv.engine import compress_kv
 from .registry import MethodInfo, methods
 from .tokens.compose import Compose
 from .tokens.engine import prune_tokens
@@ -24,6 +25,7 @@ __all__ = [
     "UnknownMethodError",
     "UnsupportedModelError",
     "__version__",
+    "compress_kv",
     "methods",
     "prune_tokens",
     "resolve_keep",

@@ -28,6 +28,11 @@ _METHOD_MODULES = (
     "prunekit.tokens.methods.pyramiddrop",
     "prunekit.tokens.methods.transprune",
     "prunekit.tokens.methods.sparsevlm",
+    "prunekit.tokens.methods.vflowopt",
+    "prunekit.kv.methods.streamingllm",
+    "prunekit.kv.methods.snapkv",
+    "prunekit.kv.methods.pyramidkv",
+    "prunekit.kv.methods.h2o",
 )
 
 

@@ -1,8 +1,9 @@
 """A treatment is what a bench run does to the model: nothing (``dense``) or one registered
 method at one budget, opened as a context manager around every evaluation and timed call.
 
-Token methods go through :func:`prunekit.prune_tokens`. The other families plug in here as they
-land (``compress_kv``, ``prune_weights``).
+Token methods go through :func:`prunekit.prune_tokens`, KV-cache methods through
+:func:`prunekit.compress_kv` (``keep`` = the fraction of the prompt's cache kept). Weight methods
+plug in here as they land (``prune_weights``).
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ class Treatment:
             return
         info = registry.get(self.method)  # unknown names raise with close matches
         validate_keep(self.keep)
-        if info.family != "tokens":
+        if info.family not in ("tokens", "kv"):
             raise NotImplementedError(
-                f"the bench runs token methods so far; {info.name!r} is a {info.family} method"
+                f"the bench runs token and kv methods so far; {info.name!r} is a {info.family} method"
             )
         fields = (
             {f.name for f in dataclasses.fields(info.factory)}
@@ -59,6 +60,10 @@ class Treatment:
         """A zero-argument callable returning the context manager that applies this treatment."""
         if self.method == "dense":
             return nullcontext
+        if self.family == "kv":
+            from ..kv.engine import compress_kv
+
+            return lambda: compress_kv(model, self.method, self.keep, **self.options)
         from ..tokens.engine import prune_tokens
 
         return lambda: prune_tokens(model, self.method, self.keep, stage=stage, **self.options)

@@ -433,5 +433,7 @@ class DecoderAdapter(Adapter):
         tm = _text_model(self.model)
         if tm is None:
             raise UnsupportedModelError(f"{type(self.model).__name__}: no decoder layers found")
-        K = 2 if session.method.layer is None else session.method.layer
+        m = session.method
+        K = m.default_cut(len(tm.layers)) if m.layer is None else m.layer
+        session.hooks.setattr(self.model, "_prunekit_llm_cut", True)
         LLMCut(session, tm, K, text_candidates, self.family).install()

@@ -116,6 +116,15 @@ class VLMAdapter(Adapter):
         hooks.setattr(core, "get_image_features", get_image_features)
         self.want_text, self.vision_asked = False, {}
         if session.stage == "vision":
+            if getattr(self.model, "_prunekit_llm_cut", False):
+                raise PrunekitError(
+                    f"{self.family}: a vision-stage session cannot open inside an llm-stage one (the "
+                    "llm cut would see the prompt before the visual tokens are pruned); open the "
+                    "vision-stage prune_tokens first (outer), then the llm-stage one inside it"
+                )
+            # the kept positions of each call, for an llm-stage session opened inside this one
+            self.published: dict = {}
+            hooks.setattr(self.model, "_prunekit_vision_index", self.published)
             signals = session.method.needs("vision")
             if any(s.kind == "cls_attention" for s in signals) and not self.has_cls:
                 raise SignalUnavailableError(
@@ -143,7 +152,9 @@ class VLMAdapter(Adapter):
                 hooks.pre(attn, functools.partial(self._on_vision_attention, sigs=sigs, qk=qk))
             hooks.pre(self.text_model, self._on_language_model)
         else:
-            K = 2 if session.method.layer is None else session.method.layer
+            m = session.method
+            K = m.default_cut(len(self.text_model.layers)) if m.layer is None else m.layer
+            hooks.setattr(self.model, "_prunekit_llm_cut", True)  # a vision session must not open inside
             LLMCut(session, self.text_model, K, self._groups, self.family).install()
 
     # ------------------------------------------------------------------ hooks
@@ -192,7 +203,23 @@ class VLMAdapter(Adapter):
         return rows[:, 1:] if strategy == "default" else rows
 
     def _groups(self, valid: torch.Tensor) -> Groups:
-        """One group per image: the positions of its visual tokens (and the sample holding it)."""
+        """One group per image: the positions of its visual tokens (and the sample holding it).
+
+        In an llm-stage session nested inside a vision-stage one, the language model sees the
+        vision stage's survivors: positions are mapped through its kept index."""
+        groups = self._prompt_groups()
+        vis = getattr(self.model, "_prunekit_vision_index", None)
+        if self.session.stage != "llm" or not vis or valid.shape[1] == self.ids.shape[1]:
+            return groups
+        kidx, ok = vis["kidx"].to(valid.device), vis["slot_valid"].to(valid.device)
+        gid = torch.full(self.ids.shape, -1, dtype=torch.long, device=valid.device)
+        for g, (b, pos) in enumerate(zip(groups.sample, groups.positions, strict=True)):
+            gid[b, pos.to(valid.device)] = g
+        now = gid.gather(1, kidx).masked_fill(~ok, -1)  # (B, L') group of each surviving position
+        positions = [(now[b] == g).nonzero().flatten() for g, b in enumerate(groups.sample)]
+        return Groups(sample=groups.sample, positions=positions, ids=groups.ids)
+
+    def _prompt_groups(self) -> Groups:
         ids = self.ids
         if ids is None:
             raise PrunekitError(f"{self.family}: no prompt seen; call the model with input_ids")
@@ -279,6 +306,7 @@ class VLMAdapter(Adapter):
             pid = kw.get("position_ids")
             if pid is None:  # what the language model would compute on the full sequence
                 pid = (valid.long().cumsum(-1) - 1).clamp(min=0)
+            self.published.update(kidx=kidx, slot_valid=slot_valid)
             kw["inputs_embeds"] = gather_tokens(x, kidx, 1)
             kw["position_ids"] = gather_tokens(pid, kidx, pid.dim() - 1)
             kw["attention_mask"] = self.pruned_mask

@@ -130,6 +130,10 @@ class TokenMethod:
         """``(G, N)`` importance, higher is kept first."""
         raise NotImplementedError
 
+    def default_cut(self, n_layers: int) -> int:
+        """The llm-stage cut layer ``K`` when ``layer`` is None (FastV's 2)."""
+        return 2
+
     def cuts(self, n_layers: int) -> tuple[int, ...] | None:
         """Progressive methods: the decoder layers whose input is cut, ascending; ``None`` (the
         default) means one cut, at ``layer``."""

@@ -44,7 +44,7 @@ class FashionVQA(Task):
     summary = "questions on held-out Fashion-MNIST scenes (position, presence, count, left-of, single item)"
     variant = "single"
     batch = 8
-    timing_batch = 8
+    timing_batch = 2  # prompts in the timed prefill / generate batch (each row times ~20 prefills)
     decode_tokens = 4
 
     def _samples(self):

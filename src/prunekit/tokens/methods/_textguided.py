@@ -80,3 +80,9 @@ def split_in_proportion(weights: torch.Tensor, total: int | torch.Tensor) -> tor
 def keep_from_mask(mask: torch.Tensor, k: int) -> torch.Tensor:
     """``(G, N)`` bool with exactly ``k`` True per row -> ``(G, k)`` their indices, ascending."""
     return torch.sort((~mask).int(), dim=-1, stable=True).indices[:, :k]
+
+
+def instruction_mean(attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``instruction_attention`` ``(G, T, N)`` and ``instruction_mask`` ``(G, T)`` (llm stage) ->
+    ``(G, N)``: the attention each candidate receives, averaged over the real instruction rows."""
+    return (attn * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp_min(1)

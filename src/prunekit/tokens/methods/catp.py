@@ -25,8 +25,14 @@ Departures: (1) the "paired text" of an image (its demonstration's text) is not 
 adapter: every image of a sample is aligned with the sample's whole prompt text (all
 demonstrations, the query and the template); (2) similarity of input embeddings stands in for any
 cross-modal encoder; (3) alignment (a cosine in [-1, 1]) and diversity (a distance in [0, 2]) are
-added unscaled; (4) ties go to the lower index. Stage 2 (progressive pruning inside shallow
-decoder layers by cross-modal attention) is out of scope: compose this with an ``llm``-stage cut.
+added unscaled; (4) ties go to the lower index.
+
+**Stage 2** (``stage="llm"``): inside a shallow decoder layer ``K`` (``layer``, default 2) the
+image tokens still present are ranked by cross-modal attention — the attention the instruction
+tokens after the group (the prompt after that image) pay them in layer ``K-1``, mean over heads
+and rows — and the top ``keep`` survive. The paper prunes "progressively" in shallow layers; its
+layers, counts and attention variant are **unconfirmed**, so one cut stands in. Nest the
+sessions for both stages (vision outside, llm inside); see :mod:`.todre`.
 """
 
 from __future__ import annotations
@@ -36,8 +42,8 @@ from dataclasses import dataclass
 import torch
 
 from ...registry import register
-from ..context import Selection, Signal, TokenContext, TokenMethod
-from ._textguided import check_text_pool, text_relevance
+from ..context import Selection, Signal, TokenContext, TokenMethod, topk_sorted
+from ._textguided import check_text_pool, instruction_mean, text_relevance
 from .divprune import cosine_distance, greedy_diverse
 
 
@@ -52,14 +58,15 @@ def greedy_diverse_aligned(dist: torch.Tensor, align: torch.Tensor, k: int, lam:
     family="tokens",
     paper="CATP: Contextually Adaptive Token Pruning for Efficient and Enhanced Multimodal In-Context "
     "Learning",
-    stages=("vision",),
-    signals=("tokens", "text_embeddings"),
+    stages=("vision", "llm"),
+    signals=("tokens", "text_embeddings", "instruction_attention@llm-layer K-1 (stage 2)"),
     summary="stage 1: greedy max-min diversity plus alignment with the prompt text, per image",
 )
 @dataclass
 class CATP(TokenMethod):
     lam: float = 0.5  # weight of text alignment against diversity, in [0, 1]
     text_pool: str = "max"  # "max" | "mean" cosine to the text tokens
+    layer: int | None = None  # stage 2 (llm): cut layer K; None = 2
 
     def __post_init__(self) -> None:
         if isinstance(self.lam, bool) or not isinstance(self.lam, int | float) or not 0.0 <= self.lam <= 1.0:
@@ -67,11 +74,19 @@ class CATP(TokenMethod):
         check_text_pool("catp", self.text_pool)
 
     def needs(self, stage: str) -> tuple[Signal, ...]:
+        if stage == "llm":
+            return (Signal("instruction_attention"), Signal("instruction_mask"))
         return (Signal("tokens"), Signal("text_embeddings"))
+
+    def score(self, ctx: TokenContext) -> torch.Tensor:
+        """Stage 2: cross-modal relevance, the instruction's mean attention to each candidate."""
+        return instruction_mean(ctx.signal("instruction_attention"), ctx.signal("instruction_mask"))
 
     def select(self, ctx: TokenContext, k: int) -> Selection:
         G, N = ctx.num_groups, ctx.num_tokens
         if k >= N:
             return Selection(torch.arange(N, device=ctx.tokens.device).expand(G, -1))
+        if ctx.stage == "llm":
+            return Selection(topk_sorted(self.score(ctx), k))
         align = text_relevance(ctx.tokens, ctx.signal("text_embeddings"), self.text_pool)  # (G, N)
         return Selection(greedy_diverse_aligned(cosine_distance(ctx.tokens), align, k, self.lam))

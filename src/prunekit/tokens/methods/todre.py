@@ -18,9 +18,17 @@ nearest other token is farthest (DivPrune's rule), for both objectives; with it 
 exactly DivPrune's selection. v2's possible relevance term is not included. Ties go to the lower
 index; a selected token is never picked twice.
 
-Stage 2 (dropping task-irrelevant visual tokens, then all of them, inside the LLM by
-text-to-visual attention at a late decoder layer) is not part of this method: compose it with an
-``llm``-stage cut method.
+**Stage 2** (``stage="llm"``): at decoder layer ``K`` (``layer``; default: half the depth, the
+paper's "late decoder layer" is **unconfirmed**) the surviving visual tokens are ranked by
+task relevance — the attention the instruction tokens (the prompt after the image) pay them in
+layer ``K-1``, mean over heads and instruction rows — and the top ``keep`` survive. The paper
+drops *all* visual tokens beyond some layer; prunekit budgets keep at least one, so ``keep=1`` is
+that limit, and its threshold rule is unconfirmed (a top-``keep`` stands in).
+
+Both stages together: nest the sessions, the vision stage outside::
+
+    with prune_tokens(vlm, "todre", keep=0.1), prune_tokens(vlm, "todre", keep=1, stage="llm"):
+        vlm.generate(...)
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ from dataclasses import dataclass
 import torch
 
 from ...registry import register
-from ..context import Selection, Signal, TokenContext, TokenMethod
+from ..context import Selection, Signal, TokenContext, TokenMethod, topk_sorted
+from ._textguided import instruction_mean
 from .divprune import cosine_distance, greedy_diverse
 
 OBJECTIVES = ("kcenter", "maxsum")
@@ -41,25 +50,37 @@ OBJECTIVES = ("kcenter", "maxsum")
     family="tokens",
     paper="ToDRE: Visual Token Pruning via Diversity and Task Awareness for Efficient Large "
     "Vision-Language Models",
-    stages=("vision",),
-    signals=("tokens",),
-    summary="stage 1: greedy k-center (or max-sum) cosine diversity over the projected visual tokens",
+    stages=("vision", "llm"),
+    signals=("tokens", "instruction_attention@llm-layer K-1 (stage 2)"),
+    summary="greedy k-center diversity after the projector; stage 2: instruction attention in the LLM",
 )
 @dataclass
 class ToDRE(TokenMethod):
     objective: str = "kcenter"  # "kcenter" (paper v1) | "maxsum" (paper v2)
+    layer: int | None = None  # stage 2 (llm): cut layer K; None = half the decoder depth
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"todre: objective must be one of {list(OBJECTIVES)}; got {self.objective!r}")
 
     def needs(self, stage: str) -> tuple[Signal, ...]:
+        if stage == "llm":
+            return (Signal("instruction_attention"), Signal("instruction_mask"))
         return (Signal("tokens"),)
+
+    def default_cut(self, n_layers: int) -> int:
+        return max(1, n_layers // 2)
+
+    def score(self, ctx: TokenContext) -> torch.Tensor:
+        """Stage 2: task relevance, the instruction's mean attention to each candidate."""
+        return instruction_mean(ctx.signal("instruction_attention"), ctx.signal("instruction_mask"))
 
     def select(self, ctx: TokenContext, k: int) -> Selection:
         G, N = ctx.num_groups, ctx.num_tokens
         if k >= N:
             return Selection(torch.arange(N, device=ctx.tokens.device).expand(G, -1))
+        if ctx.stage == "llm":
+            return Selection(topk_sorted(self.score(ctx), k))
         return Selection(greedy_diverse(cosine_distance(ctx.tokens), k, self.objective))
 
     def select_scored(

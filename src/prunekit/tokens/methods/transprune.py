@@ -36,13 +36,9 @@ import torch
 from ...registry import register
 from ..context import ProgressiveMethod, Signal, TokenContext
 from ..schedule import power_shape
+from ._textguided import instruction_mean
 
 OFFICIAL_RATIOS = (0.875, 0.625, 0.125)
-
-
-def instruction_mean(attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``(G, T, N)`` rows, ``(G, T)`` validity -> ``(G, N)`` mean over the real rows."""
-    return (attn * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp_min(1)
 
 
 @register(

@@ -1,0 +1,328 @@
+"""``compress_kv``: KV-cache compression inside an unchanged ``model.generate()``.
+
+How it works (transformers 5, see the notes on v5):
+
+- **Prefill** runs on the full prompt. A forward hook on each decoder layer's attention then
+  scores that layer's cache entries (the method's :meth:`~prunekit.kv.context.KVMethod.score`,
+  signals recomputed from the layer's own q projection and the cached keys, so SDPA stays on)
+  and keeps, per row and per KV head, the ``k`` best (ascending original order); the cache layer's
+  ``keys``/``values`` are replaced by the kept entries.
+- **Positions**: cached keys keep the RoPE of their original positions. ``generate()`` tracks
+  position ids itself; a direct ``model(...)`` call without ``position_ids`` gets them from the
+  engine (original prompt length + tokens decoded), never from the shorter cache.
+- **Masks**: rows of a left-padded batch may keep different counts, and layers may keep different
+  counts (PyramidKV): each layer's kept slots carry a validity flag, and during decoding every
+  layer gets its own ``(B, H, q, kv)`` mask (bool for SDPA, additive for eager); the model's
+  full-length 2-D mask is replaced.
+- Methods with ``decode = True`` (H2O) see every decoding step and may evict more.
+
+Everything is undone on exit from the ``with`` block, also after an exception.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .. import registry
+from ..budget import validate_keep
+from ..errors import PrunekitError, UnsupportedModelError
+from ..models.base import HookSet, Timer
+from .context import KV_SIGNALS, KVContext, KVMethod
+from .signals import attention_sum, window_attention
+
+
+@dataclass
+class KVStats:
+    """What one ``compress_kv`` session did."""
+
+    calls: int = 0  # prefills compressed
+    entries_in: int = 0  # prompt cache entries seen (rows x layers x KV heads x real tokens)
+    entries_kept: int = 0
+    evicted_in_decode: int = 0
+    compress_seconds: float = 0.0
+    #: per prefill, per layer: original positions ``(B, Hkv, K)`` and validity of the kept slots
+    kept: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.entries_kept / self.entries_in if self.entries_in else 1.0
+
+    @property
+    def select_seconds(self) -> float:
+        """The bench's name for the method's own time (scoring, selection, eviction)."""
+        return self.compress_seconds
+
+
+def make_kv_method(method: str | KVMethod, options: dict) -> KVMethod:
+    if isinstance(method, KVMethod):
+        if options:
+            raise ValueError("options are given either to the method object or to compress_kv, not both")
+        return method
+    info = registry.get(method)
+    if info.family != "kv":
+        raise ValueError(f"method {info.name!r} is a {info.family} method; compress_kv takes kv methods")
+    cls = info.factory
+    allowed = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method {info.name!r}; allowed: {allowed}")
+    return cls(**options)
+
+
+def _text_model(model: nn.Module) -> nn.Module:
+    from ..models.decoder import DECODER_TYPES, _text_model
+
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    tm = _text_model(model)
+    if mt not in DECODER_TYPES or tm is None:
+        raise UnsupportedModelError(
+            f"compress_kv supports decoder LLMs ({', '.join(DECODER_TYPES)}); got {type(model).__name__} "
+            f"(model_type {mt!r}). VLMs: not yet"
+        )
+    return tm
+
+
+def _arg(args: tuple, kw: dict, name: str):
+    return args[0] if args else kw[name]
+
+
+class KVSession:
+    """The live state of one ``compress_kv`` block."""
+
+    def __init__(self, model: nn.Module, method: KVMethod, keep: int | float) -> None:
+        self.model, self.method, self.keep = model, method, keep
+        self.text_model = _text_model(model)
+        self.layers = self.text_model.layers
+        self.n_layers = len(self.layers)
+        self.hooks = HookSet()
+        self.stats = KVStats()
+        unknown = sorted(set(method.needs()) - set(KV_SIGNALS))
+        if unknown:
+            raise PrunekitError(
+                f"{method.name}: unknown signal(s) {unknown}; the engine gives {list(KV_SIGNALS)}"
+            )
+        self._reset()
+
+    # ------------------------------------------------------------------ install / state
+    def install(self) -> None:
+        h = self.hooks
+        h.pre(self.text_model, self._on_model)
+        for layer in self.layers:
+            h.pre(layer, self._on_layer)
+            h.post(layer.self_attn, self._after_attention, with_kwargs=True)
+
+    def remove(self) -> None:
+        self.hooks.remove()
+
+    def _reset(self) -> None:
+        self.compressed = False
+        self.full = False
+        self.full = False
+        self.prefill = False
+        #: per layer ``(B, Hkv, K)``: the sequence index of each cached entry (0..L-1 for the prompt)
+        self.slot_pos: list[torch.Tensor | None] = [None] * self.n_layers
+        self.slot_valid: list[torch.Tensor | None] = [None] * self.n_layers  # (B, Hkv, K)
+        self.extra: list[dict] = [{} for _ in range(self.n_layers)]  # per-layer method state (H2O scores)
+
+    # ------------------------------------------------------------------ hooks
+    def _on_model(self, module: nn.Module, args: tuple, kw: dict):
+        x = kw.get("inputs_embeds")
+        if x is None:
+            x = kw.get("input_ids", args[0] if args else None)
+        pkv = kw.get("past_key_values")
+        past = pkv.get_seq_length() if pkv is not None else 0
+        am = kw.get("attention_mask")
+        am2d = am if isinstance(am, torch.Tensor) and am.dim() == 2 else None
+        B, q = x.shape[:2]
+        if past == 0:
+            self._reset()
+            if kw.get("use_cache") is False:  # None: the config's default (a cache, if it has one)
+                return None
+            self.prefill = True
+            self.L = q
+            self.valid = torch.ones(B, q, dtype=torch.bool, device=x.device) if am2d is None else am2d.bool()
+            if not bool(self.valid[:, -1].all()):
+                raise PrunekitError(
+                    "compress_kv needs left padding (the last position must be a real token in every "
+                    "row); set tokenizer.padding_side = 'left'"
+                )
+            pid = kw.get("position_ids")
+            last = torch.full((B,), q - 1, dtype=torch.long, device=x.device) if pid is None else pid[..., -1]
+            self.next_pos = (last.view(-1)[-B:] if last.dim() else last) + 1  # (B,) next position id
+            self.decoded = 0
+            self.stats.kept.append([])
+            self.compress_timer = 0.0
+            return None
+        self.prefill = False
+        if not self.compressed:
+            return None
+        # decode (or a multi-token continuation) on a compressed cache
+        if kw.get("position_ids") is None:
+            kw["position_ids"] = (self.next_pos + self.decoded)[:, None] + torch.arange(q, device=x.device)
+        if am2d is not None and am2d.shape[1] >= q:
+            self.new_valid = am2d[:, -q:].bool()
+        else:
+            self.new_valid = torch.ones(B, q, dtype=torch.bool, device=x.device)
+        self.q = q
+        self.decoded += q
+        kw["attention_mask"] = None  # each layer gets its own mask (_on_layer)
+        return args, kw
+
+    def _on_layer(self, layer: nn.Module, args: tuple, kw: dict):
+        if self.prefill or not self.compressed:
+            return None
+        i = layer.self_attn.layer_idx
+        h = _arg(args, kw, "hidden_states")
+        B, Hkv = self.slot_valid[i].shape[:2]
+        q = self.q
+        new = self.new_valid[:, None, :].expand(B, Hkv, q)
+        # slot positions are sequence indices: the prompt's 0..L-1, then L, L+1, ... for new tokens
+        pos = (self.L + self.decoded - q + torch.arange(q, device=h.device))[None].expand(B, q)
+        self.slot_valid[i] = torch.cat([self.slot_valid[i], new], dim=2)
+        self.slot_pos[i] = torch.cat([self.slot_pos[i], pos[:, None, :].expand(B, Hkv, q)], dim=2)
+        kw["attention_mask"] = self._mask(layer.self_attn, self.slot_valid[i], q, h.dtype)
+        return args, kw
+
+    def _mask(
+        self, attn: nn.Module, key_valid: torch.Tensor, q: int, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """``(B, Hq, q, K)`` mask over this layer's cache slots; the last ``q`` keys are the new tokens."""
+        eager = attn.config._attn_implementation == "eager"
+        if not eager and q == 1 and bool(key_valid.all()):
+            return None  # every slot valid: SDPA needs no mask
+        Hq = attn.config.num_attention_heads
+        kv = key_valid.repeat_interleave(Hq // key_valid.shape[1], dim=1)  # (B, Hq, K)
+        K = kv.shape[2]
+        q_idx = torch.arange(K - q, K, device=kv.device)[:, None]
+        k_idx = torch.arange(K, device=kv.device)[None, :]
+        allowed = (kv[:, :, None, :] & (k_idx <= q_idx)) | (k_idx == q_idx)  # (B, Hq, q, K)
+        if not eager:
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=kv.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
+
+    def _after_attention(self, attn: nn.Module, args: tuple, kw: dict, out):
+        cache = kw.get("past_key_values")
+        if cache is None:
+            return None
+        i = attn.layer_idx
+        if self.prefill:
+            with Timer() as t:
+                self._compress(attn, kw, cache.layers[i], i)
+            self.stats.compress_seconds += t.seconds
+            if i == self.n_layers - 1:
+                self.compressed = True
+                self.stats.calls += 1
+        elif self.compressed and self.method.decode:
+            with Timer() as t:
+                self._decode_step(attn, kw, cache.layers[i], i)
+            self.stats.compress_seconds += t.seconds
+        return None
+
+    # ------------------------------------------------------------------ compression
+    def _signals(self, attn: nn.Module, kw: dict, keys: torch.Tensor) -> dict[str, torch.Tensor]:
+        h, pe = kw["hidden_states"], kw["position_embeddings"]
+        out = {}
+        needs = self.method.needs()
+        if "window_attention" in needs:
+            out["window_attention"] = window_attention(attn, h, pe, keys, self.valid, self.method.window)
+        if "attention_sum" in needs:
+            out["attention_sum"] = attention_sum(attn, h, pe, keys, self.valid)
+        return out
+
+    def _compress(self, attn: nn.Module, kw: dict, cache_layer, i: int) -> None:
+        keys, values = cache_layer.keys, cache_layer.values  # (B, Hkv, L, D)
+        B, Hkv, L, D = keys.shape
+        if L != self.L:
+            raise PrunekitError(f"compress_kv: layer {i} caches {L} entries for a {self.L}-token prompt")
+        n = self.valid.sum(dim=1).tolist()
+        budgets = [self.method.budget(int(nb), self.keep, i, self.n_layers) for nb in n]
+        #: every layer so far kept the whole prompt (keep everything: no decode-time eviction either)
+        self.full = (self.full if i else True) and budgets == [int(nb) for nb in n]
+        k = torch.tensor(budgets, device=keys.device)
+        signals = self._signals(attn, kw, keys)
+        ctx = KVContext(keys, values, self.valid, i, self.n_layers, signals, budget=k)
+        scores = self.method.score(ctx).float().masked_fill(~self.valid[:, None, :], float("-inf"))
+        K = int(k.max())
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[
+            ..., :K
+        ]  # (B, Hkv, K) best first
+        ok = torch.arange(K, device=keys.device)[None, None, :] < k[:, None, None]
+        idx, perm = torch.sort(order, dim=-1)  # ascending original order
+        ok = ok.expand(B, Hkv, K).gather(2, perm)
+        cache_layer.keys = keys.gather(2, idx[..., None].expand(-1, -1, -1, D)).contiguous()
+        cache_layer.values = values.gather(
+            2, idx[..., None].expand(-1, -1, -1, values.shape[-1])
+        ).contiguous()
+        self.slot_pos[i], self.slot_valid[i] = idx, ok
+        self.extra[i] = self.method.after_compress(ctx, idx) if hasattr(self.method, "after_compress") else {}
+        self.stats.kept[-1].append((idx.cpu(), ok.cpu()))
+        self.stats.entries_in += int(self.valid.sum()) * Hkv
+        self.stats.entries_kept += int(ok.sum())
+
+    def _decode_step(self, attn: nn.Module, kw: dict, cache_layer, i: int) -> None:
+        """Let a decode-time method (H2O) update its scores and evict; keeps the slot bookkeeping."""
+        drop = self.method.decode_step(self, attn, kw, cache_layer, i)  # (B, Hkv, K) bool or None
+        if drop is None or not bool(drop.any()):
+            return
+        keep = ~drop
+        counts = keep.sum(dim=2)
+        if not bool((counts == counts.flatten()[0]).all()):
+            raise PrunekitError(
+                f"{self.method.name}: decode eviction must drop the same number in every head"
+            )
+        idx = keep.float().argsort(dim=2, descending=True, stable=True)[..., : int(counts.flatten()[0])]
+        idx = torch.sort(idx, dim=2).values
+        D = cache_layer.keys.shape[-1]
+        cache_layer.keys = cache_layer.keys.gather(2, idx[..., None].expand(-1, -1, -1, D)).contiguous()
+        cache_layer.values = cache_layer.values.gather(
+            2, idx[..., None].expand(-1, -1, -1, cache_layer.values.shape[-1])
+        ).contiguous()
+        self.slot_pos[i] = self.slot_pos[i].gather(2, idx)
+        self.slot_valid[i] = self.slot_valid[i].gather(2, idx)
+        for key, v in self.extra[i].items():
+            self.extra[i][key] = v.gather(2, idx)
+        self.stats.evicted_in_decode += int(drop.sum())
+
+
+@contextmanager
+def compress_kv(
+    model: nn.Module,
+    method: str | KVMethod,
+    keep: int | float | None = None,
+    *,
+    ratio: float | None = None,
+    **options: object,
+) -> Iterator[KVSession]:
+    """Compress the prompt's KV cache after prefill, for the duration of a ``with`` block.
+
+    Args:
+        model: a decoder LLM (Llama, Qwen2, Mistral, Mixtral, Qwen3 families; ``*ForCausalLM``).
+        method: a registry name of the ``kv`` family (``prunekit methods``) or a method object.
+        keep: cache entries kept per row, layer and KV head: an ``int >= 1`` or a fraction in
+            (0, 1] of the row's real prompt tokens. ``ratio=`` is the same as a fraction ``keep``.
+        **options: the method's options (e.g. ``window=32`` for SnapKV).
+
+    Yields a :class:`KVSession` whose ``stats`` count entries seen and kept and the time spent.
+    """
+    if (keep is None) == (ratio is None):
+        raise ValueError("give the budget once: keep=<int count or fraction> or ratio=<fraction kept>")
+    if ratio is not None:
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < float(ratio) <= 1:
+            raise ValueError(f"ratio (the fraction of the KV cache kept) must be in (0, 1]; got {ratio!r}")
+        keep = float(ratio)
+    keep = validate_keep(keep)
+    m = make_kv_method(method, dict(options))
+    session = KVSession(model, m, keep)
+    try:
+        session.install()
+        yield session
+    finally:
+        session.remove()

@@ -1,0 +1,145 @@
+"""VFlowOpt — "VFlowOpt: A Token Pruning Framework for LMMs with Visual Information Flow-Guided
+Optimization" (ICCV 2025). Vision stage: importance map and recycling of pruned tokens.
+
+Per image, from the full attention map ``A`` of the vision layer the VLM takes its features from
+(head mean ``M``, ``N x N`` over the patch tokens) [official code, spec §11]:
+
+1. ``recv = M.mean(queries)``; the **global tokens** are those with ``recv > t * mean(recv)``;
+2. importance ``imp = M[global, :].mean(0)``, the attention *from* the global tokens to each token
+   ("context relevance"); the paper adds ``alpha_v * softmax(patch entropy)``, but
+   ``alpha_v = 0`` in every released configuration, and so here (see below);
+3. the lowest-importance tokens are dropped, and **recycled**: grouped by grid cell
+   ``(floor(row / m), floor(col / m))``, each non-empty cell becomes one token, the
+   importance-weighted mean of its dropped tokens, placed in the slot (and position id) of the
+   cell's most important dropped token.
+
+Budget: exactly ``k`` survive: the ``k - C`` most important tokens as they are (``C`` = number of
+cells), then one recycled token per non-empty cell; if fewer than ``C`` cells are non-empty, the
+free slots go to the most important dropped tokens as they are (they still count in their cell's
+mean). Official: it drops ``round(N (1 - r)) + int(N / m^2)`` tokens, so the count varies.
+``k <= C`` keeps the top-``k`` without recycling. Defaults from the released 10 % configuration:
+``t = 39.26``, ``m = 17.39`` on the 27 x 27 base grid of SigLIP (``m=None`` scales it to the
+grid: ``17.39 * rows / 27``).
+
+Shapes: ``attention_map`` ``(G, H, N, N)``, ``tokens`` ``(G, N, D)`` -> ``keep`` ``(G, k)``,
+``values`` ``(G, k, D)`` (merging: recycled tokens are written into their slots).
+
+Departures and omissions: (1) if no token passes ``t * mean`` (official: ``imp`` becomes NaN) the
+single most-attended token is the global one; (2) the **patch-entropy term** is not offered
+(``alpha_v`` must be 0, as released): the adapters do not hand methods raw pixel patches, and the
+official entropy reads normalised pixels cast to uint8 (spec quirk 1); (3) the **LLM-stage drops**
+at decoder layers 9 / 18, which reuse this importance map, and (4) the **flow-guided
+hyper-parameter search** (Bayesian optimisation of ``r, t, m, alpha_v`` on calibration images,
+objective the cosine of the last token's final hidden state) are not implemented; ``t`` and ``m``
+are options. Ties go to the lower index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...registry import register
+from ..context import Selection, Signal, TokenContext, TokenMethod, topk_sorted
+from .hiprune import patch_grid
+
+
+def importance(attn: torch.Tensor, t: float) -> torch.Tensor:
+    """``(G, H, N, N)`` attention -> ``(G, N)``: mean attention from the global tokens to each token."""
+    M = attn.float().mean(dim=1)  # (G, N, N) rows = queries
+    recv = M.mean(dim=1)  # (G, N) received
+    glob = recv > t * recv.mean(dim=-1, keepdim=True)
+    top = torch.nn.functional.one_hot(recv.argmax(dim=-1), recv.shape[-1]).bool()
+    glob = torch.where(glob.any(dim=-1, keepdim=True), glob, top)  # none passes: the most attended
+    return (glob[..., None] * M).sum(dim=1) / glob.sum(dim=-1, keepdim=True)
+
+
+def cell_ids(rows: int, cols: int, m: float, device: torch.device | None = None) -> tuple[torch.Tensor, int]:
+    """Grid cell ``(floor(row / m), floor(col / m))`` of each raster token -> ``(ids (N,), n_cells)``."""
+    r = (torch.arange(rows, device=device) / m).floor().long()
+    c = (torch.arange(cols, device=device) / m).floor().long()
+    n_c = int(c.max()) + 1
+    return (r[:, None] * n_c + c[None, :]).flatten(), (int(r.max()) + 1) * n_c
+
+
+def recycle(
+    x: torch.Tensor, imp: torch.Tensor, cell: torch.Tensor, n_cells: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the ``k - C`` most important tokens, recycle the rest into one token per non-empty cell.
+
+    ``x`` ``(G, N, D)``, ``imp`` ``(G, N)``, ``cell`` ``(N,)`` -> ``(keep (G, k) ascending, values
+    (G, k, D))``.
+    """
+    G, N, _ = x.shape
+    direct = topk_sorted(imp, k - n_cells)  # (G, k - C)
+    low = torch.ones(G, N, dtype=torch.bool, device=x.device)
+    low.scatter_(1, direct, False)
+    member = torch.nn.functional.one_hot(cell, n_cells).T.bool()[None] & low[:, None, :]  # (G, C, N)
+    w = imp.float().clamp_min(0)[:, None, :] * member  # importance weights of each cell's dropped tokens
+    empty_w = w.sum(dim=-1, keepdim=True) <= 0
+    w = torch.where(empty_w, member.float(), w)  # all-zero importance: a plain mean
+    merged = (w @ x.float()) / w.sum(dim=-1, keepdim=True).clamp_min(1e-12)  # (G, C, D)
+    nonempty = member.any(dim=-1)  # (G, C)
+    best = imp.float()[:, None, :].masked_fill(~member, float("-inf")).argmax(dim=-1)  # (G, C) slot
+    # slots: the direct tokens, each non-empty cell's best slot, then the best remaining low tokens
+    score = torch.full((G, N), float("-inf"), device=x.device)
+    score.scatter_(1, direct, float("inf"))
+    rows = torch.arange(G, device=x.device)[:, None].expand(G, n_cells)
+    score[rows[nonempty], best[nonempty]] = float("inf")
+    score = torch.where(score == float("-inf"), imp.float(), score)
+    keep = topk_sorted(score, k)
+    out = x.clone()
+    out[rows[nonempty], best[nonempty]] = merged[nonempty].to(x.dtype)
+    values = out.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
+    return keep, values
+
+
+@register(
+    "vflowopt",
+    family="tokens",
+    paper="VFlowOpt: A Token Pruning Framework for LMMs with Visual Information Flow-Guided Optimization",
+    stages=("vision",),
+    signals=("attention_map@vision-layer", "tokens"),
+    summary="importance = attention from global tokens; dropped tokens recycled per grid cell",
+)
+@dataclass
+class VFlowOpt(TokenMethod):
+    t: float = 39.26  # global tokens: received attention above t x the mean
+    m: float | None = None  # grid cell side in tokens; None = 17.39 * rows / 27 (released config)
+    alpha_v: float = 0.0  # patch-entropy weight; only 0 (the released value) is supported
+    recycle: bool = True  # merge the dropped tokens per grid cell (False: plain top-k)
+    layer: int | None = None  # 0-based vision layer of the map; None = the VLM's feature layer
+
+    def __post_init__(self) -> None:
+        if self.alpha_v != 0:
+            raise ValueError(
+                f"vflowopt: alpha_v={self.alpha_v!r}: the patch-entropy term needs raw pixel patches, "
+                "which the adapters do not hand to methods; only alpha_v=0 (every released "
+                "configuration) is supported"
+            )
+        if self.t < 0:
+            raise ValueError(f"vflowopt: t must be >= 0; got {self.t!r}")
+        if self.m is not None and not self.m > 0:
+            raise ValueError(f"vflowopt: m must be > 0 (tokens per cell side); got {self.m!r}")
+
+    def needs(self, stage: str) -> tuple[Signal, ...]:
+        return (Signal("attention_map", self.layer), Signal("tokens"))
+
+    def score(self, ctx: TokenContext) -> torch.Tensor:
+        return importance(ctx.signal("attention_map", self.layer), self.t)
+
+    def select(self, ctx: TokenContext, k: int) -> Selection:
+        G, N = ctx.num_groups, ctx.num_tokens
+        if k >= N:
+            return Selection(torch.arange(N, device=ctx.tokens.device).expand(G, -1))
+        imp = self.score(ctx)
+        if not self.recycle:
+            return Selection(topk_sorted(imp, k))
+        rows, cols = patch_grid(ctx, "vflowopt")
+        m = 17.39 * rows / 27 if self.m is None else self.m
+        cell, n_cells = cell_ids(rows, cols, m, ctx.tokens.device)
+        if k <= n_cells:
+            return Selection(topk_sorted(imp, k))
+        keep, values = recycle(ctx.tokens, imp, cell, n_cells, k)
+        return Selection(keep, values)

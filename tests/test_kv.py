@@ -1,0 +1,231 @@
+"""KV-cache compression inside generate(): exactness against a masked full-cache reference,
+keep-everything identity, positions, restoration, hand-worked selections, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import prunekit
+from invariants import assert_same, snapshot
+from prunekit.kv.context import KVContext
+from prunekit.kv.methods.h2o import H2O
+from prunekit.kv.methods.pyramidkv import pyramid_budget
+from prunekit.kv.methods.snapkv import SnapKV, pooled
+from prunekit.kv.methods.streamingllm import StreamingLLM
+from reference import decoder_layers, greedy
+from tiny import DECODERS, VLMS, text_inputs
+
+METHODS = [
+    ("streamingllm", {}),
+    ("snapkv", {"window": 4}),
+    ("pyramidkv", {"window": 4, "beta": 4.0}),
+    ("h2o", {}),
+]
+
+
+def _finite_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    fin = torch.isfinite(b)
+    assert torch.equal(fin, torch.isfinite(a))
+    return (a - b)[fin].abs().max().item()
+
+
+@pytest.mark.parametrize(("method", "opts"), METHODS)
+@pytest.mark.parametrize("fam", ["llama", "qwen2", "mistral"])
+def test_keep_everything_is_dense_and_model_restored(fam, method, opts):
+    model = DECODERS[fam]("sdpa")
+    inp = text_inputs(2)
+    before = snapshot(model)
+    with torch.no_grad():
+        dense_t, dense_l = greedy(model, inp)
+        with prunekit.compress_kv(model, method, keep=1.0, **opts) as s:
+            t, l = greedy(model, inp)
+        with pytest.raises(RuntimeError, match="inside"):
+            with prunekit.compress_kv(model, method, keep=0.5, **opts):
+                greedy(model, inp)
+                raise RuntimeError("boom inside the block")
+        _, after_l = greedy(model, inp)
+    assert s.stats.kept_fraction == 1.0 and s.stats.evicted_in_decode == 0
+    assert _finite_err(l, dense_l) < 1e-5 and torch.equal(t, dense_t)
+    assert torch.equal(after_l, dense_l)
+    assert_same(before, snapshot(model))
+
+
+class _Recorder:
+    """Wraps a method's decode_step to record, per step and layer, the slots the step attended to."""
+
+    def __init__(self, method):
+        self.steps: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = []
+        original = method.decode_step
+
+        def decode_step(session, attn, kw, cache_layer, i):
+            if i == 0:
+                self.steps.append({})
+            self.steps[-1][i] = (session.slot_pos[i].clone(), session.slot_valid[i].clone())
+            return original(session, attn, kw, cache_layer, i)
+
+        method.decode_step = decode_step
+
+
+def _positions_mask(pos: torch.Tensor, ok: torch.Tensor, total: int) -> torch.Tensor:
+    """``(B, Hkv, K)`` slot positions + validity -> ``(B, Hkv, total)`` bool: position attended."""
+    m = torch.zeros(*pos.shape[:2], total, dtype=torch.bool)
+    return m.scatter_(2, pos, ok)
+
+
+@pytest.mark.parametrize(("method", "opts"), METHODS)
+@pytest.mark.parametrize("fam", ["llama", "qwen2"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_eviction_equals_masked_full_cache_reference(fam, method, opts, attn):
+    """Compressed generate() (batch 2, left padding, GQA) == full-cache generate() whose decode
+    steps hide, per layer and KV head, exactly the evicted prompt keys."""
+    model = DECODERS[fam](attn)
+    ref = copy.deepcopy(model)
+    ref.set_attn_implementation("eager")
+    inp = text_inputs(2)
+    L = inp["input_ids"].shape[1]
+    m = prunekit.registry.get(method).factory(**opts)
+    rec = _Recorder(m) if m.decode else None
+    with torch.no_grad(), prunekit.compress_kv(model, m, keep=0.4) as s:
+        tokens, logits = greedy(model, inp, steps=6)
+    kept = s.stats.kept[0]  # per layer: (positions (B, Hkv, K), validity)
+    assert 0.3 < s.stats.kept_fraction < 0.5
+    if m.decode:
+        assert s.stats.evicted_in_decode > 0 and len(rec.steps) == 5
+
+    layers = decoder_layers(ref)
+    step = {"n": -1}
+    Hq = ref.config.num_attention_heads
+
+    def hook(layer, args, kw):
+        am = kw["attention_mask"]
+        if am is None or am.shape[2] != 1:  # prefill: full attention, as in the compressed run
+            return None
+        i = layer.self_attn.layer_idx
+        if i == 0:
+            step["n"] += 1
+        total = am.shape[-1]
+        if rec is not None:
+            pos, ok = rec.steps[step["n"]][i]
+            seen = _positions_mask(pos, ok, total)
+        else:
+            pos, ok = kept[i]
+            seen = _positions_mask(pos, ok, total)
+            seen[..., L:] = True  # decoded tokens are never evicted
+        hide = ~seen.repeat_interleave(Hq // seen.shape[1], dim=1)[:, :, None, :]  # (B, Hq, 1, total)
+        kw["attention_mask"] = am.expand(-1, Hq, -1, -1).masked_fill(hide, torch.finfo(am.dtype).min)
+        return args, kw
+
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+    try:
+        with torch.no_grad():
+            ref_tokens, ref_logits = greedy(ref, inp, steps=6)
+    finally:
+        for h in handles:
+            h.remove()
+    assert _finite_err(logits, ref_logits) < 1e-4
+    assert torch.equal(tokens, ref_tokens)
+
+
+def test_direct_calls_without_position_ids_decode_at_the_original_positions():
+    model = DECODERS["llama"]("sdpa")
+    inp = text_inputs(1)
+    with torch.no_grad(), prunekit.compress_kv(model, "snapkv", keep=0.5, window=4):
+        want, _ = greedy(model, inp, steps=4)
+        out = model(**inp)  # prefill (compressed), then a manual greedy loop with no position ids
+        cache, got = out.past_key_values, []
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(4):
+            got.append(nxt)
+            out = model(input_ids=nxt, past_key_values=cache)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    assert torch.equal(torch.cat(got, 1), want)
+    assert cache.get_seq_length() < inp["input_ids"].shape[1]
+
+
+# ------------------------------------------------------------------ hand-worked selections
+def _ctx(valid: torch.Tensor, hkv: int = 1, signals: dict | None = None, budget=None) -> KVContext:
+    B, L = valid.shape
+    z = torch.zeros(B, hkv, L, 2)
+    return KVContext(z, z, valid, 0, 4, signals or {}, budget=budget)
+
+
+def test_streamingllm_keeps_sinks_then_recent_real_tokens():
+    valid = torch.tensor([[False, False, True, True, True, True, True, True]])  # 6 real tokens
+    s = StreamingLLM(n_sink=2).score(_ctx(valid))[0, 0]
+    order = torch.sort(s.masked_fill(~valid[0], float("-inf")), descending=True, stable=True).indices
+    assert order[:4].tolist() == [2, 3, 7, 6]  # sinks = the first two real tokens, then the newest
+
+
+def test_snapkv_scores_pool_the_window_rows_and_keep_the_window():
+    # one head, L = 6, window 2: mean of the two window rows over keys 0..3 = [.1, .5, .1, .3]
+    rows = torch.tensor([[0.2, 0.4, 0.0, 0.2, 0.2, 0.0], [0.0, 0.6, 0.2, 0.4, 0.0, 0.0]])
+    ctx = _ctx(torch.ones(1, 6, dtype=torch.bool), signals={"window_attention": rows[None, None]})
+    got = SnapKV(window=2, kernel=3).score(ctx)[0, 0]
+    body = torch.tensor(
+        [(0 + 0.1 + 0.5) / 3, (0.1 + 0.5 + 0.1) / 3, (0.5 + 0.1 + 0.3) / 3, (0.1 + 0.3 + 0) / 3]
+    )
+    torch.testing.assert_close(got[:4], body)
+    assert bool((got[4:] == body.max() + 1).all())
+    torch.testing.assert_close(
+        pooled(torch.tensor([[1.0, 3.0, 2.0]]), 3, "max"), torch.tensor([[3.0, 3.0, 3.0]])
+    )
+
+
+def test_snapkv_averages_the_query_heads_of_a_kv_group():
+    rows = torch.zeros(1, 2, 1, 4)
+    rows[0, 0, 0] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    rows[0, 1, 0] = torch.tensor([0.0, 0.0, 1.0, 0.0])
+    ctx = _ctx(torch.ones(1, 4, dtype=torch.bool), hkv=1, signals={"window_attention": rows})
+    torch.testing.assert_close(SnapKV(window=1, kernel=1).score(ctx)[0, 0, :3], torch.tensor([0.5, 0.0, 0.5]))
+
+
+def test_pyramid_budgets_follow_the_kvpress_formula():
+    # n = 1000, k = 250, window 8, beta 20: min = 12.5, max = 487.5; 4 layers, step 158.33
+    got = [pyramid_budget(1000, 250, layer, 4, 8, 20.0) for layer in range(4)]
+    assert got == [488, 329, 171, 12]  # round(487.5), round(329.17), round(170.83), round(12.5)
+    assert abs(sum(got) / 4 - 250) <= 1
+    assert pyramid_budget(100, 50, 0, 4, 8, 20.0) == 92  # max capped at n - window, min = 2k - max
+    assert pyramid_budget(40, 8, 0, 4, 8, 20.0) == 8  # min = 8 / 20 < window: uniform
+
+
+def test_h2o_keeps_heavy_hitters_and_the_recent_half():
+    acc = torch.tensor([[[0.9, 0.1, 0.8, 0.2, 0.3, 0.05, 0.0]]])  # (B, Hq=1, L=7)
+    ctx = _ctx(torch.ones(1, 7, dtype=torch.bool), signals={"attention_sum": acc}, budget=torch.tensor([4]))
+    s = H2O(recent_ratio=0.5).score(ctx)[0, 0]
+    top = torch.sort(torch.sort(s, descending=True, stable=True).indices[:4]).values
+    assert top.tolist() == [0, 2, 5, 6]  # 2 heavy hitters (0, 2) + the 2 most recent (5, 6)
+
+
+# ------------------------------------------------------------------ errors
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda m: prunekit.compress_kv(m, "nosuch", keep=0.5), "nosuch"),
+        (lambda m: prunekit.compress_kv(m, "fastv", keep=0.5), "is a tokens method"),
+        (lambda m: prunekit.compress_kv(m, "snapkv", keep=1.5), r"keep as a ratio .*; got 1\.5"),
+        (lambda m: prunekit.compress_kv(m, "snapkv", keep=0.5, ratio=0.5), "give the budget once"),
+        (lambda m: prunekit.compress_kv(m, "snapkv", ratio=0.0), r"ratio .* must be in \(0, 1\]"),
+        (lambda m: prunekit.compress_kv(m, "snapkv", keep=0.5, kernel=4), "kernel must be an odd int"),
+        (lambda m: prunekit.compress_kv(m, "snapkv", keep=0.5, wndow=4), r"unknown option\(s\) \['wndow'\]"),
+    ],
+)
+def test_bad_input_is_refused_clearly(call, match):
+    model = DECODERS["llama"]("sdpa")
+    with pytest.raises((ValueError, prunekit.PrunekitError, KeyError), match=match):
+        with call(model):
+            pass
+
+
+def test_vlms_and_right_padding_are_refused():
+    with pytest.raises(prunekit.UnsupportedModelError, match="VLMs: not yet"):
+        with prunekit.compress_kv(VLMS["llava"]("sdpa"), "snapkv", keep=0.5):
+            pass
+    model = DECODERS["llama"]("sdpa")
+    inp = text_inputs(2)
+    inp = {"input_ids": inp["input_ids"].flip(1), "attention_mask": inp["attention_mask"].flip(1)}
+    with pytest.raises(prunekit.PrunekitError, match="left padding"):
+        with torch.no_grad(), prunekit.compress_kv(model, "snapkv", keep=0.5):
+            model(**inp)
