@@ -23,6 +23,7 @@ METHODS = [
     ("snapkv", {"window": 4}),
     ("pyramidkv", {"window": 4, "beta": 4.0}),
     ("h2o", {}),
+    ("kvcrush", {"base": "snapkv", "base_options": {"window": 4}, "crush_ratio": 0.5}),
 ]
 
 
@@ -199,6 +200,42 @@ def test_h2o_keeps_heavy_hitters_and_the_recent_half():
     assert top.tolist() == [0, 2, 5, 6]  # 2 heavy hitters (0, 2) + the 2 most recent (5, 6)
 
 
+def test_kvcrush_buckets_and_representatives_hand_worked():
+    from prunekit.kv.methods.kvcrush import bucket_ids, head_bits, representatives
+
+    scores = torch.tensor([[[0.9, 0.1, 0.5, 0.2], [0.1, 0.8, 0.6, 0.1]]])  # (B=1, Hkv=2, L=4)
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    bits = head_bits(scores, valid)  # head means .425 and .4
+    assert bits[0].tolist() == [[True, False], [False, True], [True, True], [False, False]]
+    assert bucket_ids(bits, "hash")[0].tolist() == [1, 2, 3, 0]
+    assert bucket_ids(bits, "anchor")[0].tolist() == [1, 1, 0, 2]
+    # evicted tokens 1..4, buckets {5: [1, 2], 7: [3], 9: [4]}: the largest bucket first, its best member
+    imp = torch.tensor([0.0, 0.2, 0.3, 0.1, 0.4, 0.0])
+    cand = torch.tensor([False, True, True, True, True, False])
+    keys = torch.tensor([0, 5, 5, 7, 9, 0])
+    assert representatives(imp, cand, keys, 2).nonzero().flatten().tolist() == [2, 3]
+    assert representatives(imp, cand, keys, 5).nonzero().flatten().tolist() == [2, 3, 4]
+
+
+def test_kvcrush_keeps_base_tokens_plus_one_representative_per_bucket_in_every_head():
+    from prunekit.kv.methods.kvcrush import KVCrush
+
+    L = 8
+    ws = torch.rand(1, 2, 1, L, generator=torch.Generator().manual_seed(0))  # 2 query heads = 2 KV heads
+    ctx = _ctx(
+        torch.ones(1, L, dtype=torch.bool), hkv=2, signals={"window_attention": ws}, budget=torch.tensor([4])
+    )
+    m = KVCrush(base="snapkv", base_options={"window": 1, "kernel": 1}, crush_ratio=0.5)
+    s = m.score(ctx)
+    kept = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :4]  # per head
+    base = torch.sort(m.inner.score(ctx), dim=-1, descending=True, stable=True).indices[..., :2]
+    both = set(kept[0, 0].tolist()) & set(kept[0, 1].tolist())
+    reps = both - set(base.flatten().tolist())
+    assert len(reps) == 2, (kept, base)  # two representatives, shared by both heads
+    for h in range(2):
+        assert set(base[0, h].tolist()) <= set(kept[0, h].tolist())
+
+
 # ------------------------------------------------------------------ errors
 @pytest.mark.parametrize(
     ("call", "match"),
@@ -210,6 +247,8 @@ def test_h2o_keeps_heavy_hitters_and_the_recent_half():
         (lambda m: prunekit.compress_kv(m, "snapkv", ratio=0.0), r"ratio .* must be in \(0, 1\]"),
         (lambda m: prunekit.compress_kv(m, "snapkv", keep=0.5, kernel=4), "kernel must be an odd int"),
         (lambda m: prunekit.compress_kv(m, "snapkv", keep=0.5, wndow=4), r"unknown option\(s\) \['wndow'\]"),
+        (lambda m: prunekit.compress_kv(m, "kvcrush", keep=0.5, base="h2o"), "evicts while decoding"),
+        (lambda m: prunekit.compress_kv(m, "kvcrush", keep=0.5, base="fastv"), "another kv method"),
     ],
 )
 def test_bad_input_is_refused_clearly(call, match):

@@ -33,6 +33,7 @@ _METHOD_MODULES = (
     "prunekit.kv.methods.snapkv",
     "prunekit.kv.methods.pyramidkv",
     "prunekit.kv.methods.h2o",
+    "prunekit.kv.methods.kvcrush",
 )
 
 
