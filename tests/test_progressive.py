@@ -4,6 +4,7 @@ signals and scores against independent computations (eager attentions, hand-made
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -187,3 +188,74 @@ def test_sparsevlm_raters_are_the_text_tokens_aligned_with_the_image():
     )
     # only the rater's row counts: token 1 first, then 2
     assert SparseVLM().select(ctx, 2).keep.tolist() == [[1, 2]]
+
+
+# ------------------------------------------------------------------ SpAtten
+@pytest.mark.parametrize("fam", ["llama", "qwen2", "llava"])
+def test_spatten_cascades_equal_a_masked_reference_with_heads_switched_off(fam):
+    """Tokens dropped at each cut + heads zeroed from their cut on == the full model hiding the
+    dropped keys and zeroing the same heads before o_proj (prefill and decode)."""
+    import copy
+
+    from reference import greedy, masked_reference_cuts
+
+    model = (DECODERS.get(fam) or VLMS[fam])("sdpa")
+    ref = copy.deepcopy(model)
+    ref.set_attn_implementation("eager")
+    inp = text_inputs(2) if fam in DECODERS else vlm_inputs(fam, model, 2)
+    with torch.no_grad(), prunekit.prune_tokens(model, "spatten", keep=0.5, head_keep=0.5) as s:
+        tokens, logits = greedy(model, inp)
+    heads = s.stats.head_masks
+    assert len(heads) >= 1 and all(bool((m.sum(1) < 4).all()) for _, m in heads)
+    for (_, a), (_, b) in itertools.pairwise(heads):
+        assert not bool((b & ~a).any()), "a head switched off came back"
+    layers = decoder_layers(ref)
+
+    def head_hook(i):
+        def hook(o_proj, args):
+            alive = next((m for K, m in reversed(heads) if i >= K), None)
+            if alive is None:
+                return None
+            x = args[0]
+            xh = x.view(*x.shape[:2], alive.shape[1], -1) * alive[:, None, :, None]
+            return (xh.view_as(x),)
+
+        return hook
+
+    hs = [layer.self_attn.o_proj.register_forward_pre_hook(head_hook(i)) for i, layer in enumerate(layers)]
+    reset(ref)
+    try:
+        cuts = list(zip(s.stats.cut_layers, s.stats.kept_masks, strict=True))
+        with torch.no_grad(), masked_reference_cuts(ref, cuts, inp["attention_mask"]):
+            ref_tokens, ref_logits = greedy(ref, inp)
+    finally:
+        for h in hs:
+            h.remove()
+    fin = torch.isfinite(ref_logits)
+    assert (logits - ref_logits)[fin].abs().max().item() < 1e-4
+    assert torch.equal(tokens, ref_tokens)
+
+
+def test_spatten_importance_is_attention_received_summed_over_layers_heads_and_queries():
+    from prunekit.tokens.methods.spatten import SpAtten
+
+    model = DECODERS["llama"]("eager")
+    inp = text_inputs(1)
+    with torch.no_grad():
+        att = model(**inp, output_attentions=True).attentions
+        spy = _Spy(SpAtten())
+        with prunekit.prune_tokens(model, spy.method, keep=0.5):
+            model(**inp)
+    layer, signals, _, _ = spy.seen[0]  # first cut at layer 1: layer 0's attention only
+    assert layer == 1
+    expected = att[0][0].sum(dim=(0, 1))[:-1]  # heads, queries; candidates = all but the last
+    torch.testing.assert_close(signals["cumulative_attention"][0], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_spatten_head_counts_fall_linearly():
+    from prunekit.tokens.methods.spatten import SpAtten
+
+    assert SpAtten(head_keep=0.25).head_counts(32, 4) == (26, 20, 14, 8)
+    assert SpAtten().head_counts(32, 4) is None
+    with pytest.raises(ValueError, match=r"head_keep must be in \(0, 1\]"):
+        SpAtten(head_keep=0.0)

@@ -29,6 +29,7 @@ _METHOD_MODULES = (
     "prunekit.tokens.methods.transprune",
     "prunekit.tokens.methods.sparsevlm",
     "prunekit.tokens.methods.vflowopt",
+    "prunekit.tokens.methods.spatten",
     "prunekit.kv.methods.streamingllm",
     "prunekit.kv.methods.snapkv",
     "prunekit.kv.methods.pyramidkv",

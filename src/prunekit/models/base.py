@@ -105,6 +105,8 @@ class PruneStats:
     kept_masks: list[torch.Tensor] = field(default_factory=list)
     #: llm stage: the decoder layer of each entry of ``kept_masks`` (progressive methods cut several)
     cut_layers: list[int] = field(default_factory=list)
+    #: cascade head pruning (SpAtten): per cut, ``(first layer, (B, H) bool heads alive)``
+    head_masks: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
     @property
     def kept_fraction(self) -> float:

@@ -56,6 +56,8 @@ LLM_SIGNALS: dict[str, str] = {
     "input_embeddings": "the candidates' input embeddings (decoder layer 0 input) (G, N, D)",
     "transition": "TransPrune's token transition variation summed over layers [layer, cut); layer "
     "defaults to the one before the first cut (G, N)",
+    "cumulative_attention": "attention each candidate received, summed over real queries, heads and "
+    "every layer before the cut (SpAtten) (G, N)",
 }
 _ATTENTION_KINDS = ("last_token_attention", "attention_map", "instruction_attention")
 _INSTRUCTION_KINDS = ("instruction_attention", "instruction_mask", "instruction_embeddings")
@@ -87,7 +89,15 @@ class LLMCut:
         self.kinds = set(needs) - {"tokens", "hidden"}
         self.signal_layers: dict[int, list[str]] = {}  # single cut: layer -> attention kinds there
         self.ttv_start: int | None = None
+        self.cumulative = "cumulative_attention" in self.kinds
+        #: cascade head pruning (SpAtten): heads kept at each cut, or None
+        heads = text_model.config.num_attention_heads
+        self.head_counts = (
+            method.head_counts(heads, len(self.cuts)) if hasattr(method, "head_counts") else None
+        )
         for sig in needs.values():
+            if sig.kind == "cumulative_attention":
+                continue
             if sig.kind == "transition":
                 start = self.K - 1 if sig.layer is None else sig.layer
                 if not 0 <= start < self.K:
@@ -111,6 +121,8 @@ class LLMCut:
                     )
                 self.signal_layers.setdefault(l, []).append(sig.kind)
         self.index = {id(m): i for i, m in enumerate(self.layers)}
+        self.o_proj_index = {id(m.self_attn.o_proj): i for i, m in enumerate(self.layers)}
+        self.head_counts_heads = heads
         self.window = getattr(getattr(text_model, "config", None), "sliding_window", None)
         self._reset(0)
 
@@ -129,6 +141,12 @@ class LLMCut:
                 ):
                     hooks.post(norm, self._ttv_input)
                     hooks.post(sub, self._ttv_output)
+        if self.cumulative:
+            for layer in self.layers[: self.cuts[-1]]:
+                hooks.pre(layer.self_attn, self._accumulate_attention)
+        if self.head_counts is not None:
+            for layer in self.layers:
+                hooks.pre(layer.self_attn.o_proj, self._on_heads, with_kwargs=False)
         for layer in self.layers[self.K :]:
             hooks.pre(layer, self._on_layer)
 
@@ -137,7 +155,8 @@ class LLMCut:
         self.L, self.kidx, self.slot_valid, self.rows = L, None, None, {}
         self.segments: list[tuple[int, torch.Tensor, bool]] = []  # (cut layer, slot validity, custom mask)
         self.pe = self.pid = self.mask = None
-        self.gid = self.emb = self.ttv = self._x = None
+        self.gid = self.emb = self.ttv = self._x = self.cum = self.head_mag = None
+        self.head_masks: list[tuple[int, torch.Tensor]] = []  # (first layer, (B, H) alive)
         self.n0: list[int] = []
         self.select_seconds = 0.0
 
@@ -172,6 +191,8 @@ class LLMCut:
             self.valid = valid
             if self.ttv_start is not None:
                 self.ttv = torch.zeros(B, L, device=x.device)
+            if self.cumulative:
+                self.cum = torch.zeros(B, L, device=x.device)
 
     def _on_first_layer(self, layer: nn.Module, args: tuple, kw: dict) -> None:
         if self.prefill:
@@ -200,6 +221,45 @@ class LLMCut:
                 self.rows["instruction_attention"] = A.mean(dim=1)  # (B, L, L)
         if "last_token_attention" in kinds:
             self.rows["last_token_attention"] = last_query_attention(attn, h, pe, valid)  # (B, L)
+
+    def _accumulate_attention(self, attn: nn.Module, args: tuple, kw: dict) -> None:
+        """SpAtten's cumulative token importance: attention received, over real queries and heads."""
+        if not self.prefill:
+            return
+        h, pe = _arg(args, kw, "hidden_states"), kw["position_embeddings"]
+        A = decoder_attention(attn, h, pe, self.cur_valid)  # (B, H, L, L)
+        self.cum = self.cum + (A * self.cur_valid[:, None, :, None]).sum(dim=(1, 2))
+
+    def _on_heads(self, o_proj: nn.Module, args: tuple):
+        """Before each layer's output projection: accumulate each head's output magnitude (prefill,
+        layers before the last cut) and zero the heads the cascade pruned (prefill and decode)."""
+        x = args[0]  # (B, q, H * hd)
+        B, q, _ = x.shape
+        H = self.head_counts_heads
+        i = self.o_proj_index[id(o_proj)]
+        xh = x.view(B, q, H, -1)
+        if self.prefill and i < self.cuts[-1]:
+            mag = (xh.float().norm(dim=-1) * self.cur_valid[..., None]).sum(dim=1)  # (B, H)
+            self.head_mag = mag if self.head_mag is None else self.head_mag + mag
+        alive = next((m for K, m in reversed(self.head_masks) if i >= K), None)
+        if alive is None:
+            return None
+        return ((xh * alive[:, None, :, None].to(x.dtype)).view_as(x),)
+
+    def _cut_heads(self, cut: int) -> None:
+        """Cascade head pruning at the ``cut``-th cut: keep the heads with the largest cumulative
+        output magnitude among those still alive."""
+        k = self.head_counts[cut]
+        mag = self.head_mag
+        alive = self.head_masks[-1][1] if self.head_masks else torch.ones_like(mag, dtype=torch.bool)
+        if k >= int(alive.sum(dim=1).min()):
+            return
+        order = torch.sort(
+            mag.masked_fill(~alive, float("-inf")), dim=1, descending=True, stable=True
+        ).indices
+        keep = torch.zeros_like(alive).scatter_(1, order[:, :k], True)
+        self.head_masks.append((self.cuts[cut], keep))
+        self.session.stats.head_masks.append((self.cuts[cut], keep.cpu()))
 
     def _ttv_input(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
         if self.prefill:
@@ -268,6 +328,9 @@ class LLMCut:
         if self.ttv is not None:
             ttv = self.ttv
             signals["transition"] = lambda b, pos, ids: ttv[b[:, None], pos]
+        if self.cum is not None:
+            cum = self.cum
+            signals["cumulative_attention"] = lambda b, pos, ids: cum[b[:, None], pos]
         self.select_seconds += select_in_groups(
             self.session,
             keep_mask,
@@ -287,6 +350,10 @@ class LLMCut:
         stats.cut_layers.append(self.cuts[cut])
         if self.ttv is not None:
             self.ttv = self.ttv.gather(1, local)
+        if self.cum is not None:
+            self.cum = self.cum.gather(1, local)
+        if self.head_counts is not None:
+            self._cut_heads(cut)
         if self.progressive and cut == len(self.cuts) - 1:
             self._record_progressive(groups)
         return local

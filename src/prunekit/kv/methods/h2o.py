@@ -31,7 +31,7 @@ from ..signals import query_probs, rotated_queries
     "h2o",
     family="kv",
     paper="H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models",
-    stages=(),
+    stages=("after-prefill", "decode"),
     signals=("attention_sum",),
     summary="keep heavy hitters (accumulated attention) + a recent window; evicts while decoding",
 )

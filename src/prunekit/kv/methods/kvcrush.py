@@ -85,7 +85,7 @@ def representatives(
     "kvcrush",
     family="kv",
     paper="KVCrush: Key Value Cache Size-Reduction Using Similarity in Head-Behaviour",
-    stages=(),
+    stages=("after-prefill",),
     signals=("the base method's",),
     summary="a base method's top tokens + one representative per head-behaviour bucket of the evicted",
 )

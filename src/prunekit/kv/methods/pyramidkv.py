@@ -35,7 +35,7 @@ def pyramid_budget(n: int, k: int, layer: int, n_layers: int, window: int, beta:
     "pyramidkv",
     family="kv",
     paper="PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling",
-    stages=(),
+    stages=("after-prefill",),
     signals=("window_attention",),
     summary="SnapKV scores with per-layer budgets falling linearly with depth (same total)",
 )

@@ -54,7 +54,7 @@ def snap_scores(ctx: KVContext, window: int, kernel: int, pooling: str) -> torch
     "snapkv",
     family="kv",
     paper="SnapKV: LLM Knows What You are Looking for Before Generation",
-    stages=(),
+    stages=("after-prefill",),
     signals=("window_attention",),
     summary="keep keys the last `window` prompt queries attend to (pooled), plus the window",
 )

@@ -24,7 +24,7 @@ from ..context import KVContext, KVMethod
     "streamingllm",
     family="kv",
     paper="Efficient Streaming Language Models with Attention Sinks",
-    stages=(),
+    stages=("after-prefill",),
     signals=(),
     summary="keep the first n_sink tokens (attention sinks) and the most recent ones",
 )
