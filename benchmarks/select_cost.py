@@ -37,6 +37,7 @@ def context(n: int, d: int, heads: int, text: int, stage: str, gen: torch.Genera
         "instruction_embeddings": torch.randn(1, text, d, generator=gen),
         "input_embeddings": torch.randn(1, n, d, generator=gen),
         "transition": torch.rand(1, n, generator=gen),
+        "cumulative_attention": torch.rand(1, n, generator=gen),
     }
     for layer in range(24):  # methods that ask for a map "@layer"
         sig[f"attention_map@{layer}"] = attn
@@ -70,7 +71,7 @@ def main() -> None:
                "select_ms": 1e3 * statistics.median(times)}  # fmt: skip
         rows.append(row)
         print(json.dumps(row))
-    print("\n| method | stage | select ms (N=%d, keep %d) |\n|---|---|---|" % (a.n, a.keep))
+    print(f"\n| method | stage | select ms (N={a.n}, keep {a.keep}) |\n|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['stage']} | {r['select_ms']:.2f} |")
 

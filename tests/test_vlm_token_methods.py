@@ -39,7 +39,8 @@ def check_plan(keep: torch.Tensor, groups: int, k: int, n: int) -> None:
 def test_the_five_methods_are_registered_for_the_vision_stage():
     for name in ("hiprune", "fopru", "holov", "visionzip", "todre"):
         info = prunekit.registry.get(name)
-        assert info.family == "tokens" and info.stages == ("vision",) and info.paper
+        assert info.family == "tokens" and info.stages[0] == "vision" and info.paper
+    assert prunekit.registry.get("todre").stages == ("vision", "llm")  # stage 2 inside the LLM
     assert HiPrune().needs("vision") == (Signal("attention_map", 8), Signal("attention_map", None))
     assert HiPrune(object_layer=16, deep_layer=31).needs("vision") == (
         Signal("attention_map", 15),

@@ -54,7 +54,8 @@ def random_ctx(G: int = 2, N: int = 40, D: int = 8, T: int = 6, seed: int = 0) -
 def test_the_four_methods_are_registered_for_the_vision_stage():
     for name in NAMES:
         info = prunekit.registry.get(name)
-        assert info.family == "tokens" and info.stages == ("vision",) and info.paper
+        assert info.family == "tokens" and info.stages[0] == "vision" and info.paper
+        assert info.stages == (("vision", "llm") if name == "catp" else ("vision",))  # CATP stage 2
         assert "text_embeddings" in info.signals
     text = Signal("text_embeddings")
     assert RecoverableCompression().needs("vision") == (Signal("cls_attention", -1), Signal("tokens"), text)
