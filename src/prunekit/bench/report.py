@@ -83,26 +83,32 @@ def plot(rows: list[dict], path: pathlib.Path) -> pathlib.Path | None:
     kept = [r["params_kept"] for r in rows]
     weights = max(kept) - min(kept) > 1e-3
     xkey, xlabel = ("params_kept", "parameters kept") if weights else ("tokens_kept", "tokens kept")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     by_method: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_method[r["label"]].append(r)
-    for label, rs in by_method.items():
+    many = len(by_method) > 9  # beyond one colour cycle: a legend outside, markers and dashes vary
+    fig, axes = plt.subplots(1, 2, figsize=(13 if many else 10, 4.5 if many else 4), constrained_layout=True)
+    markers, dashes = "os^vDP*Xh<>", ("-", "--", ":", "-.")
+    for j, (label, rs) in enumerate(by_method.items()):
         pts = sorted(rs, key=lambda r: r[xkey])
         ys = [r["quality"][metric] for r in pts]
         if label == "dense":
             for ax, x in zip(axes, (1.0, 1.0), strict=True):
                 ax.scatter([x], ys[:1], marker="*", s=180, color="black", zorder=5, label="dense")
             continue
-        axes[0].plot([r["latency"]["prefill_ratio"] for r in pts], ys, "o-", label=label)
-        axes[1].plot([r[xkey] for r in pts], ys, "o-", label=label)
+        style = {"marker": markers[j % len(markers)], "linestyle": dashes[(j // 10) % len(dashes)]}
+        axes[0].plot([r["latency"]["prefill_ratio"] for r in pts], ys, label=label, **style)
+        axes[1].plot([r[xkey] for r in pts], ys, label=label, **style)
     better = "higher is better" if rows[0]["higher_is_better"] else "lower is better"
     axes[0].set_xlabel("prefill latency (x dense, median of interleaved runs)")
     axes[1].set_xlabel(xlabel)
     for ax in axes:
         ax.set_ylabel(f"{metric} ({better})")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
+    if many:
+        axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    else:
+        axes[1].legend(fontsize=8)
     fig.suptitle(f"{rows[0]['model']} · {rows[0]['task']} (n={rows[0]['n_examples']})")
     fig.savefig(path, dpi=110)
     plt.close(fig)
