@@ -311,6 +311,8 @@ def compress_kv(
         **options: the method's options (e.g. ``window=32`` for SnapKV).
 
     Yields a :class:`KVSession` whose ``stats`` count entries seen and kept and the time spent.
+    Greedy decoding and sampling are supported; beam search reorders the cache's rows between
+    steps, which the per-row slot bookkeeping here does not follow, so it is not supported yet.
     """
     if (keep is None) == (ratio is None):
         raise ValueError("give the budget once: keep=<int count or fraction> or ratio=<fraction kept>")
