@@ -28,10 +28,11 @@ def query_probs(
     """Softmax attention ``(B, Hq, r, L)`` (fp32) of queries ``q`` ``(B, Hq, r, hd)`` sitting at
     sequence indices ``q_index`` ``(r,)`` over ``keys`` ``(B, Hkv, L, hd)``: causal by index, padding
     keys (``key_valid`` ``(B, L)`` False) at 0; a query always sees itself."""
-    Hq, Hkv = q.shape[1], keys.shape[1]
-    k = keys.repeat_interleave(Hq // Hkv, dim=1)
-    logits = (q.float() @ k.float().transpose(-1, -2)) * scaling  # (B, Hq, r, L)
-    L = keys.shape[2]
+    B, Hq, r, hd = q.shape
+    Hkv, L = keys.shape[1], keys.shape[2]
+    # GQA without copying the keys: each KV head's group of query heads as one block of rows
+    qg = q.float().reshape(B, Hkv, (Hq // Hkv) * r, hd)
+    logits = (qg @ keys.float().transpose(-1, -2)).view(B, Hq, r, L) * scaling  # (B, Hq, r, L)
     k_idx = torch.arange(L, device=q.device)
     allowed = (k_idx[None, :] <= q_index[:, None])[None] & key_valid[:, None, :]  # (B, r, L)
     allowed = allowed | (k_idx[None, :] == q_index[:, None])[None]
