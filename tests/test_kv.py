@@ -215,6 +215,14 @@ def test_kvcrush_buckets_and_representatives_hand_worked():
     keys = torch.tensor([0, 5, 5, 7, 9, 0])
     assert representatives(imp, cand, keys, 2).nonzero().flatten().tolist() == [2, 3]
     assert representatives(imp, cand, keys, 5).nonzero().flatten().tolist() == [2, 3, 4]
+    # two rows in one call, each with its own count: row 1 has buckets {3: [0, 1, 2], 4: [5]}
+    from prunekit.kv.methods.kvcrush import representatives_batch
+
+    imp2 = torch.stack([imp, torch.tensor([0.5, 0.9, 0.1, 0.0, 0.0, 0.7])])
+    cand2 = torch.stack([cand, torch.tensor([True, True, True, False, False, True])])
+    keys2 = torch.stack([keys, torch.tensor([3, 3, 3, 0, 0, 4])])
+    got = representatives_batch(imp2, cand2, keys2, torch.tensor([1, 2]))
+    assert got.nonzero().tolist() == [[0, 2], [1, 1], [1, 5]]
 
 
 def test_kvcrush_keeps_base_tokens_plus_one_representative_per_bucket_in_every_head():

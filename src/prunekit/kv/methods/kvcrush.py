@@ -57,28 +57,43 @@ def bucket_ids(bits: torch.Tensor, grouping: str) -> torch.Tensor:
     return (bits.long() * weights).sum(dim=-1)
 
 
+def representatives_batch(
+    importance: torch.Tensor, candidate: torch.Tensor, keys: torch.Tensor, r: torch.Tensor
+) -> torch.Tensor:
+    """Rows at once: ``importance`` ``(B, L)``, ``candidate`` ``(B, L)`` bool (evicted by every
+    head), bucket ``keys`` ``(B, L)``, ``r`` ``(B,)`` -> ``(B, L)`` bool, at most ``r[b]``
+    representatives per row: the best member of each bucket, the largest buckets first (ties: the
+    lower key). Vectorised: buckets of all rows are numbered together (row-major keys)."""
+    B = candidate.shape[0]
+    out = torch.zeros_like(candidate)
+    if not bool(candidate.any()):
+        return out
+    b, pos = candidate.nonzero(as_tuple=True)
+    span = int(keys.max()) + 1
+    gkey = b * span + keys[b, pos]  # bucket ids unique across rows
+    uniq, inv = torch.unique(gkey, return_inverse=True)  # sorted: by row, then key
+    size = torch.bincount(inv, minlength=len(uniq))
+    imp = importance[b, pos].float()
+    order = torch.argsort(imp, descending=True, stable=True)
+    order = order[torch.argsort(inv[order], stable=True)]  # by bucket, best member first
+    first = torch.ones(len(order), dtype=torch.bool, device=order.device)
+    first[1:] = inv[order][1:] != inv[order][:-1]
+    best = order[first]  # one member per bucket, in bucket order
+    row = uniq // span
+    by_size = torch.argsort(size, descending=True, stable=True)  # largest first, lower key on ties
+    by_size = by_size[torch.argsort(row[by_size], stable=True)]  # grouped by row, largest first
+    start = torch.searchsorted(row[by_size], torch.arange(B, device=row.device))
+    rank = torch.arange(len(by_size), device=row.device) - start[row[by_size]]
+    chosen = by_size[rank < r[row[by_size]]]  # bucket ids kept
+    out[b[best[chosen]], pos[best[chosen]]] = True
+    return out
+
+
 def representatives(
     importance: torch.Tensor, candidate: torch.Tensor, keys: torch.Tensor, r: int
 ) -> torch.Tensor:
-    """One row: ``importance`` ``(L,)``, ``candidate`` ``(L,)`` bool (evicted by every head),
-    bucket ``keys`` ``(L,)`` -> ``(L,)`` bool, at most ``r`` representatives: the best member of
-    each bucket, the largest buckets first (ties: the lower key)."""
-    out = torch.zeros_like(candidate)
-    if r <= 0 or not bool(candidate.any()):
-        return out
-    pos = candidate.nonzero().flatten()
-    uniq, inv = torch.unique(keys[pos], return_inverse=True)
-    size = torch.bincount(inv, minlength=len(uniq))
-    imp = importance[pos].float()
-    # best member per bucket: sort by (bucket, importance desc), take each bucket's first
-    order = torch.argsort(imp, descending=True, stable=True)
-    order = order[torch.argsort(inv[order], stable=True)]
-    first = torch.ones(len(order), dtype=torch.bool, device=order.device)
-    first[1:] = inv[order][1:] != inv[order][:-1]
-    best = pos[order[first]]  # one per bucket, in bucket order
-    pick = torch.argsort(size, descending=True, stable=True)[:r]
-    out[best[pick]] = True
-    return out
+    """One row of :func:`representatives_batch`: ``(L,)`` tensors and a count ``r``."""
+    return representatives_batch(importance[None], candidate[None], keys[None], torch.tensor([r]))[0]
 
 
 @register(
@@ -119,7 +134,6 @@ class KVCrush(KVMethod):
         s = self.inner.score(ctx).float()  # (B, Hkv, L)
         valid = ctx.valid
         s = s.masked_fill(~valid[:, None, :], float("-inf"))
-        B = s.shape[0]
         k = ctx.budget
         r = torch.round(k.float() * self.crush_ratio).long()
         # the base method's choice per head, then who is evicted by every head
@@ -129,9 +143,7 @@ class KVCrush(KVMethod):
         keys = bucket_ids(head_bits(s, valid), self.grouping)
         finite = torch.where(torch.isfinite(s), s, torch.zeros_like(s))
         importance = finite.mean(dim=1)
-        rep = torch.stack(
-            [representatives(importance[b], evicted[b], keys[b], int(r[b])) for b in range(B)]
-        )  # (B, L); a loop over rows only
+        rep = representatives_batch(importance, evicted, keys, r)  # (B, L)
         # representatives first in every head, then the base scores (base tokens and any refill)
         top = finite.amax() - finite.amin() + 1.0
         return s + rep[:, None, :].float() * top * 2
