@@ -118,3 +118,19 @@ def get(name: str) -> MethodInfo:
     close = difflib.get_close_matches(str(key), list(_REGISTRY), n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
     raise UnknownMethodError(f"unknown method {name!r}.{hint} Known methods: {', '.join(sorted(_REGISTRY))}.")
+
+
+def instantiate(name: str, family: str, options: dict, caller: str) -> object:
+    """A method object from its registry name and options: the name must be of ``family``
+    (``caller`` names the API in the error) and every option one of the method's fields."""
+    import dataclasses
+
+    info = get(name)
+    if info.family != family:
+        raise ValueError(f"method {info.name!r} is a {info.family} method; {caller} takes {family} methods")
+    cls = info.factory
+    allowed = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method {info.name!r}; allowed: {allowed}")
+    return cls(**options)

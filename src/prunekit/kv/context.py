@@ -38,13 +38,6 @@ class KVContext:
     #: ``(B,)`` entries each row keeps at this layer (the engine's resolved budget)
     budget: torch.Tensor | None = None
 
-    @property
-    def groups(self) -> int:
-        """Query heads per KV head (GQA)."""
-        for s in self.signals.values():
-            return s.shape[1] // self.keys.shape[1]
-        return 1
-
     def per_kv_head(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, Hq, ...)`` -> ``(B, Hkv, ...)``: mean over each KV head's group of query heads."""
         B, Hq = x.shape[:2]

@@ -21,7 +21,6 @@ Everything is undone on exit from the ``with`` block, also after an exception.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from .. import registry
 from ..budget import validate_keep
 from ..errors import PrunekitError, UnsupportedModelError
 from ..models.base import HookSet, Timer
+from ..models.sequence import decoder_call, real_tokens
 from .context import KV_SIGNALS, KVContext, KVMethod
 from .signals import attention_sum, window_attention
 
@@ -64,15 +64,7 @@ def make_kv_method(method: str | KVMethod, options: dict) -> KVMethod:
         if options:
             raise ValueError("options are given either to the method object or to compress_kv, not both")
         return method
-    info = registry.get(method)
-    if info.family != "kv":
-        raise ValueError(f"method {info.name!r} is a {info.family} method; compress_kv takes kv methods")
-    cls = info.factory
-    allowed = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for method {info.name!r}; allowed: {allowed}")
-    return cls(**options)
+    return registry.instantiate(method, "kv", options, "compress_kv")
 
 
 def _text_model(model: nn.Module) -> nn.Module:
@@ -132,13 +124,7 @@ class KVSession:
 
     # ------------------------------------------------------------------ hooks
     def _on_model(self, module: nn.Module, args: tuple, kw: dict):
-        x = kw.get("inputs_embeds")
-        if x is None:
-            x = kw.get("input_ids", args[0] if args else None)
-        pkv = kw.get("past_key_values")
-        past = pkv.get_seq_length() if pkv is not None else 0
-        am = kw.get("attention_mask")
-        am2d = am if isinstance(am, torch.Tensor) and am.dim() == 2 else None
+        x, past, am2d = decoder_call(args, kw)
         B, q = x.shape[:2]
         if past == 0:
             self._reset()
@@ -146,12 +132,7 @@ class KVSession:
                 return None
             self.prefill = True
             self.L = q
-            self.valid = torch.ones(B, q, dtype=torch.bool, device=x.device) if am2d is None else am2d.bool()
-            if not bool(self.valid[:, -1].all()):
-                raise PrunekitError(
-                    "compress_kv needs left padding (the last position must be a real token in every "
-                    "row); set tokenizer.padding_side = 'left'"
-                )
+            self.valid = real_tokens(am2d, x, "compress_kv")
             pid = kw.get("position_ids")
             last = torch.full((B,), q - 1, dtype=torch.long, device=x.device) if pid is None else pid[..., -1]
             self.next_pos = (last.view(-1)[-B:] if last.dim() else last) + 1  # (B,) next position id
@@ -234,7 +215,8 @@ class KVSession:
         if "window_attention" in needs:
             out["window_attention"] = window_attention(attn, h, pe, keys, self.valid, self.method.window)
         if "attention_sum" in needs:
-            out["attention_sum"] = attention_sum(attn, h, pe, keys, self.valid)
+            chunk = getattr(self.method, "chunk", 256)
+            out["attention_sum"] = attention_sum(attn, h, pe, keys, self.valid, chunk=chunk)
         return out
 
     def _compress(self, attn: nn.Module, kw: dict, cache_layer, i: int) -> None:

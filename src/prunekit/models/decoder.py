@@ -28,8 +28,10 @@ from .base import Adapter, Session, check_cut_layer, required_signals
 from .sequence import (
     Groups,
     attention_mask_4d,
+    decoder_call,
     gather_tokens,
     left_pack,
+    real_tokens,
     select_in_groups,
     signal_gatherers,
 )
@@ -165,25 +167,12 @@ class LLMCut:
         return self.valid if self.slot_valid is None else self.slot_valid
 
     def _on_model(self, module: nn.Module, args: tuple, kw: dict) -> None:
-        x = kw.get("inputs_embeds")
-        if x is None:
-            x = kw.get("input_ids", args[0] if args else None)
-        pkv = kw.get("past_key_values")
-        past = pkv.get_seq_length() if pkv is not None else 0
-        am = kw.get("attention_mask")
-        self.am2d = am if isinstance(am, torch.Tensor) and am.dim() == 2 else None
+        x, past, self.am2d = decoder_call(args, kw)
         self.prefill = past == 0
         if self.prefill:
             B, L = x.shape[:2]
             self._reset(L)
-            valid = (
-                torch.ones(B, L, dtype=torch.bool, device=x.device) if self.am2d is None else self.am2d.bool()
-            )
-            if not bool(valid[:, -1].all()):
-                raise PrunekitError(
-                    "token pruning in a decoder needs left padding (the last position must be a real token "
-                    "in every row); set tokenizer.padding_side = 'left'"
-                )
+            valid = real_tokens(self.am2d, x, "token pruning in a decoder")
             if self.window is not None and self.window < L:
                 raise PrunekitError(
                     f"prompt of {L} tokens exceeds the sliding window {self.window}: not supported"

@@ -44,6 +44,30 @@ def right_pack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, keep.gather(1, idx)
 
 
+def decoder_call(args: tuple, kw: dict) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """What a pre-hook on a decoder model sees: ``(input ids or embeddings (B, L, ...), tokens
+    already cached, the 2-D attention mask or None)``."""
+    x = kw.get("inputs_embeds")
+    if x is None:
+        x = kw.get("input_ids", args[0] if args else None)
+    pkv = kw.get("past_key_values")
+    am = kw.get("attention_mask")
+    am2d = am if isinstance(am, torch.Tensor) and am.dim() == 2 else None
+    return x, (pkv.get_seq_length() if pkv is not None else 0), am2d
+
+
+def real_tokens(am2d: torch.Tensor | None, x: torch.Tensor, what: str) -> torch.Tensor:
+    """``(B, L)`` bool: the prompt's real tokens; refuses right padding (``what`` names the API)."""
+    B, L = x.shape[:2]
+    valid = torch.ones(B, L, dtype=torch.bool, device=x.device) if am2d is None else am2d.bool()
+    if not bool(valid[:, -1].all()):
+        raise PrunekitError(
+            f"{what} needs left padding (the last position must be a real token in every row); "
+            "set tokenizer.padding_side = 'left'"
+        )
+    return valid
+
+
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
     """Gather positions ``idx (B, L')`` along ``dim`` of ``x`` whose batch dim is ``dim - 1``.
 

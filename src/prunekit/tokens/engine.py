@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -24,15 +23,7 @@ def make_method(method: str | TokenMethod, options: dict) -> TokenMethod:
         from .compose import parse
 
         return parse(method, options)
-    info = registry.get(method)
-    if info.family != "tokens":
-        raise ValueError(f"method {info.name!r} is a {info.family} method; prune_tokens takes token methods")
-    cls = info.factory
-    allowed = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for method {info.name!r}; allowed: {allowed}")
-    return cls(**options)
+    return registry.instantiate(method, "tokens", options, "prune_tokens")
 
 
 def choose_stage(method: TokenMethod, adapter_stages: tuple[str, ...], family: str, stage: str | None) -> str:

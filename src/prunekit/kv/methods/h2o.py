@@ -18,7 +18,6 @@ the one new query row per layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
@@ -39,8 +38,7 @@ from ..signals import query_probs, rotated_queries
 class H2O(KVMethod):
     recent_ratio: float = 0.5
     decode: bool = True  # type: ignore[assignment]  # evict during decoding too
-    chunk: int = 256
-    name: ClassVar[str]
+    chunk: int = 256  # prompt queries per block when accumulating the prefill attention
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.recent_ratio <= 1.0:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..context import Selection, Signal, TokenContext, topk_sorted
+
 TEXT_POOLS = ("max", "mean")
 
 
@@ -86,3 +88,27 @@ def instruction_mean(attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``instruction_attention`` ``(G, T, N)`` and ``instruction_mask`` ``(G, T)`` (llm stage) ->
     ``(G, N)``: the attention each candidate receives, averaged over the real instruction rows."""
     return (attn * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp_min(1)
+
+
+class InstructionStage:
+    """The llm-stage part shared by two-stage methods (ToDRE and CATP stage 2): rank the candidates
+    still present by the instruction's mean attention (layer ``K-1``) and keep the top ``k``.
+
+    A method mixes this in, asks :meth:`stage_needs` for ``stage == "llm"`` and starts its
+    ``select`` with ``if (sel := self.stage_select(ctx, k)) is not None: return sel``.
+    """
+
+    LLM_NEEDS = (Signal("instruction_attention"), Signal("instruction_mask"))
+
+    def score(self, ctx: TokenContext) -> torch.Tensor:
+        """The llm stage: the instruction's mean attention to each candidate."""
+        return instruction_mean(ctx.signal("instruction_attention"), ctx.signal("instruction_mask"))
+
+    def stage_select(self, ctx: TokenContext, k: int) -> Selection | None:
+        """Keep-everything at any stage, the top-``k`` scores at the llm stage, else None."""
+        G, N = ctx.num_groups, ctx.num_tokens
+        if k >= N:
+            return Selection(torch.arange(N, device=ctx.tokens.device).expand(G, -1))
+        if ctx.stage == "llm":
+            return Selection(topk_sorted(self.score(ctx), k))
+        return None

@@ -42,8 +42,8 @@ from dataclasses import dataclass
 import torch
 
 from ...registry import register
-from ..context import Selection, Signal, TokenContext, TokenMethod, topk_sorted
-from ._textguided import check_text_pool, instruction_mean, text_relevance
+from ..context import Selection, Signal, TokenContext, TokenMethod
+from ._textguided import InstructionStage, check_text_pool, text_relevance
 from .divprune import cosine_distance, greedy_diverse
 
 
@@ -63,7 +63,7 @@ def greedy_diverse_aligned(dist: torch.Tensor, align: torch.Tensor, k: int, lam:
     summary="stage 1: greedy max-min diversity plus alignment with the prompt text, per image",
 )
 @dataclass
-class CATP(TokenMethod):
+class CATP(InstructionStage, TokenMethod):
     lam: float = 0.5  # weight of text alignment against diversity, in [0, 1]
     text_pool: str = "max"  # "max" | "mean" cosine to the text tokens
     layer: int | None = None  # stage 2 (llm): cut layer K; None = 2
@@ -74,19 +74,10 @@ class CATP(TokenMethod):
         check_text_pool("catp", self.text_pool)
 
     def needs(self, stage: str) -> tuple[Signal, ...]:
-        if stage == "llm":
-            return (Signal("instruction_attention"), Signal("instruction_mask"))
-        return (Signal("tokens"), Signal("text_embeddings"))
-
-    def score(self, ctx: TokenContext) -> torch.Tensor:
-        """Stage 2: cross-modal relevance, the instruction's mean attention to each candidate."""
-        return instruction_mean(ctx.signal("instruction_attention"), ctx.signal("instruction_mask"))
+        return self.LLM_NEEDS if stage == "llm" else (Signal("tokens"), Signal("text_embeddings"))
 
     def select(self, ctx: TokenContext, k: int) -> Selection:
-        G, N = ctx.num_groups, ctx.num_tokens
-        if k >= N:
-            return Selection(torch.arange(N, device=ctx.tokens.device).expand(G, -1))
-        if ctx.stage == "llm":
-            return Selection(topk_sorted(self.score(ctx), k))
+        if (sel := self.stage_select(ctx, k)) is not None:  # keep-all, or stage 2 (cross-modal)
+            return sel
         align = text_relevance(ctx.tokens, ctx.signal("text_embeddings"), self.text_pool)  # (G, N)
         return Selection(greedy_diverse_aligned(cosine_distance(ctx.tokens), align, k, self.lam))

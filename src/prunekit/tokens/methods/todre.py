@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import torch
 
 from ...registry import register
-from ..context import Selection, Signal, TokenContext, TokenMethod, topk_sorted
-from ._textguided import instruction_mean
+from ..context import Selection, Signal, TokenContext, TokenMethod
+from ._textguided import InstructionStage
 from .divprune import cosine_distance, greedy_diverse
 
 OBJECTIVES = ("kcenter", "maxsum")
@@ -55,7 +55,7 @@ OBJECTIVES = ("kcenter", "maxsum")
     summary="greedy k-center diversity after the projector; stage 2: instruction attention in the LLM",
 )
 @dataclass
-class ToDRE(TokenMethod):
+class ToDRE(InstructionStage, TokenMethod):
     objective: str = "kcenter"  # "kcenter" (paper v1) | "maxsum" (paper v2)
     layer: int | None = None  # stage 2 (llm): cut layer K; None = half the decoder depth
 
@@ -64,23 +64,14 @@ class ToDRE(TokenMethod):
             raise ValueError(f"todre: objective must be one of {list(OBJECTIVES)}; got {self.objective!r}")
 
     def needs(self, stage: str) -> tuple[Signal, ...]:
-        if stage == "llm":
-            return (Signal("instruction_attention"), Signal("instruction_mask"))
-        return (Signal("tokens"),)
+        return self.LLM_NEEDS if stage == "llm" else (Signal("tokens"),)
 
     def default_cut(self, n_layers: int) -> int:
         return max(1, n_layers // 2)
 
-    def score(self, ctx: TokenContext) -> torch.Tensor:
-        """Stage 2: task relevance, the instruction's mean attention to each candidate."""
-        return instruction_mean(ctx.signal("instruction_attention"), ctx.signal("instruction_mask"))
-
     def select(self, ctx: TokenContext, k: int) -> Selection:
-        G, N = ctx.num_groups, ctx.num_tokens
-        if k >= N:
-            return Selection(torch.arange(N, device=ctx.tokens.device).expand(G, -1))
-        if ctx.stage == "llm":
-            return Selection(topk_sorted(self.score(ctx), k))
+        if (sel := self.stage_select(ctx, k)) is not None:  # keep-all, or stage 2 (task relevance)
+            return sel
         return Selection(greedy_diverse(cosine_distance(ctx.tokens), k, self.objective))
 
     def select_scored(
