@@ -49,9 +49,17 @@ def test_registry_rows_have_every_field():
         assert r["paper"] and r["stages"] and isinstance(r["trains"], bool)
         if m.family == "tokens":
             assert set(r["stages"]) <= {"vision", "llm", "encoder"}
-        else:  # kv: when the cache is edited
-            assert m.family == "kv" and set(r["stages"]) <= {"after-prefill", "decode"}
-    assert prunekit.methods(family="weights") == []
+        elif m.family == "kv":  # when the cache is edited
+            assert set(r["stages"]) <= {"after-prefill", "decode"}
+        else:  # weights: one-shot, on a trained model
+            assert m.family == "weights" and r["stages"] == ["after-training"]
+    assert {m.name for m in prunekit.methods(family="weights")} >= {
+        "magnitude",
+        "wanda",
+        "sparsegpt",
+        "gblm",
+        "owl",
+    }
 
 
 def test_unknown_method_lists_close_matches():

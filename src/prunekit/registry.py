@@ -30,11 +30,16 @@ _METHOD_MODULES = (
     "prunekit.tokens.methods.sparsevlm",
     "prunekit.tokens.methods.vflowopt",
     "prunekit.tokens.methods.spatten",
+    "prunekit.tokens.methods.zero_tprune",
     "prunekit.kv.methods.streamingllm",
     "prunekit.kv.methods.snapkv",
     "prunekit.kv.methods.pyramidkv",
     "prunekit.kv.methods.h2o",
     "prunekit.kv.methods.kvcrush",
+    "prunekit.weights.methods.magnitude",
+    "prunekit.weights.methods.wanda",
+    "prunekit.weights.methods.sparsegpt",
+    "prunekit.weights.methods.gblm",
 )
 
 
@@ -45,7 +50,9 @@ class MethodInfo:
     name: str
     family: str  # "tokens" | "kv" | "weights" | "data" | "decode"
     paper: str  # the paper's title
-    stages: tuple[str, ...]  # token stages: "vision" (a), "llm" (b), "encoder" (c)
+    stages: tuple[
+        str, ...
+    ]  # tokens: "vision", "llm", "encoder"; kv: "after-prefill", "decode"; weights: "after-training"
     signals: tuple[str, ...]  # e.g. "cls_attention@vision-layer", "last_token_attention@llm-layer"
     trains: bool
     factory: Callable[..., object]

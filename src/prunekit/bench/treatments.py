@@ -3,7 +3,8 @@ method at one budget, opened as a context manager around every evaluation and ti
 
 Token methods go through :func:`prunekit.prune_tokens`, KV-cache methods through
 :func:`prunekit.compress_kv` (``keep`` = the fraction of the prompt's cache kept). Weight methods
-plug in here as they land (``prune_weights``).
+are measured by ``benchmarks/weights_quality.py``, or by benching the folder ``prunekit prune``
+saved (a pruned checkpoint is an ordinary model to the bench).
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ class Treatment:
         validate_keep(self.keep)
         if info.family not in ("tokens", "kv"):
             raise NotImplementedError(
-                f"the bench runs token and kv methods so far; {info.name!r} is a {info.family} method"
+                f"the bench runs token and kv methods so far; {info.name!r} is a {info.family} method "
+                "(weight methods: benchmarks/weights_quality.py, or `prunekit prune` then bench the "
+                "saved folder)"
             )
         fields = (
             {f.name for f in dataclasses.fields(info.factory)}

@@ -103,7 +103,8 @@ class PruneStats:
     #: per pruning call, ``(B, L)`` bool over the sequence the cut applied to: which positions
     #: survived (non-candidates included, padding excluded) — what a masked reference needs
     kept_masks: list[torch.Tensor] = field(default_factory=list)
-    #: llm stage: the decoder layer of each entry of ``kept_masks`` (progressive methods cut several)
+    #: llm and encoder stages: the layer (block) cut before, for each entry of ``kept_masks``
+    #: (progressive methods cut several)
     cut_layers: list[int] = field(default_factory=list)
     #: cascade head pruning (SpAtten): per cut, ``(first layer, (B, H) bool heads alive)``
     head_masks: list[tuple[int, torch.Tensor]] = field(default_factory=list)

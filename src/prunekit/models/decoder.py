@@ -493,3 +493,16 @@ class DecoderAdapter(Adapter):
         K = m.default_cut(len(tm.layers)) if m.layer is None else m.layer
         session.hooks.setattr(self.model, "_prunekit_llm_cut", True)
         LLMCut(session, tm, K, text_candidates, self.family).install()
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """``(qualified name, layers)`` of the decoder stack of a causal LM, or of the language model
+    inside a VLM: the first module with ``embed_tokens`` and a ``layers`` ModuleList."""
+    for name, module in model.named_modules():
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, nn.ModuleList) and hasattr(module, "embed_tokens"):
+            return (f"{name}.layers" if name else "layers"), layers
+    raise UnsupportedModelError(
+        f"{type(model).__name__}: no decoder stack found (a module with embed_tokens and a layers "
+        "ModuleList); weight pruning with calibration supports causal LMs and the LMs inside VLMs"
+    )

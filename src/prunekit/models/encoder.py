@@ -5,6 +5,15 @@ Two modes, chosen by what the method offers:
   input of block ``K`` (``method.layer``, default 4). The CLS token (and DeiT's distillation
   token) is protected and stays first. The ``cls_attention`` signal is the head-mean [CLS] row of
   block ``K-1``, recomputed from that block's q/k, so the model stays on SDPA.
+- **progressive cut** (a :class:`~prunekit.tokens.context.ProgressiveMethod` such as Zero-TPrune):
+  cuts before each of the method's blocks ``K_1 < K_2 < ...``, fewer candidates at each. The
+  signals of cut ``i`` come from block ``K_i - 1`` on its own input (the survivors of the earlier
+  cuts), recomputed from its q/k as for one cut. Since the MLP is token-wise, cutting before block
+  ``K`` on block ``K-1``'s attention gives the kept tokens exactly what a cut *inside* block
+  ``K-1`` (between attention and MLP, where ToMe and EViT act) gives them; only block
+  ``K-1``'s MLP still runs on every token. ``keep`` is the mean number of candidates per block
+  (see :mod:`prunekit.tokens.schedule`); ``session.stats`` records each cut (``kept_masks`` in the
+  input's coordinates, ``cut_layers``) and, per call, that mean.
 - **merge** (ToMe): every block's forward is replaced, for the duration of the ``with`` block, by
   one that merges tokens between attention and MLP and applies proportional attention.
 
@@ -31,11 +40,21 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..budget import resolve_keep
 from ..errors import PrunekitError, SignalUnavailableError, UnsupportedModelError
+from ..tokens.context import TokenMethod
 from ..tokens.merge import bipartite_soft_matching, merge_wavg
+from ..tokens.schedule import mean_tokens
 from .attention import cls_query_attention, encoder_attention
 from .base import Adapter, Session, Timer, check_cut_layer, required_signals
-from .sequence import Groups, gather_tokens, right_pack, select_in_groups, signal_gatherers
+from .sequence import (
+    Groups,
+    gather_square,
+    gather_tokens,
+    right_pack,
+    select_in_groups,
+    signal_gatherers,
+)
 
 
 @dataclass(frozen=True)
@@ -64,17 +83,25 @@ def _arg(args: tuple, kw: dict, i: int, name: str):
     return args[i] if len(args) > i else kw.get(name)
 
 
-#: signals of the encoder stage (a cut before block K), and how they are had
+#: signals of the encoder stage (a cut before block K), and how they are had; a progressive method
+#: gets them at each of its cuts, from block K_i - 1 on that cut's input
 ENCODER_SIGNALS: dict[str, str] = {
     "cls_attention": "head-mean [CLS] row of block K-1, recomputed from q/k",
     "attention_map": "per-head map of block K-1, recomputed from q/k",
+    "attention_graph": "per-head map of block K-1 over the protected tokens (first) and the "
+    "candidates, recomputed from q/k; rows sum to 1 (G, H, P+N, P+N)",
+    "keys": "per-head keys of block K-1 at the candidates, its k projection of its input (G, N, H, hd)",
 }
+_MAP_KINDS = ("attention_map", "attention_graph")
 
 
 class EncoderAdapter(Adapter):
     stages = ("encoder",)
     stage_signals: ClassVar[Mapping[str, Mapping[str, str]]] = {
-        "encoder": {**ENCODER_SIGNALS, "keys": "every block's keys (merge mode, ToMe)"}
+        "encoder": {
+            **ENCODER_SIGNALS,
+            "keys": "per-head keys: of block K-1 at a cut (G, N, H, hd); every block's in merge mode (ToMe)",
+        }
     }
     missing_stage_reason: ClassVar[Mapping[str, str]] = {
         "vision": "an encoder alone has no visual tokens between a tower and an LLM",
@@ -125,6 +152,7 @@ class EncoderAdapter(Adapter):
             )
         self.session = session
         self.am2d: torch.Tensor | None = None
+        self.slot_valid: torch.Tensor | None = None  # (B, T') real slots after this call's last cut
         session.output_mask = None
         if self.reads_padding:
             self._watch_padding(session)
@@ -150,68 +178,154 @@ class EncoderAdapter(Adapter):
     # ------------------------------------------------------------------ cut
     def _attach_cut(self, session: Session) -> None:
         depth = len(self.layers)
-        K = session.method.layer
-        K = (4 if depth > 4 else max(1, depth // 2)) if K is None else K
-        check_cut_layer(K, depth, "encoder")
-        self.K, self.maps = K, {}
+        method = session.method
+        cuts = method.cuts(depth)
+        self.progressive = cuts is not None
+        if self.progressive:
+            self.cuts = tuple(check_cut_layer(K, depth, "encoder") for K in cuts)
+        else:
+            K = method.layer
+            K = (4 if depth > 4 else max(1, depth // 2)) if K is None else K
+            self.cuts = (check_cut_layer(K, depth, "encoder"),)
+        self.K, self.maps = self.cuts[0], {}
         offered = ENCODER_SIGNALS
-        needs = required_signals(session.method, "encoder", self.family, offered)
+        needs = required_signals(method, "encoder", self.family, offered)
         self.signal_kinds = [kind for kind in offered if kind in needs]
         for kind in self.signal_kinds:
-            if needs[kind].layer is not None and needs[kind].layer != K:
+            layer = needs[kind].layer
+            if self.progressive and layer is not None:
                 raise SignalUnavailableError(
-                    f"signal {needs[kind]}: at the encoder stage it comes from block K-1 = {K - 1}"
+                    f"signal {needs[kind]}: a progressive method gets it at each cut, from the block "
+                    "before the cut on the cut's input; ask for it without a layer"
                 )
+            if layer is not None and layer != self.K:
+                raise SignalUnavailableError(
+                    f"signal {needs[kind]}: at the encoder stage it comes from block K-1 = {self.K - 1}"
+                )
+        session.hooks.pre(self.layers[0], self._on_first_layer)
         if self.signal_kinds:
-            attn, *_ = self.attention_parts(self.layers[K - 1])
-            session.hooks.pre(attn, self._on_signal_attention)
-        for layer in self.layers[K:]:
+            for K in self.cuts:
+                attn, *_ = self.attention_parts(self.layers[K - 1])
+                session.hooks.pre(attn, self._signal_hook(K))
+        for layer in self.layers[self.K :]:
             session.hooks.pre(layer, self._on_layer)
         self.index = {id(m): i for i, m in enumerate(self.layers)}
 
     def _valid(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` real tokens of ``x``: the slots left by the last cut of this call, else the
+        input's padding mask, else all."""
         B, T = x.shape[:2]
+        if self.slot_valid is not None and self.slot_valid.shape == (B, T):
+            return self.slot_valid
         if self.am2d is not None and self.am2d.shape == (B, T):
             return self.am2d.bool()
         return torch.ones(B, T, dtype=torch.bool, device=x.device)
 
-    def _on_signal_attention(self, attn: nn.Module, args: tuple, kw: dict) -> None:
-        h = _arg(args, kw, 0, "hidden_states")
-        _, q, k, heads, scale = self.attention_parts(self.layers[self.K - 1])
-        valid = self._valid(h)
-        if "attention_map" in self.signal_kinds:
-            self.maps["attention_map"] = encoder_attention(
-                q, k, h, heads, scale, key_valid=valid
-            )  # (B, H, T, T)
-        if "cls_attention" in self.signal_kinds:
-            self.maps["cls_attention"] = cls_query_attention(q, k, h, heads, scale, key_valid=valid)  # (B, T)
+    def _on_first_layer(self, layer: nn.Module, args: tuple, kw: dict) -> None:
+        """A new forward: nothing cut yet."""
+        self.slot_valid = self.kidx = self.mask = None
+        self.kept_counts: list[torch.Tensor] = []  # per cut, (B,) candidates kept
+        self.select_seconds = 0.0
+
+    def _signal_hook(self, K: int):
+        """Pre-hook on block ``K-1``'s attention: the signals of the cut before block ``K``."""
+
+        def hook(attn: nn.Module, args: tuple, kw: dict) -> None:
+            h = _arg(args, kw, 0, "hidden_states")  # the attention's input (normed in pre-norm blocks)
+            _, q, k, heads, scale = self.attention_parts(self.layers[K - 1])
+            valid = self._valid(h)
+            if any(kind in self.signal_kinds for kind in _MAP_KINDS):
+                A = encoder_attention(q, k, h, heads, scale, key_valid=valid)  # (B, H, T, T)
+                for kind in _MAP_KINDS:
+                    if kind in self.signal_kinds:
+                        self.maps[kind] = A
+            if "cls_attention" in self.signal_kinds:
+                cls_row = cls_query_attention(q, k, h, heads, scale, key_valid=valid)  # (B, T)
+                self.maps["cls_attention"] = cls_row
+            if "keys" in self.signal_kinds:
+                B, T, _ = h.shape
+                self.maps["keys"] = k(h).view(B, T, heads, -1)  # (B, T, H, hd)
+
+        return hook
+
+    def _gatherers(self) -> dict:
+        """Signal functions ``(sample_idx (S,), pos (S, n), ids) -> tensor`` for the current maps."""
+        rows_and_maps = {k: v for k, v in self.maps.items() if k in ("cls_attention", "attention_map")}
+        fns = signal_gatherers(rows_and_maps)
+        p = self.protected
+        if "attention_graph" in self.maps:
+            A = self.maps["attention_graph"]
+
+            def graph(b: torch.Tensor, pos: torch.Tensor, ids: list[int]) -> torch.Tensor:
+                first = torch.arange(p, device=pos.device).expand(pos.shape[0], p)  # protected slots
+                return gather_square(A, b, torch.cat([first, pos], dim=1))  # (S, H, p+n, p+n)
+
+            fns["attention_graph"] = graph
+        if "keys" in self.maps:
+            keys = self.maps["keys"]
+            fns["keys"] = lambda b, pos, ids: keys[b[:, None], pos]  # (S, n, H, hd)
+        return fns
+
+    def _budgets(self, cut: int) -> list[int] | None:
+        """Candidates kept per row at the ``cut``-th cut; ``None``: the budget itself (one cut)."""
+        if not self.progressive:
+            return None
+        depth, keep, method = len(self.layers), self.session.keep, self.session.method
+        schedule = {n: method.counts(n, resolve_keep(keep, n), depth) for n in set(self.n0) if n}  # per size
+        return [schedule[n][cut] if n else 0 for n in self.n0]
+
+    def _cut(self, x: torch.Tensor, cut: int) -> torch.Tensor:
+        """Select at the ``cut``-th cut and drop the rest: kept tokens packed first (CLS stays at 0)."""
+        valid = self._valid(x)
+        keep_mask = valid.clone()
+        p = self.protected
+        B = x.shape[0]
+        positions = [valid[b, p:].nonzero().flatten() + p for b in range(B)]
+        if cut == 0:
+            self.n0 = [len(pos) for pos in positions]
+        budgets = self._budgets(cut)
+        groups = Groups(sample=list(range(B)), positions=positions, ids=list(range(B)), budgets=budgets)
+        self.select_seconds += select_in_groups(
+            self.session, keep_mask, groups, tokens=lambda b, pos: x[b[:, None], pos],
+            signals=self._gatherers(), family=self.family,
+            layer=self.cuts[cut] if self.progressive else None, record=not self.progressive,
+        )  # fmt: skip
+        local, slot_valid = right_pack(keep_mask)  # (B, T'), (B, T')
+        if self.kidx is None:
+            kept, self.kidx, self.n_input = keep_mask, local, x.shape[1]
+        else:  # in the coordinates of this call's input
+            self.kidx = self.kidx.gather(1, local)  # (B, T') slot -> input position
+            kept = torch.zeros(B, self.n_input, dtype=torch.bool, device=x.device)
+            kept.scatter_(1, self.kidx, slot_valid)
+        stats = self.session.stats
+        stats.kept_masks.append(kept.cpu())
+        stats.cut_layers.append(self.cuts[cut])
+        self.kept_counts.append(slot_valid.sum(dim=1) - p)
+        self.slot_valid = slot_valid
+        x = gather_tokens(x, local, 1)
+        self.mask = None
+        if not bool(slot_valid.all()):  # ragged rows: mask the unused slots as keys
+            self.mask = torch.zeros(B, 1, 1, slot_valid.shape[1], dtype=x.dtype, device=x.device)
+            self.mask.masked_fill_(~slot_valid[:, None, None, :], torch.finfo(x.dtype).min)
+            self.session.output_mask = slot_valid.long()
+        else:
+            self.session.output_mask = None
+        if self.progressive and cut == len(self.cuts) - 1:
+            self._record_progressive()
+        return x
+
+    def _record_progressive(self) -> None:
+        """One record per call: candidates seen, and the mean kept per block achieved."""
+        depth = len(self.layers)
+        counts = torch.stack(self.kept_counts, dim=1).tolist()  # (B, cuts)
+        mean = sum(mean_tokens(self.cuts, c, n, depth) for c, n in zip(counts, self.n0, strict=True))
+        self.session.stats.record(sum(self.n0), mean, self.select_seconds)
 
     def _on_layer(self, layer: nn.Module, args: tuple, kw: dict):
         x = _arg(args, kw, 0, "hidden_states")
-        if self.index[id(layer)] == self.K:
-            valid = self._valid(x)
-            keep_mask = valid.clone()
-            p = self.protected
-            B = x.shape[0]
-            groups = Groups(
-                sample=list(range(B)),
-                positions=[valid[b, p:].nonzero().flatten() + p for b in range(B)],
-                ids=list(range(B)),
-            )
-            select_in_groups(
-                self.session, keep_mask, groups, tokens=lambda b, pos: x[b[:, None], pos],
-                signals=signal_gatherers(self.maps), family=self.family,
-            )  # fmt: skip
-            self.session.stats.kept_masks.append(keep_mask.cpu())
-            self.kidx, slot_valid = right_pack(keep_mask)
-            x = gather_tokens(x, self.kidx, 1)
-            self.mask = None
-            if not bool(slot_valid.all()):  # ragged rows: mask the unused slots as keys
-                self.mask = torch.zeros(B, 1, 1, slot_valid.shape[1], dtype=x.dtype, device=x.device)
-                self.mask.masked_fill_(~slot_valid[:, None, None, :], torch.finfo(x.dtype).min)
-                self.session.output_mask = slot_valid.long()
-            else:
-                self.session.output_mask = None
+        i = self.index[id(layer)]
+        if i in self.cuts:
+            x = self._cut(x, self.cuts.index(i))
         args = list(args)
         if args:
             args[0] = x
@@ -350,6 +464,12 @@ class BertAdapter(EncoderAdapter):
                 "cuts tokens of a bidirectional encoder and does not keep a KV cache consistent"
             )
         super().attach(session)
+
+    @classmethod
+    def support(cls, method: TokenMethod, stages: tuple[str, ...]) -> tuple[str | None, str]:
+        if hasattr(method, "merge_schedule"):
+            return None, "the encoder stage of bert cuts only (merging needs pre-norm ViT blocks)"
+        return super().support(method, stages)
 
     def attention_parts(self, layer: nn.Module):
         attn = layer.attention.self

@@ -135,13 +135,13 @@ class TokenMethod:
         return 2
 
     def cuts(self, n_layers: int) -> tuple[int, ...] | None:
-        """Progressive methods: the decoder layers whose input is cut, ascending; ``None`` (the
-        default) means one cut, at ``layer``."""
+        """Progressive methods: the decoder layers (encoder blocks) whose input is cut, ascending;
+        ``None`` (the default) means one cut, at ``layer``."""
         return None
 
     def counts(self, n: int, keep: int, n_layers: int) -> tuple[int, ...]:
         """Progressive methods: candidates kept at each of :meth:`cuts` out of a group's ``n``,
-        for ``keep`` = the mean number of candidates per decoder layer."""
+        for ``keep`` = the mean number of candidates per decoder layer (encoder block)."""
         raise NotImplementedError
 
     def select(self, ctx: TokenContext, k: int) -> Selection:
@@ -160,13 +160,16 @@ class TokenMethod:
 
 
 class ProgressiveMethod(TokenMethod):
-    """A method that cuts at several decoder layers (llm stage), fewer candidates at each.
+    """A method that cuts at several decoder layers (llm stage) or encoder blocks (encoder stage),
+    fewer candidates at each.
 
     Subclasses are dataclasses with a ``layers`` option (``None``: the paper's layers, given for a
     ``reference_depth``-layer model, scaled to the model's depth) and define :meth:`shape`. The
-    budget ``keep`` is the mean number of candidates per decoder layer (see
+    budget ``keep`` is the mean number of candidates per layer (see
     :mod:`prunekit.tokens.schedule`). Signals asked with ``layer=None`` are computed at each cut
-    from the cut layer's own attention on its input.
+    on the cut's input: at the llm stage from the cut layer's own attention, at the encoder stage
+    from the block before the cut (as a single encoder cut does; see
+    :mod:`prunekit.models.encoder`).
     """
 
     official_layers: ClassVar[tuple[int, ...]] = ()

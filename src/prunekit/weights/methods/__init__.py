@@ -1,0 +1,1 @@
+"""One file per weight method; importing a module registers it."""
