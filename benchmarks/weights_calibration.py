@@ -35,8 +35,7 @@ def main() -> None:
     pick = torch.randperm(n_chunks, generator=torch.Generator().manual_seed(0))[: a.ppl_chunks].sort().values
     task.chunks = ids[: n_chunks * task.chunk].view(n_chunks, task.chunk)[pick]
     wiki_cal = [wiki[len(wiki) // 2 :]]
-    runs = [("lambada", 16, None), ("lambada", 64, None)]
-    runs += [("wikipedia", 16, wiki_cal), ("wikipedia", 64, wiki_cal)]
+    runs = [("lambada", 16, None), ("lambada", 64, None), ("wikipedia", 16, wiki_cal)]
     for source, n, texts in runs:
         for method in ("wanda", "sparsegpt"):
             loaded.model = _smollm2(torch.float32).model

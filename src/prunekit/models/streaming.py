@@ -8,7 +8,6 @@ import json
 import pathlib
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from ..errors import UnsupportedModelError
@@ -27,8 +26,8 @@ class DiskModel:
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
         elif (self.folder / "model.safetensors").is_file():
-            with safe_open(self.folder / "model.safetensors", "pt") as f:
-                weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+            keys = [k for k in read_header(self.folder / "model.safetensors") if k != "__metadata__"]
+            weight_map = dict.fromkeys(keys, "model.safetensors")
         else:
             raise UnsupportedModelError(
                 f"{self.folder}: no safetensors weights (model.safetensors or its index)"
@@ -52,22 +51,21 @@ class DiskModel:
         """Bytes on disk of the tensors under ``prefix``."""
         total = 0
         for name in self.names(prefix):
-            with safe_open(self.folder / self.weight_map[name], "pt") as f:
-                sl = f.get_slice(name)
-                total += int(torch.tensor(sl.get_shape()).prod()) * _dtype_size(sl.get_dtype())
+            begin, end = read_header(self.folder / self.weight_map[name])[name]["data_offsets"]
+            total += end - begin
         return total
 
     def names(self, prefix: str) -> list[str]:
         return [n for n in self.weight_map if n == prefix or n.startswith(prefix + ".")]
 
     def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors, read from their files into fresh memory (no memory map: a mapping of a
+        whole shard would count against a memory cap)."""
         out, by_file = {}, {}
         for n in names:
             by_file.setdefault(self.weight_map[n], []).append(n)
         for file, ns in by_file.items():
-            with safe_open(self.folder / file, "pt") as f:
-                for n in ns:
-                    out[n] = f.get_tensor(n)
+            out.update(read_tensors(self.folder / file, ns))
         return out
 
     def load(self, prefix: str, module: nn.Module) -> None:
@@ -90,7 +88,31 @@ class DiskModel:
         module.to("meta")
 
 
-def _dtype_size(name: str) -> int:
-    return {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}.get(
-        name, 4
-    )
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+    "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def read_header(path: pathlib.Path) -> dict:
+    """A safetensors file's header: an 8-byte little-endian length, then JSON (dtype, shape and
+    byte offsets of each tensor, counted from the end of the header)."""
+    with open(path, "rb") as f:
+        return json.loads(f.read(int.from_bytes(f.read(8), "little")))
+
+
+def read_tensors(path: pathlib.Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """Read tensors of a safetensors file with plain reads into fresh memory."""
+    out = {}
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        for name in names:
+            meta = header[name]
+            begin, end = meta["data_offsets"]
+            buf = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(8 + n + begin)
+            if f.readinto(buf.numpy()) != end - begin:
+                raise UnsupportedModelError(f"{path}: truncated data for {name}")
+            out[name] = buf.view(_DTYPES[meta["dtype"]]).reshape(meta["shape"])
+    return out

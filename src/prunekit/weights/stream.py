@@ -81,7 +81,7 @@ def prune_checkpoint(
     layer_names = {f"{prefix}.{i}" for i in range(n)}
 
     def shard(i: int) -> str:
-        return f"model-{i + 1:05d}-of-{n + 1:05d}.safetensors"
+        return f"model-layer-{i + 1:05d}-of-{n:05d}.safetensors"
 
     @contextmanager
     def open_layer(i: int, final: bool):
@@ -106,7 +106,8 @@ def prune_checkpoint(
 
     def work() -> None:
         rest = [k for k in disk.weight_map if not any(k.startswith(p + ".") for p in layer_names)]
-        write(disk.tensors(rest), shard(n))
+        for j, name in enumerate(rest):  # one at a time (the embedding table may be the largest tensor)
+            write(disk.tensors([name]), f"model-rest-{j + 1:05d}.safetensors")
         with torch.no_grad():
             inputs = None
             if needs:
