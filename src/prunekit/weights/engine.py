@@ -215,6 +215,24 @@ def _select(layers: nn.ModuleList, prefix: str, targets: Targets) -> list[dict[s
     return out
 
 
+def check_allocation(m: WeightMethod, pat: Pattern, s: float) -> None:
+    """OWL shares unstructured sparsity among layers; an N:M pattern fixes every layer's."""
+    if m.allocation == "owl" and not pat.unstructured:
+        raise ValueError(
+            f"OWL allocates unstructured sparsity per layer; pattern {pat} fixes every layer at {s:g}"
+        )
+
+
+def new_report(
+    model: nn.Module, m: WeightMethod, s: float, pat: Pattern, ids: torch.Tensor | None
+) -> WeightReport:
+    """The report of a pruning about to run (Linears are added as they are pruned)."""
+    return WeightReport(
+        model=type(model).__name__, method=m.name, config=repr(m), sparsity=s, pattern=str(pat),
+        allocation=m.allocation, calibration_tokens=0 if ids is None else ids.numel(),
+    )  # fmt: skip
+
+
 def prune_linears(
     m: WeightMethod,
     handle: WeightPruning,
@@ -314,10 +332,7 @@ def prune_weights(
     m = _method(method, options)
     pat = parse_pattern(pattern)
     s = resolve_sparsity(sparsity, pat)
-    if m.allocation == "owl" and not pat.unstructured:
-        raise ValueError(
-            f"OWL allocates unstructured sparsity per layer; pattern {pat} fixes every layer at {s:g}"
-        )
+    check_allocation(m, pat, s)
     prefix, layers = decoder_layers(model)
     per_layer = _select(layers, prefix, targets)
     if not any(per_layer):
@@ -330,10 +345,7 @@ def prune_weights(
                 )
     needs = m.calibration_needs
     ids = calibration_ids(tokenizer, calibration, n_samples, seq_len, seed) if needs else None
-    report = WeightReport(
-        model=type(model).__name__, method=m.name, config=repr(m), sparsity=s, pattern=str(pat),
-        allocation=m.allocation, calibration_tokens=0 if ids is None else ids.numel(),
-    )  # fmt: skip
+    report = new_report(model, m, s, pat, ids)
     handle = WeightPruning(model, report)
 
     def prune_layer(i: int, stats: dict[str, LinearStats], target: float) -> None:

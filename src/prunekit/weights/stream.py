@@ -19,7 +19,16 @@ from ..errors import PrunekitError
 from ..models.decoder import decoder_layers
 from ..models.streaming import DiskModel
 from .calibration import calibration_ids, layer0_inputs
-from .engine import WeightPruning, WeightReport, _method, _select, prune_linears, sequential
+from .engine import (
+    WeightPruning,
+    WeightReport,
+    _method,
+    _select,
+    check_allocation,
+    new_report,
+    prune_linears,
+    sequential,
+)
 from .structures import parse_pattern, resolve_sparsity
 
 
@@ -57,10 +66,7 @@ def prune_checkpoint(
         raise PrunekitError(f"{m.name} needs gradients through the whole model; use prune_weights in memory")
     pat = parse_pattern(pattern)
     s = resolve_sparsity(sparsity, pat)
-    if m.allocation == "owl" and not pat.unstructured:
-        raise ValueError(
-            f"OWL allocates unstructured sparsity per layer; pattern {pat} fixes every layer at {s:g}"
-        )
+    check_allocation(m, pat, s)
     disk = DiskModel(src)
     model = disk.model
     prefix, layers = decoder_layers(model)
@@ -69,10 +75,7 @@ def prune_checkpoint(
     if needs and tokenizer is None and not isinstance(calibration, torch.Tensor):
         tokenizer = disk.tokenizer()
     ids = calibration_ids(tokenizer, calibration, n_samples, seq_len, seed) if needs else None
-    report = WeightReport(
-        model=type(model).__name__, method=m.name, config=repr(m), sparsity=s, pattern=str(pat),
-        allocation=m.allocation, calibration_tokens=0 if ids is None else ids.numel(),
-    )  # fmt: skip
+    report = new_report(model, m, s, pat, ids)
     handle = WeightPruning(model, report)
     out.mkdir(parents=True, exist_ok=True)
     n = len(layers)
