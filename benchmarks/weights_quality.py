@@ -1,8 +1,9 @@
-"""Weight pruning on SmolLM2-135M (packaged real weights): Wikipedia perplexity and the seven
-zero-shot tasks of the Wanda / SparseGPT tables, for dense and every method x pattern, with each
-method's prune time and peak memory. One process. Each run loads the model fresh in fp32, prunes
-it (calibration, Hessians, SparseGPT's update in fp32), finalizes, and evaluates it in
-``--eval-dtype`` (fp32 by default; bf16 is faster only on CPUs with native bf16 kernels).
+"""Weight pruning on SmolLM2-135M (packaged real weights; ``--model gemma3-270m`` for the optional
+Gemma-3-270M): Wikipedia perplexity and the seven zero-shot tasks of the Wanda / SparseGPT tables,
+for dense and every method x pattern, with each method's prune time and peak memory. One process.
+Each run loads the model fresh in fp32, prunes it (calibration, Hessians, SparseGPT's update in
+fp32), finalizes, and evaluates it in ``--eval-dtype`` (fp32 by default; bf16 is faster only on
+CPUs with native bf16 kernels).
 
 Run: PYTHONPATH=src python benchmarks/weights_quality.py [--zero-shot-limit 100] [--ppl-chunks 27]
 Writes JSON lines to --out (default runs/weights/results.jsonl), a markdown table next to it, and
@@ -20,7 +21,7 @@ from contextlib import nullcontext
 import torch
 
 import prunekit
-from prunekit.bench.models import _smollm2
+from prunekit.bench.models import BUILTIN
 from prunekit.bench.tasks import make_task
 
 ZERO_SHOT = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
@@ -52,6 +53,7 @@ def evaluate(loaded, tasks) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2", help="smollm2 or gemma3-270m (optional asset)")
     p.add_argument("--zero-shot-limit", type=int, default=100)
     p.add_argument("--ppl-chunks", type=int, default=27)
     p.add_argument("--samples", type=int, default=16, help="calibration windows of 512 tokens")
@@ -63,7 +65,8 @@ def main() -> None:
     a = p.parse_args()
     torch.manual_seed(0)
     eval_dtype = getattr(torch, a.eval_dtype)
-    loaded = _smollm2(torch.float32)
+    load = BUILTIN[a.model]
+    loaded = load(torch.float32)
     tasks = [make_task("wikitext", limit=a.ppl_chunks)]
     if not a.no_zero_shot:
         tasks += [make_task(n, limit=a.zero_shot_limit) for n in ZERO_SHOT]
@@ -72,30 +75,34 @@ def main() -> None:
     out = pathlib.Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     loaded.model.to(eval_dtype)
-    rows = [{"method": "dense", "pattern": "-", **evaluate(loaded, tasks)}]
-    print(json.dumps(rows[0]), flush=True)
+    log = out.open("w")  # one line per run as it finishes, so a cut run keeps what it measured
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+
+    rows: list[dict] = []
+    emit({"method": "dense", "pattern": "-", **evaluate(loaded, tasks)})
     for method, pattern, options in RUNS:
         if a.only and method not in a.only:
             continue
         t0 = time.perf_counter()
-        loaded.model = _smollm2(torch.float32).model
+        loaded.model = load(torch.float32).model
         pr = prunekit.prune_weights(
             loaded.model, method, None if pattern != "unstructured" else a.sparsity, pattern=pattern,
             tokenizer=loaded.tokenizer, n_samples=a.samples, **options,
         )  # fmt: skip
         report = pr.finalize()
         loaded.model.to(eval_dtype)
-        row = {"method": label(method, options), "pattern": pattern, **evaluate(loaded, tasks),
+        emit({"method": label(method, options), "pattern": pattern, **evaluate(loaded, tasks),
                "prune_s": report.seconds, "peak_mb": report.peak_memory_bytes / 2**20,
                "actual_sparsity": report.to_dict()["actual_sparsity"],
                "layer_sparsity": report.layer_sparsity,
-               "wall_s": time.perf_counter() - t0}  # fmt: skip
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    with out.open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    table = f"SmolLM2-135M, evaluated in {a.eval_dtype}\n\n" + markdown(rows, [t.name for t in tasks])
+               "wall_s": time.perf_counter() - t0})  # fmt: skip
+    log.close()
+    table = f"{a.model}, evaluated in {a.eval_dtype}\n\n" + markdown(rows, [t.name for t in tasks])
     out.with_suffix(".md").write_text(table)
     print(table)
 

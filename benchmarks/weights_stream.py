@@ -10,7 +10,7 @@ the calibration token ids are made once by the parent (the tokenizer's thread po
 address space of its own), and the children run with ``MALLOC_ARENA_MAX=2`` (every glibc arena
 reserves 64 MB of address space).
 
-Run: PYTHONPATH=src python benchmarks/weights_stream.py [--cap-mb 300] [--method wanda]
+Run: PYTHONPATH=src python benchmarks/weights_stream.py [--cap-mb 350] [--method wanda]
 Prints one JSON line per part and checks that the streamed result equals in-memory pruning.
 """
 
@@ -69,7 +69,7 @@ def child(part: str, cap_mb: int, method: str, samples: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cap-mb", type=int, default=300)
+    p.add_argument("--cap-mb", type=int, default=350)
     p.add_argument("--method", default="wanda")
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--child", help=argparse.SUPPRESS)

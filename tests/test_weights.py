@@ -4,6 +4,8 @@ and clear errors."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch.nn.utils import parametrize
@@ -179,6 +181,46 @@ def test_wanda_masks_follow_the_pruned_previous_layer():
             assert torch.equal(
                 masks[f"model.layers.{i}.self_attn.q_proj"], keep_mask(score, 0.5, Pattern(), "row")
             )
+    pr.restore()
+
+
+def test_each_layer_type_is_calibrated_with_its_own_mask_and_rope():
+    """Gemma-3 passes sliding-window and full-attention layers different masks and RoPE tables:
+    every layer's Wanda masks must come from the inputs the model's own forward gives its Linears
+    (q_proj: what the earlier layers made; o_proj: also the layer's own mask and RoPE). A window
+    of 8 in 24-token windows makes the two masks differ."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=8,
+        layer_types=["full_attention", "sliding_attention", "full_attention", "sliding_attention"],
+    )  # fmt: skip
+    model = Gemma3ForCausalLM(cfg).eval()
+    dense = copy.deepcopy(model)
+    pr = prunekit.prune_weights(model, "wanda", 0.5, calibration=CAL, progress=False, batch_size=4)
+    for i in range(4):  # layers before i pruned by hand, layer i dense (Wanda gathers a layer at once)
+        ref = copy.deepcopy(dense)
+        with torch.no_grad():
+            for key, mask in pr.masks.items():
+                if int(key.split(".")[2]) < i:
+                    ref.get_submodule(key).weight.mul_(mask)
+        seen: dict[str, torch.Tensor] = {}
+        attn = ref.model.layers[i].self_attn
+        hooks = [
+            getattr(attn, n).register_forward_pre_hook(lambda m, a, n=n, d=seen: d.__setitem__(n, a[0]))
+            for n in ("q_proj", "o_proj")
+        ]
+        with torch.no_grad():
+            ref(input_ids=CAL)
+        for h in hooks:
+            h.remove()
+        for n, x in seen.items():
+            W = getattr(attn, n).weight
+            score = W.abs() * x.reshape(-1, x.shape[-1]).float().pow(2).sum(0).sqrt()[None, :]
+            key = f"model.layers.{i}.self_attn.{n}"
+            assert torch.equal(pr.masks[key], keep_mask(score, 0.5, Pattern(), "row")), key
     pr.restore()
 
 

@@ -31,6 +31,7 @@ _METHOD_MODULES = (
     "prunekit.tokens.methods.vflowopt",
     "prunekit.tokens.methods.spatten",
     "prunekit.tokens.methods.zero_tprune",
+    "prunekit.tokens.methods.top_ssm",
     "prunekit.kv.methods.streamingllm",
     "prunekit.kv.methods.snapkv",
     "prunekit.kv.methods.pyramidkv",

@@ -32,6 +32,14 @@ def _smollm2(dtype: torch.dtype) -> Loaded:
     return Loaded("smollm2", "lm", model, tok)
 
 
+def _gemma3(dtype: torch.dtype) -> Loaded:
+    """Gemma-3-270M base (optional asset; see ``prunekit.models.zoo.gemma3``)."""
+    from ..models import zoo
+
+    model, tok = zoo.gemma3(dtype=dtype)
+    return Loaded("gemma3-270m", "lm", model, tok)
+
+
 def _dinov2(dtype: torch.dtype) -> Loaded:
     from ..models import zoo
 
@@ -130,6 +138,7 @@ def _tiny_bert(dtype: torch.dtype) -> Loaded:
 
 BUILTIN: dict[str, Callable[[torch.dtype], Loaded]] = {
     "smollm2": _smollm2,
+    "gemma3-270m": _gemma3,
     "dinov2-s": _dinov2,
     "minilm": _minilm,
     "llava-dino-smol": _llava_dino_smol,

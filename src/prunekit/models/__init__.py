@@ -15,10 +15,11 @@ from .base import Adapter, HookSet, PruneStats, Session
 def _adapters() -> list[type[Adapter]]:
     from .decoder import DecoderAdapter
     from .encoder import ENCODER_ADAPTERS
+    from .ssm import MambaAdapter
     from .vlm import VLM_ADAPTERS
 
     # VLMs first: they contain a decoder and must not be taken for a plain one.
-    return [*VLM_ADAPTERS, DecoderAdapter, *ENCODER_ADAPTERS]
+    return [*VLM_ADAPTERS, DecoderAdapter, *ENCODER_ADAPTERS, MambaAdapter]
 
 
 def get_adapter(model: nn.Module) -> Adapter:

@@ -25,6 +25,7 @@ from ..errors import PrunekitError, SignalUnavailableError, UnsupportedModelErro
 from ..tokens.schedule import mean_tokens
 from .attention import decoder_attention, last_query_attention
 from .base import Adapter, Session, check_cut_layer, required_signals
+from .heads import HeadCascade
 from .sequence import (
     Groups,
     attention_mask_4d,
@@ -94,9 +95,8 @@ class LLMCut:
         self.cumulative = "cumulative_attention" in self.kinds
         #: cascade head pruning (SpAtten): heads kept at each cut, or None
         heads = text_model.config.num_attention_heads
-        self.head_counts = (
-            method.head_counts(heads, len(self.cuts)) if hasattr(method, "head_counts") else None
-        )
+        counts = method.head_counts(heads, len(self.cuts)) if hasattr(method, "head_counts") else None
+        self.heads = None if counts is None else HeadCascade(heads, counts, self.cuts, session)
         for sig in needs.values():
             if sig.kind == "cumulative_attention":
                 continue
@@ -124,7 +124,6 @@ class LLMCut:
                 self.signal_layers.setdefault(l, []).append(sig.kind)
         self.index = {id(m): i for i, m in enumerate(self.layers)}
         self.o_proj_index = {id(m.self_attn.o_proj): i for i, m in enumerate(self.layers)}
-        self.head_counts_heads = heads
         self.window = getattr(getattr(text_model, "config", None), "sliding_window", None)
         self._reset(0)
 
@@ -146,7 +145,7 @@ class LLMCut:
         if self.cumulative:
             for layer in self.layers[: self.cuts[-1]]:
                 hooks.pre(layer.self_attn, self._accumulate_attention)
-        if self.head_counts is not None:
+        if self.heads is not None:
             for layer in self.layers:
                 hooks.pre(layer.self_attn.o_proj, self._on_heads, with_kwargs=False)
         for layer in self.layers[self.K :]:
@@ -157,8 +156,9 @@ class LLMCut:
         self.L, self.kidx, self.slot_valid, self.rows = L, None, None, {}
         self.segments: list[tuple[int, torch.Tensor, bool]] = []  # (cut layer, slot validity, custom mask)
         self.pe = self.pid = self.mask = None
-        self.gid = self.emb = self.ttv = self._x = self.cum = self.head_mag = None
-        self.head_masks: list[tuple[int, torch.Tensor]] = []  # (first layer, (B, H) alive)
+        self.gid = self.emb = self.ttv = self._x = self.cum = None
+        if self.heads is not None:
+            self.heads.reset()
         self.n0: list[int] = []
         self.select_seconds = 0.0
 
@@ -223,32 +223,9 @@ class LLMCut:
         """Before each layer's output projection: accumulate each head's output magnitude (prefill,
         layers before the last cut) and zero the heads the cascade pruned (prefill and decode)."""
         x = args[0]  # (B, q, H * hd)
-        B, q, _ = x.shape
-        H = self.head_counts_heads
         i = self.o_proj_index[id(o_proj)]
-        xh = x.view(B, q, H, -1)
-        if self.prefill and i < self.cuts[-1]:
-            mag = (xh.float().norm(dim=-1) * self.cur_valid[..., None]).sum(dim=1)  # (B, H)
-            self.head_mag = mag if self.head_mag is None else self.head_mag + mag
-        alive = next((m for K, m in reversed(self.head_masks) if i >= K), None)
-        if alive is None:
-            return None
-        return ((xh * alive[:, None, :, None].to(x.dtype)).view_as(x),)
-
-    def _cut_heads(self, cut: int) -> None:
-        """Cascade head pruning at the ``cut``-th cut: keep the heads with the largest cumulative
-        output magnitude among those still alive."""
-        k = self.head_counts[cut]
-        mag = self.head_mag
-        alive = self.head_masks[-1][1] if self.head_masks else torch.ones_like(mag, dtype=torch.bool)
-        if k >= int(alive.sum(dim=1).min()):
-            return
-        order = torch.sort(
-            mag.masked_fill(~alive, float("-inf")), dim=1, descending=True, stable=True
-        ).indices
-        keep = torch.zeros_like(alive).scatter_(1, order[:, :k], True)
-        self.head_masks.append((self.cuts[cut], keep))
-        self.session.stats.head_masks.append((self.cuts[cut], keep.cpu()))
+        out = self.heads.apply(i, x, self.cur_valid if self.prefill else None, accumulate=self.prefill)
+        return None if out is None else (out,)
 
     def _ttv_input(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
         if self.prefill:
@@ -341,8 +318,8 @@ class LLMCut:
             self.ttv = self.ttv.gather(1, local)
         if self.cum is not None:
             self.cum = self.cum.gather(1, local)
-        if self.head_counts is not None:
-            self._cut_heads(cut)
+        if self.heads is not None:
+            self.heads.cut(cut)
         if self.progressive and cut == len(self.cuts) - 1:
             self._record_progressive(groups)
         return local

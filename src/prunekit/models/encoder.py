@@ -47,6 +47,7 @@ from ..tokens.merge import bipartite_soft_matching, merge_wavg
 from ..tokens.schedule import mean_tokens
 from .attention import cls_query_attention, encoder_attention
 from .base import Adapter, Session, Timer, check_cut_layer, required_signals
+from .heads import HeadCascade
 from .sequence import (
     Groups,
     gather_square,
@@ -71,6 +72,7 @@ class BlockNames:
     k: str
     heads: str
     scale: str
+    o: str  # the attention's output projection (its input holds the heads' outputs side by side)
 
 
 def _get(obj: nn.Module, path: str):
@@ -91,6 +93,8 @@ ENCODER_SIGNALS: dict[str, str] = {
     "attention_graph": "per-head map of block K-1 over the protected tokens (first) and the "
     "candidates, recomputed from q/k; rows sum to 1 (G, H, P+N, P+N)",
     "keys": "per-head keys of block K-1 at the candidates, its k projection of its input (G, N, H, hd)",
+    "cumulative_attention": "attention each candidate received, summed over real queries, heads and every "
+    "block before the cut, recomputed from q/k (SpAtten) (G, N)",
 }
 _MAP_KINDS = ("attention_map", "attention_graph")
 
@@ -141,6 +145,9 @@ class EncoderAdapter(Adapter):
         n = self.names
         attn = _get(layer, n.attn)
         return attn, _get(layer, n.q), _get(layer, n.k), _get(layer, n.heads), _get(layer, n.scale)
+
+    def output_projection(self, layer: nn.Module) -> nn.Module:
+        return _get(layer, self.names.o)
 
     # ------------------------------------------------------------------ attach
     def attach(self, session: Session) -> None:
@@ -203,10 +210,21 @@ class EncoderAdapter(Adapter):
                     f"signal {needs[kind]}: at the encoder stage it comes from block K-1 = {self.K - 1}"
                 )
         session.hooks.pre(self.layers[0], self._on_first_layer)
-        if self.signal_kinds:
+        if set(self.signal_kinds) - {"cumulative_attention"}:
             for K in self.cuts:
                 attn, *_ = self.attention_parts(self.layers[K - 1])
                 session.hooks.pre(attn, self._signal_hook(K))
+        self.cum: torch.Tensor | None = None
+        if "cumulative_attention" in self.signal_kinds:
+            for i in range(self.cuts[-1]):
+                attn, *_ = self.attention_parts(self.layers[i])
+                session.hooks.pre(attn, self._accumulate_hook(i))
+        heads = self.attention_parts(self.layers[0])[3]
+        counts = method.head_counts(heads, len(self.cuts)) if hasattr(method, "head_counts") else None
+        self.heads = None if counts is None else HeadCascade(heads, counts, self.cuts, session)
+        if self.heads is not None:
+            for i, layer in enumerate(self.layers):
+                session.hooks.pre(self.output_projection(layer), self._heads_hook(i), with_kwargs=False)
         for layer in self.layers[self.K :]:
             session.hooks.pre(layer, self._on_layer)
         self.index = {id(m): i for i, m in enumerate(self.layers)}
@@ -226,6 +244,31 @@ class EncoderAdapter(Adapter):
         self.slot_valid = self.kidx = self.mask = None
         self.kept_counts: list[torch.Tensor] = []  # per cut, (B,) candidates kept
         self.select_seconds = 0.0
+        self.cum = None
+        if self.heads is not None:
+            self.heads.reset()
+
+    def _accumulate_hook(self, i: int):
+        """Pre-hook on block ``i``'s attention: SpAtten's cumulative token importance, the attention
+        each token received over real queries and heads, added up over the blocks."""
+
+        def hook(attn: nn.Module, args: tuple, kw: dict) -> None:
+            h = _arg(args, kw, 0, "hidden_states")
+            _, q, k, heads, scale = self.attention_parts(self.layers[i])
+            valid = self._valid(h)
+            A = encoder_attention(q, k, h, heads, scale, key_valid=valid)  # (B, H, T, T)
+            got = (A.float() * valid[:, None, :, None]).sum(dim=(1, 2))  # (B, T)
+            self.cum = got if self.cum is None else self.cum + got
+
+        return hook
+
+    def _heads_hook(self, i: int):
+        def hook(o_proj: nn.Module, args: tuple):
+            x = args[0]  # (B, T, H * hd)
+            out = self.heads.apply(i, x, self._valid(x), accumulate=True)
+            return None if out is None else (out,)
+
+        return hook
 
     def _signal_hook(self, K: int):
         """Pre-hook on block ``K-1``'s attention: the signals of the cut before block ``K``."""
@@ -264,6 +307,9 @@ class EncoderAdapter(Adapter):
         if "keys" in self.maps:
             keys = self.maps["keys"]
             fns["keys"] = lambda b, pos, ids: keys[b[:, None], pos]  # (S, n, H, hd)
+        if self.cum is not None:
+            cum = self.cum
+            fns["cumulative_attention"] = lambda b, pos, ids: cum[b[:, None], pos]  # (S, n)
         return fns
 
     def _budgets(self, cut: int) -> list[int] | None:
@@ -303,6 +349,10 @@ class EncoderAdapter(Adapter):
         self.kept_counts.append(slot_valid.sum(dim=1) - p)
         self.slot_valid = slot_valid
         x = gather_tokens(x, local, 1)
+        if self.cum is not None:
+            self.cum = self.cum.gather(1, local)
+        if self.heads is not None:
+            self.heads.cut(cut)
         self.mask = None
         if not bool(slot_valid.all()):  # ragged rows: mask the unused slots as keys
             self.mask = torch.zeros(B, 1, 1, slot_valid.shape[1], dtype=x.dtype, device=x.device)
@@ -402,7 +452,7 @@ class EncoderAdapter(Adapter):
 PRE_NORM_VIT = BlockNames(
     norm1="layernorm_before", attn="attention", post_attn=("dropout",), norm2="layernorm_after", mlp="mlp",
     post_mlp=("dropout",), q="attention.q_proj", k="attention.k_proj", heads="attention.num_attention_heads",
-    scale="attention.scaling",
+    scale="attention.scaling", o="attention.o_proj",
 )  # fmt: skip
 
 
@@ -430,7 +480,7 @@ class Dinov2Adapter(EncoderAdapter):
     names = BlockNames(
         norm1="norm1", attn="attention", post_attn=("layer_scale1", "drop_path"), norm2="norm2", mlp="mlp",
         post_mlp=("layer_scale2", "drop_path"), q="attention.q_proj", k="attention.k_proj",
-        heads="attention.num_attention_heads", scale="attention.scaling",
+        heads="attention.num_attention_heads", scale="attention.scaling", o="attention.o_proj",
     )  # fmt: skip
 
 
@@ -444,6 +494,7 @@ class CLIPVisionAdapter(EncoderAdapter):
     names = BlockNames(
         norm1="layer_norm1", attn="self_attn", post_attn=(), norm2="layer_norm2", mlp="mlp", post_mlp=(),
         q="self_attn.q_proj", k="self_attn.k_proj", heads="self_attn.num_heads", scale="self_attn.scale",
+        o="self_attn.out_proj",
     )  # fmt: skip
 
 
@@ -474,6 +525,9 @@ class BertAdapter(EncoderAdapter):
     def attention_parts(self, layer: nn.Module):
         attn = layer.attention.self
         return attn, attn.query, attn.key, attn.num_attention_heads, attn.scaling
+
+    def output_projection(self, layer: nn.Module) -> nn.Module:
+        return layer.attention.output.dense
 
 
 ENCODER_ADAPTERS: list[type[Adapter]] = [

