@@ -55,6 +55,17 @@ def check_cut_layer(K: object, n_layers: int, what: str) -> int:
     return K
 
 
+def block_cuts(method: TokenMethod, depth: int, what: str = "encoder") -> tuple[bool, tuple[int, ...]]:
+    """``(progressive, cut blocks)`` of a block stack: a progressive method's own cuts, else its one
+    ``layer`` (default: block 4, or the middle of a stack of at most 4 blocks), each checked."""
+    cuts = method.cuts(depth)
+    if cuts is not None:
+        return True, tuple(check_cut_layer(K, depth, what) for K in cuts)
+    K = method.layer
+    K = (4 if depth > 4 else max(1, depth // 2)) if K is None else K
+    return False, (check_cut_layer(K, depth, what),)
+
+
 class HookSet:
     """Hooks and temporary attribute changes, all undone by :meth:`remove` (idempotent).
 

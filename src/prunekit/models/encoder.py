@@ -46,10 +46,11 @@ from ..tokens.context import TokenMethod
 from ..tokens.merge import bipartite_soft_matching, merge_wavg
 from ..tokens.schedule import mean_tokens
 from .attention import cls_query_attention, encoder_attention
-from .base import Adapter, Session, Timer, check_cut_layer, required_signals
+from .base import Adapter, Session, Timer, block_cuts, required_signals
 from .heads import HeadCascade
 from .sequence import (
     Groups,
+    call_with,
     gather_square,
     gather_tokens,
     right_pack,
@@ -184,16 +185,8 @@ class EncoderAdapter(Adapter):
 
     # ------------------------------------------------------------------ cut
     def _attach_cut(self, session: Session) -> None:
-        depth = len(self.layers)
         method = session.method
-        cuts = method.cuts(depth)
-        self.progressive = cuts is not None
-        if self.progressive:
-            self.cuts = tuple(check_cut_layer(K, depth, "encoder") for K in cuts)
-        else:
-            K = method.layer
-            K = (4 if depth > 4 else max(1, depth // 2)) if K is None else K
-            self.cuts = (check_cut_layer(K, depth, "encoder"),)
+        self.progressive, self.cuts = block_cuts(method, len(self.layers))
         self.K, self.maps = self.cuts[0], {}
         offered = ENCODER_SIGNALS
         needs = required_signals(method, "encoder", self.family, offered)
@@ -376,16 +369,7 @@ class EncoderAdapter(Adapter):
         i = self.index[id(layer)]
         if i in self.cuts:
             x = self._cut(x, self.cuts.index(i))
-        args = list(args)
-        if args:
-            args[0] = x
-        else:
-            kw["hidden_states"] = x
-        if len(args) >= 2:
-            args[1] = self.mask
-        else:
-            kw["attention_mask"] = self.mask
-        return tuple(args), kw
+        return call_with(args, kw, x, self.mask, mask_pos=1)
 
     # ------------------------------------------------------------------ merge (ToMe)
     def _attach_merge(self, session: Session) -> None:

@@ -85,6 +85,21 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
     return x.gather(dim, idx.view(view).expand(full))
 
 
+def call_with(args: tuple, kw: dict, hidden: torch.Tensor, mask, mask_pos: int | None = None):
+    """A layer's call arguments with ``hidden_states`` replaced by ``hidden`` and ``attention_mask``
+    by ``mask`` (at position ``mask_pos`` when the call passed it positionally there)."""
+    args = list(args)
+    if args:
+        args[0] = hidden
+    else:
+        kw["hidden_states"] = hidden
+    if mask_pos is not None and len(args) > mask_pos:
+        args[mask_pos] = mask
+    else:
+        kw["attention_mask"] = mask
+    return tuple(args), kw
+
+
 def attention_mask_4d(
     key_valid: torch.Tensor, q_len: int, dtype: torch.dtype, additive: bool
 ) -> torch.Tensor:

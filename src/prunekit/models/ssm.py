@@ -37,8 +37,8 @@ from torch import nn
 from ..budget import resolve_keep
 from ..errors import SignalUnavailableError, UnsupportedModelError
 from ..tokens.schedule import mean_tokens
-from .base import Adapter, Session, check_cut_layer, required_signals
-from .sequence import Groups, gather_tokens, left_pack, select_in_groups
+from .base import Adapter, Session, block_cuts, required_signals
+from .sequence import Groups, call_with, gather_tokens, left_pack, select_in_groups
 
 SSM_SIGNALS: dict[str, str] = {
     "ssm_output": "gated scan output of block K-1, the input of its out_proj (G, N, d_inner)",
@@ -85,13 +85,7 @@ class MambaAdapter(Adapter):
                 "mamba: merging methods (ToMe) need attention blocks; use a cut method on a Mamba model"
             )
         depth = len(self.layers)
-        cuts = method.cuts(depth)
-        self.progressive = cuts is not None
-        if self.progressive:
-            self.cuts = tuple(check_cut_layer(K, depth, "encoder") for K in cuts)
-        else:
-            K = method.layer
-            self.cuts = (check_cut_layer((depth // 4 or 1) if K is None else K, depth, "encoder"),)
+        self.progressive, self.cuts = block_cuts(method, depth)
         needs = required_signals(method, "encoder", self.family, SSM_SIGNALS)
         for sig in needs.values():
             if sig.layer is not None:
@@ -137,13 +131,7 @@ class MambaAdapter(Adapter):
             x = _arg(args, kw, 0, "hidden_states")
             if i in self.cuts:
                 x = self._cut(x, self.cuts.index(i))
-            args = list(args)
-            if args:
-                args[0] = x
-            else:
-                kw["hidden_states"] = x
-            kw["attention_mask"] = self.mask
-            return tuple(args), kw
+            return call_with(args, kw, x, self.mask)  # a Mamba block's 2nd positional is its cache
 
         return hook
 
