@@ -61,6 +61,22 @@ def test_no_exit_is_the_dense_segmenter():
     assert bool((out.exit_block == 4).all()) and all(c.tolist() == [17, 17] for c in out.tokens_per_block)
 
 
+def test_collected_features_are_what_each_head_reads():
+    model, heads = tiny()
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        o = model(pixel_values=x, output_hidden_states=True)
+    out = DToP(model, heads, p0=float("inf"))(x, collect=True)
+    f, where = out.features["final"]
+    assert where.tolist() == [[b, n] for b in range(2) for n in range(16)]
+    assert torch.allclose(f, o.last_hidden_state[:, 1:].reshape(-1, 32), atol=1e-5)
+    f1, _ = out.features[1]
+    assert torch.allclose(f1, o.hidden_states[1][:, 1:].reshape(-1, 32), atol=1e-5)
+    out = DToP(model, heads, p0=0.99, top_k=0)(x, collect=True)  # later heads read fewer patches
+    alive_after = (out.exit_block > 1).sum().item()
+    assert out.features[2][0].shape[0] == alive_after and out.features["final"][1].shape[0] <= alive_after
+
+
 def masked_reference(model, heads, x, exit_block):
     """Every token kept to the end; a token that exited after block b is hidden as a key from
     block b on. Returns each patch's logits from the head where it exited (else the final head)."""

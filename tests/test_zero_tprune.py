@@ -372,3 +372,22 @@ def test_refusals_leave_the_model_unchanged():
     with torch.no_grad(), prunekit.prune_tokens(model, "zero_tprune", keep=0.75, layers=(2,)) as s:
         model(**inputs("vit", model))
     assert s.stats.cut_layers == [2]  # one cut is a progressive schedule of one
+
+
+def test_a_fraction_too_small_for_a_short_sentence_keeps_the_fewest_instead_of_failing():
+    """keep=0.45 of a 3-candidate sentence is below what cuts at blocks 1/2/3 allow (block 0 sees
+    all three: a mean of at least (3 + 1 + 1 + 1) / 4 = 1.5): that row gets the smallest whole mean,
+    2; the long row meets the fraction."""
+    model = build("bert")
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    am = torch.ones_like(ids)
+    am[1, 4:] = 0  # [CLS] + 3 candidates
+    with torch.no_grad(), prunekit.prune_tokens(model, "zero_tprune", keep=0.45) as s:
+        model(input_ids=ids, attention_mask=am)
+    short = [int(k[1, 1:].sum()) for k in s.stats.kept_masks]
+    assert short == list(ZeroTPrune().counts(3, 2, 4))
+    long = [int(k[0, 1:].sum()) for k in s.stats.kept_masks]
+    assert long == list(ZeroTPrune().counts(11, resolve_keep(0.45, 11), 4))
+    with pytest.raises(ValueError, match="unreachable"):  # a count is taken literally
+        with torch.no_grad(), prunekit.prune_tokens(model, "zero_tprune", keep=1):
+            model(input_ids=ids, attention_mask=am)

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..budget import resolve_keep
 from ..errors import PrunekitError, SignalUnavailableError, UnsupportedModelError
-from ..tokens.schedule import mean_tokens
+from ..tokens.schedule import group_counts, mean_tokens
 from .attention import decoder_attention, last_query_attention
 from .base import Adapter, Session, check_cut_layer, required_signals
 from .heads import HeadCascade
@@ -277,10 +277,7 @@ class LLMCut:
         if not self.progressive:
             return [resolve_keep(keep, len(p)) for p in groups.positions]
         n_layers = len(self.layers)
-        return [
-            self.session.method.counts(n0, resolve_keep(keep, n0), n_layers)[cut] if n0 else 0
-            for n0 in self.n0
-        ]
+        return [group_counts(self.session.method, n0, keep, n_layers)[cut] if n0 else 0 for n0 in self.n0]
 
     def _select(self, h: torch.Tensor, cut: int) -> torch.Tensor:
         """Select at the ``cut``-th cut; returns the local slot indices kept (left-packed)."""

@@ -40,11 +40,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..budget import resolve_keep
 from ..errors import PrunekitError, SignalUnavailableError, UnsupportedModelError
 from ..tokens.context import TokenMethod
 from ..tokens.merge import bipartite_soft_matching, merge_wavg
-from ..tokens.schedule import mean_tokens
+from ..tokens.schedule import group_counts, mean_tokens
 from .attention import cls_query_attention, encoder_attention
 from .base import Adapter, Session, Timer, block_cuts, required_signals
 from .heads import HeadCascade
@@ -310,7 +309,7 @@ class EncoderAdapter(Adapter):
         if not self.progressive:
             return None
         depth, keep, method = len(self.layers), self.session.keep, self.session.method
-        schedule = {n: method.counts(n, resolve_keep(keep, n), depth) for n in set(self.n0) if n}  # per size
+        schedule = {n: group_counts(method, n, keep, depth) for n in set(self.n0) if n}  # per size
         return [schedule[n][cut] if n else 0 for n in self.n0]
 
     def _cut(self, x: torch.Tensor, cut: int) -> torch.Tensor:

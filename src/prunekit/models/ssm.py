@@ -34,9 +34,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..budget import resolve_keep
 from ..errors import SignalUnavailableError, UnsupportedModelError
-from ..tokens.schedule import mean_tokens
+from ..tokens.schedule import group_counts, mean_tokens
 from .base import Adapter, Session, block_cuts, required_signals
 from .sequence import Groups, call_with, gather_tokens, left_pack, select_in_groups
 
@@ -145,9 +144,7 @@ class MambaAdapter(Adapter):
         budgets = None
         if self.progressive:
             depth, method = len(self.layers), self.session.method
-            sched = {
-                n: method.counts(n, resolve_keep(self.session.keep, n), depth) for n in set(self.n0) if n
-            }
+            sched = {n: group_counts(method, n, self.session.keep, depth) for n in set(self.n0) if n}
             budgets = [sched[n][cut] if n else 0 for n in self.n0]
         scan = self.scan
         signals = {}

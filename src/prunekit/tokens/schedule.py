@@ -17,6 +17,7 @@ paper's model depth and scaled to the model at hand.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 ShapeFn = Callable[[float], Sequence[float]]
@@ -89,6 +90,21 @@ def fit_counts(
         c = max(1, min(n, round(c)))
         out.append(min(c, out[-1]) if out else c)  # non-increasing after rounding
     return tuple(out)
+
+
+def group_counts(method, n: int, keep: int | float, n_layers: int) -> tuple[int, ...]:
+    """A progressive method's counts per cut for a group of ``n`` candidates under the session's
+    budget ``keep``. A fraction that longer groups reach but a short one cannot (a 3-token sentence
+    cannot average 45 % when the layers before the first cut see all of it) keeps the smallest
+    whole mean its cuts allow rather than failing the batch. A fraction no group size can reach
+    (below ``first cut / layers``) and a count below the reachable range raise."""
+    from ..budget import resolve_keep
+
+    k = resolve_keep(keep, n)
+    layers = method.cuts(n_layers)
+    if isinstance(keep, float) and keep >= layers[0] / n_layers:
+        k = max(k, math.ceil(mean_tokens(layers, [1] * len(layers), n, n_layers) - 1e-9))
+    return method.counts(n, min(k, n), n_layers)
 
 
 def power_shape(ratios: Sequence[float]) -> ShapeFn:

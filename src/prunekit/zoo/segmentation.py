@@ -113,15 +113,24 @@ def patch_features(model, images: np.ndarray, exits: tuple[int, ...], batch: int
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def fit_heads(feats: dict[str, torch.Tensor], labels: torch.Tensor, exits: tuple[int, ...], steps: int = 300,
-              lr: float = 0.05, seed: int = 0) -> SegHeads:  # fmt: skip
-    """Fit every head by full-batch Adam on cross-entropy over all training patches."""
+def fit_heads(
+    feats: dict[str, torch.Tensor],
+    labels: torch.Tensor | dict,
+    exits: tuple[int, ...],
+    steps: int = 300,
+    lr: float = 0.05,
+    seed: int = 0,
+    heads: SegHeads | None = None,
+) -> SegHeads:
+    """Fit the heads named in ``feats`` (exit block as a string, or ``"final"``) by full-batch Adam
+    on cross-entropy: ``feats[k] (n, 256, D)`` with ``labels (n, 256)``, or ``(m, D)`` features
+    with ``labels[k] (m,)``. Heads not named keep their weights (from ``heads``, if given)."""
     torch.manual_seed(seed)
-    dim = feats["final"].shape[-1]
-    heads = SegHeads(dim, exits)
-    y = labels.flatten()
+    dim = next(iter(feats.values())).shape[-1]
+    heads = SegHeads(dim, exits) if heads is None else heads
     for key, f in feats.items():
-        x = f.flatten(0, 1).float()
+        x = f.flatten(0, -2).float()
+        y = (labels[key] if isinstance(labels, dict) else labels).flatten()
         layer = heads.final if key == "final" else heads.aux[key]
         fn = heads.head if key == "final" else (lambda h, b=int(key): heads.auxiliary(b, h))
         opt = torch.optim.Adam(layer.parameters(), lr=lr)
@@ -153,3 +162,40 @@ def segmentation_heads(model, exits: tuple[int, ...] = (4, 8), n_train: int = 25
     heads = fit_heads(feats, patch_labels(masks), exits, seed=seed)
     save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, file)
     return heads
+
+
+def fit_heads_in_loop(
+    model,
+    heads: SegHeads,
+    images: np.ndarray,
+    masks: np.ndarray,
+    p0: float,
+    top_k: int,
+    exits: tuple[int, ...] | None = None,
+    batch: int = 16,
+    seed: int = 0,
+) -> SegHeads:
+    """DToP with the heads trained in the loop (a frozen backbone's stand-in for the paper's
+    end-to-end training): run DToP on training scenes, and refit every head after the first exit,
+    and the final one, on the features of the patches still in play when it reads them (the dense
+    features shift once easy tokens leave). Returns new heads; ``heads`` is not changed."""
+    import copy
+
+    from ..models.zoo import image_batch
+    from ..tokens.dtop import DToP
+
+    runner = DToP(model, heads, p0=p0, top_k=top_k, exits=exits)
+    labels = patch_labels(masks)
+    keys = [str(b) for b in runner.exits[1:]] + ["final"]
+    feats: dict[str, list] = {k: [] for k in keys}
+    ys: dict[str, list] = {k: [] for k in keys}
+    for s in range(0, len(images), batch):
+        out = runner(image_batch(images[s : s + batch]), collect=True)
+        for key, (f, where) in out.features.items():
+            k = str(key)
+            if k in feats:
+                feats[k].append(f.half())
+                ys[k].append(labels[s : s + batch][where[:, 0], where[:, 1]])
+    new = copy.deepcopy(heads)
+    return fit_heads({k: torch.cat(v) for k, v in feats.items()}, {k: torch.cat(v) for k, v in ys.items()},
+                     heads.exits, seed=seed, heads=new).eval()  # fmt: skip
