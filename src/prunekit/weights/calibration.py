@@ -98,9 +98,16 @@ class LayerInputs:
 
 
 def layer0_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, batch_size: int) -> LayerInputs:
-    """Run the model on each batch of ``ids`` with every decoder layer replaced by a stub that
-    records its keywords and passes the hidden states through (no layer computes; the last one
-    stops the forward): layer 0's hidden states, and each layer's own keywords."""
+    """What decoder layer 0 receives for each batch of ``ids``, and what every layer receives as
+    keywords. A model whose layers are all of one type passes every layer the same keywords: the
+    forward stops at layer 0. One with several types (``config.layer_types``: sliding and full
+    attention) runs with every layer replaced by a stub that records its keywords and passes the
+    hidden states through (no layer computes; the last one stops the forward)."""
+    types = set(getattr(getattr(model, "config", None), "layer_types", None) or ())
+    text = getattr(getattr(model, "config", None), "text_config", None)  # a VLM's language model
+    types |= set(getattr(text, "layer_types", None) or ())
+    if len(types) <= 1:
+        return _first_layer_inputs(model, layers, ids, batch_size)
     dev = next(model.parameters()).device
     hidden: list[torch.Tensor] = []
     per_layer: list[list[dict]] = [[] for _ in layers]
@@ -136,6 +143,30 @@ def layer0_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, ba
     if len(hidden) != n or any(len(kw) != n for kw in per_layer):
         raise PrunekitError("the model's forward did not reach every decoder layer; cannot calibrate")
     return LayerInputs(hidden, per_layer[0], per_layer)
+
+
+def _first_layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, batch_size: int):
+    """Run the model up to decoder layer 0 on each batch and keep what layer 0 got."""
+    dev = next(model.parameters()).device
+    hidden, kwargs = [], []
+
+    def catch(module: nn.Module, args: tuple, kw: dict):
+        h = args[0] if args else kw.pop("hidden_states")
+        hidden.append(h.detach())
+        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Captured
+
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for x in ids.split(batch_size):
+            x = x.to(dev)
+            with contextlib.suppress(_Captured):  # raised by the hook: layer 0 got its inputs
+                model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
+    finally:
+        handle.remove()
+    if len(hidden) != len(ids.split(batch_size)):
+        raise PrunekitError("decoder layer 0 was not reached by the model's forward; cannot calibrate")
+    return LayerInputs(hidden, kwargs)
 
 
 @dataclass
