@@ -14,6 +14,11 @@ Two modes, chosen by what the method offers:
   ``K-1``'s MLP still runs on every token. ``keep`` is the mean number of candidates per block
   (see :mod:`prunekit.tokens.schedule`); ``session.stats`` records each cut (``kept_masks`` in the
   input's coordinates, ``cut_layers``) and, per call, that mean.
+- **cumulative signals** (SpAtten): ``cumulative_attention`` sums the attention every block before
+  the last cut gives each token (over real queries and heads, each block on the tokens alive
+  there), and a method with ``head_counts`` (cascade head pruning) gets the heads' output
+  magnitudes accumulated and the pruned heads zeroed before each block's output projection
+  (:class:`~prunekit.models.heads.HeadCascade`, shared with the decoder).
 - **merge** (ToMe): every block's forward is replaced, for the duration of the ``with`` block, by
   one that merges tokens between attention and MLP and applies proportional attention.
 
