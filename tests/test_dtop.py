@@ -77,23 +77,28 @@ def test_collected_features_are_what_each_head_reads():
     assert out.features[2][0].shape[0] == alive_after and out.features["final"][1].shape[0] <= alive_after
 
 
-def masked_reference(model, heads, x, exit_block):
-    """Every token kept to the end; a token that exited after block b is hidden as a key from
-    block b on. Returns each patch's logits from the head where it exited (else the final head)."""
+def masked_reference(model, heads, x, p0, top_k):
+    """Every token kept to the end, its exit decided here: at each exit block the head grades the
+    patches not exited yet (the exit rule, hand-checked above); a patch that exited after block b
+    is hidden as a key from block b on. Returns each patch's logits from the head where it exited
+    (else the final head) and its exit block."""
     layers = model.encoder.layer
     h = model.embeddings(x)
     B, T, _ = h.shape
-    ex = torch.cat([torch.full((B, 1), len(layers)), exit_block], dim=1)  # [CLS] never exits
+    exit_block = torch.full((B, T - 1), len(layers))
     logits = torch.zeros(B, T - 1, 3)
     for i, layer in enumerate(layers):
         if i in heads.exits:
             aux = heads.auxiliary(i, h[:, 1:])
-            logits = torch.where((exit_block == i)[..., None], aux, logits)
-        hide = ex <= i  # exited at or before this block
+            conf, cls = aux.softmax(-1).max(-1)
+            leave = easy_tokens(conf, cls, exit_block == len(layers), p0, top_k)
+            exit_block[leave] = i
+            logits = torch.where(leave[..., None], aux, logits)
+        hide = torch.cat([torch.zeros(B, 1, dtype=torch.bool), exit_block <= i], dim=1)  # [CLS] stays
         mask = torch.zeros(B, 1, 1, T).masked_fill(hide[:, None, None, :], torch.finfo(torch.float32).min)
         h = layer(h, attention_mask=mask)
     final = heads.head(model.layernorm(h)[:, 1:])
-    return torch.where((exit_block == len(layers))[..., None], final, logits)
+    return torch.where((exit_block == len(layers))[..., None], final, logits), exit_block
 
 
 @pytest.mark.parametrize("top_k", [0, 1])
@@ -105,7 +110,8 @@ def test_every_patch_matches_the_masked_reference(top_k):
     assert bool(exited.any()) and not bool(exited.all()), "the case exits no token or every token"
     assert len({tuple(c.tolist()) for c in out.tokens_per_block}) > 1
     with torch.no_grad():
-        ref = masked_reference(model, heads, x, out.exit_block)
+        ref, ref_exit = masked_reference(model, heads, x, 0.99, top_k)
+    assert torch.equal(out.exit_block, ref_exit), "patches exit at other blocks than in the reference"
     err = (out.logits - ref).abs().max().item()
     assert err < 1e-4, f"differs from the masked reference by {err:.2e}"
     # tokens per block: [CLS] + the patches that exit later (a patch exiting at b skips block b on)

@@ -54,9 +54,11 @@ from .base import Adapter, Session, Timer, block_cuts, required_signals
 from .heads import HeadCascade
 from .sequence import (
     Groups,
+    call_arg,
     call_with,
     gather_square,
     gather_tokens,
+    key_mask,
     right_pack,
     select_in_groups,
     signal_gatherers,
@@ -84,10 +86,6 @@ def _get(obj: nn.Module, path: str):
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def _arg(args: tuple, kw: dict, i: int, name: str):
-    return args[i] if len(args) > i else kw.get(name)
 
 
 #: signals of the encoder stage (a cut before block K), and how they are had; a progressive method
@@ -250,7 +248,7 @@ class EncoderAdapter(Adapter):
         each token received over real queries and heads, added up over the blocks."""
 
         def hook(attn: nn.Module, args: tuple, kw: dict) -> None:
-            h = _arg(args, kw, 0, "hidden_states")
+            h = call_arg(args, kw, 0, "hidden_states")
             _, q, k, heads, scale = self.attention_parts(self.layers[i])
             valid = self._valid(h)
             A = encoder_attention(q, k, h, heads, scale, key_valid=valid)  # (B, H, T, T)
@@ -271,7 +269,7 @@ class EncoderAdapter(Adapter):
         """Pre-hook on block ``K-1``'s attention: the signals of the cut before block ``K``."""
 
         def hook(attn: nn.Module, args: tuple, kw: dict) -> None:
-            h = _arg(args, kw, 0, "hidden_states")  # the attention's input (normed in pre-norm blocks)
+            h = call_arg(args, kw, 0, "hidden_states")  # the attention's input (normed in pre-norm blocks)
             _, q, k, heads, scale = self.attention_parts(self.layers[K - 1])
             valid = self._valid(h)
             if any(kind in self.signal_kinds for kind in _MAP_KINDS):
@@ -350,13 +348,8 @@ class EncoderAdapter(Adapter):
             self.cum = self.cum.gather(1, local)
         if self.heads is not None:
             self.heads.cut(cut)
-        self.mask = None
-        if not bool(slot_valid.all()):  # ragged rows: mask the unused slots as keys
-            self.mask = torch.zeros(B, 1, 1, slot_valid.shape[1], dtype=x.dtype, device=x.device)
-            self.mask.masked_fill_(~slot_valid[:, None, None, :], torch.finfo(x.dtype).min)
-            self.session.output_mask = slot_valid.long()
-        else:
-            self.session.output_mask = None
+        self.mask = key_mask(slot_valid, x.dtype)  # ragged rows: the unused slots hidden as keys
+        self.session.output_mask = None if self.mask is None else slot_valid.long()
         if self.progressive and cut == len(self.cuts) - 1:
             self._record_progressive()
         return x
@@ -369,7 +362,7 @@ class EncoderAdapter(Adapter):
         self.session.stats.record(sum(self.n0), mean, self.select_seconds)
 
     def _on_layer(self, layer: nn.Module, args: tuple, kw: dict):
-        x = _arg(args, kw, 0, "hidden_states")
+        x = call_arg(args, kw, 0, "hidden_states")
         i = self.index[id(layer)]
         if i in self.cuts:
             x = self._cut(x, self.cuts.index(i))

@@ -85,6 +85,20 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
     return x.gather(dim, idx.view(view).expand(full))
 
 
+def call_arg(args: tuple, kw: dict, i: int, name: str):
+    """Argument ``name`` of a layer call, passed at position ``i`` or by keyword (else ``None``)."""
+    return args[i] if len(args) > i else kw.get(name)
+
+
+def key_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """``(B, 1, 1, T)`` additive mask hiding the unused slots of ragged rows as keys (bidirectional
+    blocks), or ``None`` when every slot is in use."""
+    if bool(valid.all()):
+        return None
+    mask = torch.zeros(valid.shape[0], 1, 1, valid.shape[1], dtype=dtype, device=valid.device)
+    return mask.masked_fill_(~valid[:, None, None, :], torch.finfo(dtype).min)
+
+
 def call_with(args: tuple, kw: dict, hidden: torch.Tensor, mask, mask_pos: int | None = None):
     """A layer's call arguments with ``hidden_states`` replaced by ``hidden`` and ``attention_mask``
     by ``mask`` (at position ``mask_pos`` when the call passed it positionally there)."""

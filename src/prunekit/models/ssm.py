@@ -37,16 +37,12 @@ from torch import nn
 from ..errors import SignalUnavailableError, UnsupportedModelError
 from ..tokens.schedule import group_counts, mean_tokens
 from .base import Adapter, Session, block_cuts, required_signals
-from .sequence import Groups, call_with, gather_tokens, left_pack, select_in_groups
+from .sequence import Groups, call_arg, call_with, gather_tokens, left_pack, select_in_groups
 
 SSM_SIGNALS: dict[str, str] = {
     "ssm_output": "gated scan output of block K-1, the input of its out_proj (G, N, d_inner)",
 }
 ALIGNMENTS = ("contract", "align", "naive")
-
-
-def _arg(args: tuple, kw: dict, i: int, name: str):
-    return args[i] if len(args) > i else kw.get(name)
 
 
 class MambaAdapter(Adapter):
@@ -106,7 +102,7 @@ class MambaAdapter(Adapter):
 
     # --------------------------------------------------------------- per call
     def _on_model(self, module: nn.Module, args: tuple, kw: dict) -> None:
-        ids = _arg(args, kw, 0, "input_ids")
+        ids = call_arg(args, kw, 0, "input_ids")
         emb = kw.get("inputs_embeds")
         x = ids if ids is not None else emb
         am = kw.get("attention_mask")
@@ -127,7 +123,7 @@ class MambaAdapter(Adapter):
         def hook(layer: nn.Module, args: tuple, kw: dict):
             if not self.prefill:
                 return None
-            x = _arg(args, kw, 0, "hidden_states")
+            x = call_arg(args, kw, 0, "hidden_states")
             if i in self.cuts:
                 x = self._cut(x, self.cuts.index(i))
             return call_with(args, kw, x, self.mask)  # a Mamba block's 2nd positional is its cache

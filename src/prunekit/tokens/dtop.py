@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..models.sequence import gather_tokens, right_pack
+from ..models.sequence import gather_tokens, key_mask, right_pack
 
 
 @dataclass
@@ -136,10 +136,7 @@ class DToP:
                 keep[:, P:] &= ~leave
                 local, valid = right_pack(keep)
                 x, pos = gather_tokens(x, local, 1), pos.gather(1, local)
-                mask = None
-                if not bool(valid.all()):
-                    mask = torch.zeros(B, 1, 1, valid.shape[1], dtype=x.dtype, device=dev)
-                    mask.masked_fill_(~valid[:, None, None, :], torch.finfo(x.dtype).min)
+                mask = key_mask(valid, x.dtype)
             counts.append(valid.sum(dim=1))
             x = layer(x, attention_mask=mask)
         final = self.model.layernorm(x)[:, P:]
