@@ -34,12 +34,13 @@ def _plain(model, p: Pair) -> tuple[float, bool]:
     return lp.gather(-1, tgt[:, None]).sum().item(), bool((lp.argmax(-1) == tgt).all())
 
 
+@pytest.mark.parametrize("stepwise", [False, True])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_dense_scores_equal_one_plain_forward_per_pair(attn):
+def test_dense_scores_equal_one_plain_forward_per_pair(attn, stepwise):
     model = llama(attn)
     pairs = _pairs(6)
     with torch.inference_mode():
-        lp, greedy, first = score_batch(model, pairs, pad=0)
+        lp, greedy, first = score_batch(model, pairs, pad=0, stepwise=stepwise)
         ref = [_plain(model, p) for p in pairs]
     assert lp.tolist() == pytest.approx([r[0] for r in ref], abs=2e-4)
     assert greedy.tolist() == [r[1] for r in ref]

@@ -276,3 +276,22 @@ def test_vlms_and_right_padding_are_refused():
     with pytest.raises(prunekit.PrunekitError, match="left padding"):
         with torch.no_grad(), prunekit.compress_kv(model, "snapkv", keep=0.5):
             model(**inp)
+
+
+def test_top_k_ascending_equals_a_stable_sort_with_ties_and_row_budgets():
+    from prunekit.kv.engine import gather_slots, top_k_ascending
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (3, 2, 40), generator=g).float()  # many ties
+    scores[0, :, :6] = float("-inf")  # left padding
+    scores[1, 1, 10:20] = float("inf")
+    k = torch.tensor([7, 12, 1])
+    idx, ok = top_k_ascending(scores, k)
+    K = 12
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :K]
+    want_ok = (torch.arange(K)[None, None] < k[:, None, None]).expand(3, 2, K)
+    want_idx, perm = torch.sort(order, dim=-1)
+    assert torch.equal(idx, want_idx)
+    assert torch.equal(ok, want_ok.gather(2, perm))
+    x = torch.randn(3, 2, 40, 5, generator=g)
+    assert torch.equal(gather_slots(x, idx), x.gather(2, idx[..., None].expand(-1, -1, -1, 5)))

@@ -37,6 +37,7 @@ _METHOD_MODULES = (
     "prunekit.kv.methods.pyramidkv",
     "prunekit.kv.methods.h2o",
     "prunekit.kv.methods.kvcrush",
+    "prunekit.kv.methods.lazyllm",
     "prunekit.weights.methods.magnitude",
     "prunekit.weights.methods.wanda",
     "prunekit.weights.methods.sparsegpt",

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -35,6 +36,9 @@ from ..models.base import HookSet, Timer
 from ..models.sequence import decoder_call, real_tokens
 from .context import KV_SIGNALS, KVContext, KVMethod
 from .signals import attention_sum, window_attention
+
+if TYPE_CHECKING:
+    from .lazy import LazySession
 
 
 @dataclass
@@ -57,6 +61,41 @@ class KVStats:
     def select_seconds(self) -> float:
         """The bench's name for the method's own time (scoring, selection, eviction)."""
         return self.compress_seconds
+
+
+def _rank_mask(scores: torch.Tensor, vals: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Entries among the ``k`` best of each row (``k (B, Hkv, 1)``, ``vals``: the top values sorted
+    descending), ties broken towards lower indices, as a stable descending sort would."""
+    kth = vals.gather(-1, (k - 1).clamp_min(0))  # (B, Hkv, 1) the k-th best value
+    above = scores > kth
+    tied = scores == kth
+    room = k - above.sum(dim=-1, keepdim=True)
+    return (above | (tied & (tied.cumsum(dim=-1) <= room))) & (k > 0)
+
+
+def top_k_ascending(scores: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row and head, the ``K = max(k)`` best entries of ``scores (B, Hkv, L)`` in ascending
+    index order ``(B, Hkv, K)``, and which of them are among the row's own ``k[b]`` best.
+
+    The same result as a stable descending sort (ties go to lower indices) without sorting all
+    ``L`` entries: one ``topk`` for the thresholds, then a cumulative-sum compaction.
+    """
+    B, H, L = scores.shape
+    K = int(k.max())
+    vals = torch.topk(scores, K, dim=-1, sorted=True).values  # (B, H, K)
+    chosen = _rank_mask(scores, vals, torch.full((B, H, 1), K, device=scores.device))
+    within = _rank_mask(scores, vals, k.view(B, 1, 1).expand(B, H, 1))
+    slot = torch.where(chosen, chosen.long().cumsum(dim=-1) - 1, K)  # (B, H, L): target slot or dump
+    pos = torch.arange(L, device=scores.device).expand(B, H, L)
+    idx = torch.zeros(B, H, K + 1, dtype=torch.long, device=scores.device).scatter_(-1, slot, pos)[..., :K]
+    return idx, within.gather(-1, idx)
+
+
+def gather_slots(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x (B, H, L, D)`` at ``idx (B, H, K)`` along L -> ``(B, H, K, D)`` (one index_select)."""
+    B, H, L, D = x.shape
+    base = (torch.arange(B * H, device=x.device) * L).view(B, H, 1)
+    return x.reshape(B * H * L, D).index_select(0, (idx + base).reshape(-1)).view(B, H, -1, D)
 
 
 def make_kv_method(method: str | KVMethod, options: dict) -> KVMethod:
@@ -221,7 +260,7 @@ class KVSession:
 
     def _compress(self, attn: nn.Module, kw: dict, cache_layer, i: int) -> None:
         keys, values = cache_layer.keys, cache_layer.values  # (B, Hkv, L, D)
-        B, Hkv, L, D = keys.shape
+        Hkv, L = keys.shape[1:3]
         if L != self.L:
             raise PrunekitError(f"compress_kv: layer {i} caches {L} entries for a {self.L}-token prompt")
         n = self.valid.sum(dim=1).tolist()
@@ -232,17 +271,9 @@ class KVSession:
         signals = self._signals(attn, kw, keys)
         ctx = KVContext(keys, values, self.valid, i, self.n_layers, signals, budget=k)
         scores = self.method.score(ctx).float().masked_fill(~self.valid[:, None, :], float("-inf"))
-        K = int(k.max())
-        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[
-            ..., :K
-        ]  # (B, Hkv, K) best first
-        ok = torch.arange(K, device=keys.device)[None, None, :] < k[:, None, None]
-        idx, perm = torch.sort(order, dim=-1)  # ascending original order
-        ok = ok.expand(B, Hkv, K).gather(2, perm)
-        cache_layer.keys = keys.gather(2, idx[..., None].expand(-1, -1, -1, D)).contiguous()
-        cache_layer.values = values.gather(
-            2, idx[..., None].expand(-1, -1, -1, values.shape[-1])
-        ).contiguous()
+        idx, ok = top_k_ascending(scores, k)
+        cache_layer.keys = gather_slots(keys, idx)
+        cache_layer.values = gather_slots(values, idx)
         self.slot_pos[i], self.slot_valid[i] = idx, ok
         self.extra[i] = self.method.after_compress(ctx, idx) if hasattr(self.method, "after_compress") else {}
         self.stats.kept[-1].append((idx.cpu(), ok.cpu()))
@@ -262,11 +293,8 @@ class KVSession:
             )
         idx = keep.float().argsort(dim=2, descending=True, stable=True)[..., : int(counts.flatten()[0])]
         idx = torch.sort(idx, dim=2).values
-        D = cache_layer.keys.shape[-1]
-        cache_layer.keys = cache_layer.keys.gather(2, idx[..., None].expand(-1, -1, -1, D)).contiguous()
-        cache_layer.values = cache_layer.values.gather(
-            2, idx[..., None].expand(-1, -1, -1, cache_layer.values.shape[-1])
-        ).contiguous()
+        cache_layer.keys = gather_slots(cache_layer.keys, idx)
+        cache_layer.values = gather_slots(cache_layer.values, idx)
         self.slot_pos[i] = self.slot_pos[i].gather(2, idx)
         self.slot_valid[i] = self.slot_valid[i].gather(2, idx)
         for key, v in self.extra[i].items():
@@ -282,7 +310,7 @@ def compress_kv(
     *,
     ratio: float | None = None,
     **options: object,
-) -> Iterator[KVSession]:
+) -> Iterator[KVSession | LazySession]:
     """Compress the prompt's KV cache after prefill, for the duration of a ``with`` block.
 
     Args:
@@ -290,6 +318,7 @@ def compress_kv(
         method: a registry name of the ``kv`` family (``prunekit methods``) or a method object.
         keep: cache entries kept per row, layer and KV head: an ``int >= 1`` or a fraction in
             (0, 1] of the row's real prompt tokens. ``ratio=`` is the same as a fraction ``keep``.
+            For LazyLLM, which prunes inside the prefill, the mean per layer (see its docstring).
         **options: the method's options (e.g. ``window=32`` for SnapKV).
 
     Yields a :class:`KVSession` whose ``stats`` count entries seen and kept and the time spent.
@@ -304,7 +333,12 @@ def compress_kv(
         keep = float(ratio)
     keep = validate_keep(keep)
     m = make_kv_method(method, dict(options))
-    session = KVSession(model, m, keep)
+    if getattr(m, "engine", None) == "lazy":  # LazyLLM prunes inside the prefill: its own engine
+        from .lazy import LazySession
+
+        session: KVSession | LazySession = LazySession(model, m, keep)
+    else:
+        session = KVSession(model, m, keep)
     try:
         session.install()
         yield session

@@ -84,8 +84,13 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor, **kw):
     return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
 
 
-def score_batch(model, batch: list[Pair], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(sum log p(continuation), all greedy, next-token log-probs at the context end (B, V))``."""
+def score_batch(
+    model, batch: list[Pair], pad: int, stepwise: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(sum log p(continuation), all greedy, next-token log-probs at the context end (B, V))``.
+
+    The continuation is fed teacher-forced in one call after the prefill, or one token per call
+    with ``stepwise`` (for methods that decide per decoding step, as LazyLLM does in generate())."""
     dev = next(model.parameters()).device
     ids, mask = left_padded([p.ctx for p in batch], pad, dev)
     out = prefill(model, ids, mask, logits_to_keep=1)
@@ -101,11 +106,16 @@ def score_batch(model, batch: list[Pair], pad: int) -> tuple[torch.Tensor, torch
         cin = tgt[:, :-1].masked_fill(~valid[:, :-1], pad)
         full = torch.cat([mask, valid[:, :-1].long()], 1)
         pos = mask.sum(1, keepdim=True) + torch.arange(T - 1, device=dev)[None]
-        out2 = model(
-            input_ids=cin, attention_mask=full, position_ids=pos, past_key_values=out.past_key_values,
-            use_cache=True,
-        )  # fmt: skip
-        logp = torch.cat([logp, out2.logits.float().log_softmax(-1)], 1)  # (B, T, V)
+        L = mask.shape[1]
+        spans = [(t, t + 1) for t in range(T - 1)] if stepwise else [(0, T - 1)]
+        parts = [logp]
+        for a, b in spans:
+            out2 = model(
+                input_ids=cin[:, a:b], attention_mask=full[:, : L + b], position_ids=pos[:, a:b],
+                past_key_values=out.past_key_values, use_cache=True,
+            )  # fmt: skip
+            parts.append(out2.logits.float().log_softmax(-1))
+        logp = torch.cat(parts, 1)  # (B, T, V)
     tok_lp = logp.gather(-1, tgt[..., None])[..., 0].masked_fill(~valid, 0.0)
     greedy = ((logp.argmax(-1) == tgt) | ~valid).all(1)
     return tok_lp.sum(1), greedy, first
@@ -120,8 +130,9 @@ def score_pairs(loaded: Loaded, pairs: list[Pair], treat: Treat, desc: str = "")
     probe: dict[int, torch.Tensor] = {}
     kept = None
     with torch.inference_mode(), treat() as session:
+        stepwise = bool(getattr(session, "stepwise", False))
         for idx in batches(pairs):
-            s, g, first = score_batch(model, [pairs[i] for i in idx], pad)
+            s, g, first = score_batch(model, [pairs[i] for i in idx], pad, stepwise)
             it = torch.tensor(idx)
             lp[it], greedy[it] = s.double().cpu(), g.cpu()
             for r, i in enumerate(idx):

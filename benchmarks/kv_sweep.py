@@ -1,0 +1,208 @@
+"""Issue 6's sweep: prompt and KV-cache methods on SmolLM2-135M (packaged weights), quality
+retention against the fraction of the prompt's KV cache kept, and, with ``--role timing``, each
+method's time to first token, decode speed and own overhead against dense, side by side in one
+process.
+
+Quality (``--role quality``, the default): the bench's long-context tasks (needle in a haystack at
+1k-8k tokens, SQuAD reading comprehension), each method at each budget, through the same
+``Treatment`` openers as ``prunekit bench``. Timing and memory are not measured here (the bench's
+cost measurement would prefill 8 x 8k tokens several times per run on a CPU); ``--role timing``
+measures them on one prompt at a time.
+
+Run:
+    PYTHONPATH=src python benchmarks/kv_sweep.py --out benchmarks/results/kv_sweep.jsonl
+    PYTHONPATH=src python benchmarks/kv_sweep.py --role timing --out benchmarks/results/kv_timing.jsonl
+    PYTHONPATH=src python benchmarks/kv_sweep.py --role table        # markdown from both files
+
+Rows are JSON lines written as they go; a rerun skips the rows its output already holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from prunekit.bench.models import load
+from prunekit.bench.tasks import make_task
+from prunekit.bench.treatments import Treatment
+from prunekit.errors import PrunekitError
+
+METHODS = ["streamingllm", "h2o", "snapkv", "pyramidkv", "kvcrush", "spatten", "lazyllm"]
+KEEPS = [0.5, 0.25, 0.1]
+TASKS = {"needle-1k": 10, "needle-2k": 10, "needle-4k": 6, "needle-8k": 4, "squad": 40}
+
+
+def _rows(path: Path) -> dict[str, dict]:
+    if not path.exists():
+        return {}
+    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return {r["id"]: r for r in rows}
+
+
+def _write(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+
+
+def quality(a: argparse.Namespace) -> None:
+    out = Path(a.out)
+    done = _rows(out)
+    loaded = load("smollm2")
+    for name in a.tasks:
+        task = make_task(name, limit=a.limit or TASKS[name])
+        rid = f"{name}|dense"
+        if rid in done:
+            dense = done[rid]
+        else:
+            t0 = time.perf_counter()
+            res = task.evaluate(loaded, nullcontext)
+            dense = {"id": rid, "task": name, "method": "dense", "keep": 1.0, **res.metrics, "n": res.n,
+                     "metric": task.primary, "wall_s": time.perf_counter() - t0}  # fmt: skip
+            _write(out, dense)
+        for method in a.methods:
+            for keep in a.keeps:
+                rid = f"{name}|{method}|{keep}"
+                if rid in done:
+                    continue
+                tr = Treatment(method, keep, {})
+                tr.validate()
+                t0 = time.perf_counter()
+                try:
+                    res = task.evaluate(loaded, tr.opener(loaded.model, "llm"))
+                except (ValueError, PrunekitError) as e:  # e.g. a budget the method's layers cannot reach
+                    _write(out, {"id": rid, "task": name, "method": method, "keep": keep, "status": "n/a",
+                                 "reason": str(e).split(";")[0]})  # fmt: skip
+                    continue
+                p, d = res.metrics[task.primary], dense[task.primary]
+                retention = (p / d if d else None) if task.higher_is_better else (d / p if p else None)
+                _write(out, {"id": rid, "task": name, "method": method, "keep": keep, **res.metrics,
+                             "retention": retention, "kept": res.tokens_kept, "n": res.n,
+                             "metric": task.primary, "wall_s": time.perf_counter() - t0})  # fmt: skip
+
+
+def _median_time(fn, repeats: int) -> float:
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def timing(a: argparse.Namespace) -> None:
+    """TTFT (the prefill forward that yields the first token), decode tokens/s over ``--decode``
+    greedy tokens of ``generate()``, and the method's own time, per method and budget, on one
+    needle prompt of ``--length`` tokens; dense and pruned runs alternate."""
+    out = Path(a.out)
+    done = _rows(out)
+    loaded = load("smollm2")
+    model, tok = loaded.model, loaded.tokenizer
+    task = make_task(f"needle-{a.length // 1024}k", limit=1)
+    task.prepare(loaded)
+    ids = torch.tensor([task.pairs[0].ctx])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def prefill(opener):
+        with torch.inference_mode(), opener() as s:
+            model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        return s
+
+    def generate(opener, n):
+        with torch.inference_mode(), opener():
+            model.generate(
+                input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad
+            )
+
+    def measure(opener) -> dict:
+        prefill(opener)  # warm-up
+        ttft = _median_time(lambda: prefill(opener), a.repeats)
+        short = _median_time(lambda: generate(opener, 1), a.repeats)
+        long_ = _median_time(lambda: generate(opener, 1 + a.decode), a.repeats)
+        s = prefill(opener)
+        own = None if s is None else s.stats.select_seconds
+        return {"ttft_s": ttft, "decode_tps": a.decode / (long_ - short), "own_s": own}
+
+    dense = None
+    for method in ["dense", *a.methods]:
+        for keep in [1.0] if method == "dense" else a.keeps:
+            rid = f"{a.length}|{method}|{keep}"
+            if rid in done and method != "dense":
+                continue
+            tr = Treatment(method, keep, {})
+            tr.validate()
+            opener = tr.opener(model, "llm")
+            d = measure(nullcontext)  # dense measured next to every method: drifts cancel
+            m = d if method == "dense" else measure(opener)
+            dense = d
+            row = {"id": rid, "length": ids.shape[1], "method": method, "keep": keep, **m,
+                   "dense_ttft_s": dense["ttft_s"], "dense_decode_tps": dense["decode_tps"],
+                   "ttft_ratio": m["ttft_s"] / dense["ttft_s"],
+                   "decode_ratio": m["decode_tps"] / dense["decode_tps"],
+                   "overhead_of_prefill": None if m["own_s"] is None else m["own_s"] / dense["ttft_s"],
+                   "threads": torch.get_num_threads()}  # fmt: skip
+            if rid not in done:
+                _write(out, row)
+
+
+def table(a: argparse.Namespace) -> None:
+    rows = [json.loads(x) for x in Path(a.quality).read_text().splitlines() if x.strip()]
+    tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    by = {(r["task"], r["method"], r["keep"]): r for r in rows}
+    print("| method | " + " | ".join(f"{t} ({by[t, 'dense', 1.0]['metric']})" for t in tasks) + " |")
+    print("|---|" + "---|" * len(tasks))
+    cells = []
+    for t in tasks:
+        d = by[t, "dense", 1.0]
+        cells.append(f"{d[d['metric']]:.2f}")
+    print("| dense | " + " | ".join(cells) + " |")
+    for m in methods:
+        cells = []
+        for t in tasks:
+            vals = [by.get((t, m, k)) for k in KEEPS]
+            shown = ("n/a" if v is None or "status" in v else f"{v[v['metric']]:.2f}" for v in vals)
+            cells.append(" / ".join(shown))
+        print(f"| {m} (50 / 25 / 10 %) | " + " | ".join(cells) + " |")
+    tpath = Path(a.timing)
+    if not tpath.exists():
+        return
+    trows = [json.loads(x) for x in tpath.read_text().splitlines() if x.strip()]
+    print("\n| method | keep | TTFT ms | TTFT vs dense | decode tok/s | decode vs dense | own ms | "
+          "own / dense TTFT |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for r in trows:
+        own = "-" if r["own_s"] is None else f"{r['own_s'] * 1e3:.1f}"
+        ovh = "-" if r["overhead_of_prefill"] is None else f"{r['overhead_of_prefill']:.1%}"
+        print(f"| {r['method']} | {r['keep']} | {r['ttft_s'] * 1e3:.0f} | {r['ttft_ratio']:.2f}x | "
+              f"{r['decode_tps']:.1f} | {r['decode_ratio']:.2f}x | {own} | {ovh} |")  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--role", choices=["quality", "timing", "table"], default="quality")
+    p.add_argument("--methods", nargs="*", default=METHODS)
+    p.add_argument("--keeps", nargs="*", type=float, default=KEEPS)
+    p.add_argument("--tasks", nargs="*", default=list(TASKS))
+    p.add_argument("--limit", type=int, help="examples per task (default: per task, see TASKS)")
+    p.add_argument("--length", type=int, default=4096, help="timing: prompt tokens (a needle prompt)")
+    p.add_argument("--decode", type=int, default=32, help="timing: greedy tokens decoded")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--out", default="runs/kv_sweep.jsonl")
+    p.add_argument("--quality", default="benchmarks/results/kv_sweep.jsonl", help="table: quality rows")
+    p.add_argument("--timing", default="benchmarks/results/kv_timing.jsonl", help="table: timing rows")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    {"quality": quality, "timing": timing, "table": table}[a.role](a)
+
+
+if __name__ == "__main__":
+    main()
