@@ -51,7 +51,7 @@ TEXT_CASES = [(fam, "fastv", "llm", {"layer": 2}) for fam in DECODERS] + [
 TEXT_CASES += [(fam, m, "llm", {"layer": 2}) for fam in (*VLMS, *DECODERS) for m in ("todre", "catp")]
 # progressive methods: several cuts inside the LLM (tiny decoders: 4 layers -> cuts at 1, 2, 3)
 PROGRESSIVE_CASES = [
-    (fam, meth, "llm", {})
+    (fam, meth, "llm", {"recycle": False} if meth == "sparsevlm" else {})  # merged values: not masking
     for fam in (*VLMS, *DECODERS)
     for meth in ("pyramiddrop", "transprune", "sparsevlm")
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -187,7 +188,7 @@ def test_sparsevlm_raters_are_the_text_tokens_aligned_with_the_image():
         },
     )
     # only the rater's row counts: token 1 first, then 2
-    assert SparseVLM().select(ctx, 2).keep.tolist() == [[1, 2]]
+    assert SparseVLM(recycle=False).select(ctx, 2).keep.tolist() == [[1, 2]]
 
 
 # ------------------------------------------------------------------ SpAtten
@@ -259,3 +260,87 @@ def test_spatten_head_counts_fall_linearly():
     assert SpAtten().head_counts(32, 4) is None
     with pytest.raises(ValueError, match=r"head_keep must be in \(0, 1\]"):
         SpAtten(head_keep=0.0)
+
+
+# ------------------------------------------------------------------ SparseVLM's recycling (DPC-kNN)
+def _dpc_reference(x: np.ndarray, c: int) -> tuple[np.ndarray, list[int]]:
+    """TCFormer / SparseVLM DPC-kNN written out with loops, on one ``(n, D)`` set."""
+    n, D = x.shape
+    dist = np.array([[np.linalg.norm(x[i] - x[j]) for j in range(n)] for i in range(n)]) / np.sqrt(D)
+    density = np.array([np.exp(-np.mean(np.sort(dist[i])[:c] ** 2)) for i in range(n)])
+    delta = np.empty(n)
+    for i in range(n):
+        denser = [dist[i, j] for j in range(n) if density[j] > density[i]]
+        delta[i] = min(denser) if denser else dist.max()
+    score = delta * density
+    centers = sorted(range(n), key=lambda i: (-score[i], i))[:c]
+    assign = [
+        centers.index(i) if i in centers else int(np.argmin([dist[i, j] for j in centers])) for i in range(n)
+    ]
+    merged = np.stack([x[[i for i in range(n) if assign[i] == j]].mean(axis=0) for j in range(c)])
+    return merged, centers
+
+
+def test_dpc_knn_merge_equals_a_loop_reference():
+    from prunekit.tokens.merge import dpc_knn_merge
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 14, 5, generator=g, dtype=torch.float64)
+    merged, centers = dpc_knn_merge(x, 3)
+    for s in range(3):
+        want_m, want_c = _dpc_reference(x[s].numpy(), 3)
+        assert centers[s].tolist() == want_c
+        np.testing.assert_allclose(merged[s].numpy(), want_m, atol=1e-12)
+
+
+def test_dpc_knn_finds_two_separated_groups():
+    from prunekit.tokens.merge import dpc_knn_merge
+
+    x = torch.tensor([[[0.0, 0], [0.1, 0], [0.3, 0], [5, 5], [5.15, 5], [5.4, 5]]])
+    merged, centers = dpc_knn_merge(x, 2, k=3)  # each token's 3 nearest are in its own group
+    assert sorted(centers[0].tolist()) == [1, 4]  # the densest of each group
+    groups = {frozenset({0, 1, 2}): [0.4 / 3, 0.0], frozenset({3, 4, 5}): [15.55 / 3, 5.0]}
+    got = {}
+    for j, c in enumerate(centers[0].tolist()):
+        got[next(g for g in groups if c in g)] = merged[0, j]
+    assert set(got) == set(groups)
+    for g, m in got.items():
+        torch.testing.assert_close(m, torch.tensor(groups[g]))
+
+
+def test_sparsevlm_recycles_the_best_pruned_tokens_into_their_centre_slot():
+    """n=10, k=3: 7 pruned, the best int(0.3*7)+1 = 3 of them form int(3/10)+1 = 1 cluster whose
+    centre: with one cluster the k-NN density (k = 1: the token itself) ties, so the first recycled
+    token is the centre; the mean of the three takes its slot."""
+    tokens = torch.zeros(1, 10, 2)
+    tokens[0, [4, 7, 8], 0] = torch.tensor([1.0, 1.2, 2.0])
+    scores = torch.tensor([[9.0, 0.1, 8, 0.2, 5, 0.3, 7, 4, 3, 0.4]])  # kept: 0, 2, 6; best pruned: 4, 7, 8
+    ctx = TokenContext(stage="llm", tokens=tokens)
+    sel = SparseVLM().select_scored(ctx, 3, scores)
+    assert sel.keep.tolist() == [[0, 2, 4, 6]]
+    torch.testing.assert_close(sel.values[0, 2], torch.tensor([4.2 / 3, 0.0]))
+    torch.testing.assert_close(sel.values[0, [0, 1, 3]], tokens[0, [0, 2, 6]])
+    plain = SparseVLM(recycle=False).select_scored(ctx, 3, scores)
+    assert plain.keep.tolist() == [[0, 2, 6]] and plain.values is None
+
+
+@pytest.mark.parametrize("fam", ["llava", "qwen2_vl", "llama"])
+def test_sparsevlm_recycling_runs_in_generate_adds_the_clusters_and_restores(fam):
+    model = (VLMS.get(fam) or DECODERS[fam])("sdpa")
+    inp = vlm_inputs(fam, model, 2) if fam in VLMS else text_inputs(2)
+    with torch.no_grad():
+        dense = model.generate(**inp, max_new_tokens=3, do_sample=False)
+        reset(model)
+        with prunekit.prune_tokens(model, "sparsevlm", keep=1.0):
+            everything = model.generate(**inp, max_new_tokens=3, do_sample=False)
+        reset(model)
+        with prunekit.prune_tokens(model, "sparsevlm", keep=0.5, recycle=False) as s0:
+            model.generate(**inp, max_new_tokens=3, do_sample=False)
+        reset(model)
+        with prunekit.prune_tokens(model, "sparsevlm", keep=0.5) as s1:
+            out = model.generate(**inp, max_new_tokens=3, do_sample=False)
+        reset(model)
+        after = model.generate(**inp, max_new_tokens=3, do_sample=False)
+    assert torch.equal(everything, dense) and torch.equal(after, dense)
+    assert out.shape == dense.shape
+    assert s1.stats.tokens_kept > s0.stats.tokens_kept  # the recycled cluster tokens on top

@@ -279,8 +279,9 @@ class LLMCut:
         n_layers = len(self.layers)
         return [group_counts(self.session.method, n0, keep, n_layers)[cut] if n0 else 0 for n0 in self.n0]
 
-    def _select(self, h: torch.Tensor, cut: int) -> torch.Tensor:
-        """Select at the ``cut``-th cut; returns the local slot indices kept (left-packed)."""
+    def _select(self, h: torch.Tensor, cut: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Select at the ``cut``-th cut; returns the local slot indices kept (left-packed) and the
+        hidden states, with a merging method's new vectors written into their slots."""
         groups, instr, _ = self._groups_now()
         groups.budgets = self._budgets(groups, cut)
         keep_mask = self.cur_valid.clone()  # padding is dropped too: it becomes masked slots
@@ -294,6 +295,13 @@ class LLMCut:
         if self.cum is not None:
             cum = self.cum
             signals["cumulative_attention"] = lambda b, pos, ids: cum[b[:, None], pos]
+        out = {"h": h}
+
+        def write(b: torch.Tensor, kept_pos: torch.Tensor, values: torch.Tensor) -> None:
+            if out["h"] is h:  # the layer input is the previous layer's output: write into a copy
+                out["h"] = h.clone()
+            out["h"][b[:, None], kept_pos] = values.to(h.dtype)
+
         self.select_seconds += select_in_groups(
             self.session,
             keep_mask,
@@ -301,6 +309,7 @@ class LLMCut:
             tokens=lambda b, pos: h[b[:, None], pos],
             signals=signals,
             family=self.family,
+            write=write,
             layer=self.cuts[cut],
             record=not self.progressive,
         )
@@ -319,7 +328,7 @@ class LLMCut:
             self.heads.cut(cut)
         if self.progressive and cut == len(self.cuts) - 1:
             self._record_progressive(groups)
-        return local
+        return local, out["h"]
 
     def _instruction_gatherers(self, instr: list[torch.Tensor], groups: Groups) -> dict:
         if not self.kinds & {*_INSTRUCTION_KINDS, *_EMBEDDING_KINDS}:
@@ -381,7 +390,7 @@ class LLMCut:
                     kinds = [k for k in _ATTENTION_KINDS if k in self.kinds]
                     if kinds:
                         self._attention_signals(kinds, layer.self_attn, layer.input_layernorm(h), pe)
-                local = self._select(h, cut)
+                local, h = self._select(h, cut)
                 self.pe = (gather_tokens(pe[0], local, 1), gather_tokens(pe[1], local, 1))
                 pid = kw.get("position_ids") if self.pid is None else self.pid
                 self.pid = None if pid is None else gather_tokens(pid, local, pid.dim() - 1)

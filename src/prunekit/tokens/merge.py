@@ -1,4 +1,5 @@
-"""Token merging by bipartite soft matching (ToMe, Bolya et al., ICLR 2023), as pure tensor code.
+"""Token merging by bipartite soft matching (ToMe, Bolya et al., ICLR 2023), as pure tensor code;
+and DPC-kNN clustering with cluster means (SparseVLM's recycling, :func:`dpc_knn_merge`).
 
 A plan is decided once per block from a similarity metric and then applied to every tensor that
 must stay consistent (the tokens and their sizes), as in the paper's ``(merge, unmerge)`` design.
@@ -106,3 +107,35 @@ def merge_wavg(plan: MergePlan, x: torch.Tensor, size: torch.Tensor) -> tuple[to
 def merge_source(plan: MergePlan, source: torch.Tensor) -> torch.Tensor:
     """Track which original tokens each token covers: ``source (B, T, T0)`` 0/1 -> ``(B, T - r, T0)``."""
     return plan.merge(source, mode="amax")
+
+
+def dpc_knn_merge(x: torch.Tensor, clusters: int, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPC-kNN clustering (density peaks with k-nearest-neighbour density, as in TCFormer and
+    SparseVLM's ``cluster_and_merge``) and the plain mean of each cluster.
+
+    ``x (S, n, D)`` -> ``(merged (S, c, D), centers (S, c))``: ``centers`` index the cluster
+    centres in ``x`` (in descending centre score), ``merged[:, j]`` is the mean of the tokens
+    assigned to centre ``j``. Distances are Euclidean over ``sqrt(D)``; the density of a token is
+    ``exp(-mean of its k smallest squared distances)`` (``k`` defaults to ``clusters``, as in
+    SparseVLM; the token itself is one of them); ``delta`` is the distance to the nearest token of
+    higher density (the largest distance in the set for the densest); centres are the ``clusters``
+    highest ``delta * density``; every token joins its nearest centre and a centre joins itself.
+    Ties go to the lower index (the official code's random jitter is commented out there).
+    """
+    S, n, D = x.shape
+    c = min(clusters, n)
+    kk = min(k or c, n)
+    xf = x if x.dtype == torch.float64 else x.float()
+    dist = torch.cdist(xf, xf) / D**0.5  # (S, n, n)
+    near = torch.topk(dist, kk, dim=-1, largest=False).values
+    density = (-(near**2).mean(dim=-1)).exp()  # (S, n)
+    higher = density[:, None, :] > density[:, :, None]  # [i, j]: j denser than i
+    far = dist.flatten(1).max(dim=1).values[:, None, None]
+    delta = torch.where(higher, dist, far).min(dim=-1).values
+    centers = torch.sort(delta * density, dim=-1, descending=True, stable=True).indices[:, :c]  # (S, c)
+    to_center = dist.gather(1, centers[:, :, None].expand(S, c, n))  # (S, c, n)
+    assign = to_center.argmin(dim=1)  # (S, n) first minimum: lower centre rank on ties
+    assign.scatter_(1, centers, torch.arange(c, device=x.device).expand(S, c))
+    onehot = torch.nn.functional.one_hot(assign, c).to(xf.dtype)  # (S, n, c)
+    merged = (onehot.transpose(1, 2) @ xf) / onehot.sum(dim=1)[..., None].clamp_min(1)
+    return merged.to(x.dtype), centers
