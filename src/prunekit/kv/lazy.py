@@ -35,32 +35,23 @@ from ..errors import PrunekitError
 from ..models.base import HookSet, Timer
 from ..models.sequence import decoder_call, real_tokens
 from ..tokens.schedule import group_counts
+from .engine import KVStats, _text_model
 from .signals import rotated_queries
 
 
 @dataclass
-class LazyStats:
-    """What one LazyLLM session did."""
+class LazyStats(KVStats):
+    """What one LazyLLM session did: ``entries_kept`` counts the prompt KV entries computed (by the
+    prefills, plus revivals while decoding); ``compress_seconds`` the scoring, selection, gathers
+    and masks of the prefills and decoding steps."""
 
-    calls: int = 0  # prefills pruned
-    entries_in: int = 0  # prompt KV entries a dense prefill caches (rows x layers x KV heads x tokens)
-    entries_kept: int = 0  # prompt KV entries computed (prefill, plus revivals while decoding)
-    entries_kept_prefill: int = 0  # of which by the prefills
+    entries_kept_prefill: int = 0  # of ``entries_kept``, by the prefills
     revived: int = 0  # (token, segment) revivals from the aux cache while decoding
-    compress_seconds: float = 0.0  # scoring, selection, gathers and masks (prefill and decode)
-
-    @property
-    def kept_fraction(self) -> float:
-        return self.entries_kept / self.entries_in if self.entries_in else 1.0
 
     @property
     def prefill_kept_fraction(self) -> float:
         """The budget's own measure: prompt KV entries the prefills computed, of a dense prefill's."""
         return self.entries_kept_prefill / self.entries_in if self.entries_in else 1.0
-
-    @property
-    def select_seconds(self) -> float:
-        return self.compress_seconds
 
 
 def _arg(args: tuple, kw: dict, name: str):
@@ -74,8 +65,6 @@ class LazySession:
     stepwise = True
 
     def __init__(self, model: nn.Module, method, keep: int | float) -> None:
-        from .engine import _text_model
-
         self.method, self.keep = method, keep
         self.text_model = tm = _text_model(model)
         self.layers = tm.layers
