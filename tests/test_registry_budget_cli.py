@@ -50,7 +50,7 @@ def test_registry_rows_have_every_field():
         if m.family == "tokens":
             assert set(r["stages"]) <= {"vision", "llm", "encoder"}
         elif m.family == "kv":  # when the cache is edited
-            assert set(r["stages"]) <= {"after-prefill", "decode"}
+            assert set(r["stages"]) <= {"prefill", "after-prefill", "decode"}
         else:  # weights: one-shot, on a trained model
             assert m.family == "weights" and r["stages"] == ["after-training"]
     assert {m.name for m in prunekit.methods(family="weights")} >= {

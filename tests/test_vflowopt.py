@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import prunekit
-from prunekit.tokens.context import TokenContext
+from prunekit.tokens.context import TokenContext, topk_sorted
 from prunekit.tokens.methods.vflowopt import VFlowOpt, cell_ids, importance, recycle
 
 
@@ -87,3 +87,51 @@ def test_runs_on_llava_through_the_public_api():
     with torch.no_grad(), prunekit.prune_tokens(model, "vflowopt", keep=8, m=2.0) as s:
         out = model(**inp).logits
     assert torch.isfinite(out).all() and s.stats.tokens_kept == 16
+
+
+# ------------------------------------------------------------------ the LLM stage
+def test_llm_stage_drops_by_the_vision_importance_of_the_survivors():
+    """A vision-stage session publishes each survivor's importance; the nested llm-stage session
+    keeps, at its cut, exactly the top of those scores (recycled tokens carry their slot's score)."""
+    import prunekit
+    from tiny import VLMS, reset, vlm_inputs
+
+    model = VLMS["llava"]("sdpa")
+    inp = vlm_inputs("llava", model, 2)
+    seen = {}
+    with torch.no_grad():
+        reset(model)
+        method = VFlowOpt(t=1.0, llm_layers=(2,))
+        with prunekit.prune_tokens(model, method, keep=0.5) as vis:
+            orig = vis.method.select
+
+            def spy(ctx, k):
+                sel = orig(ctx, k)
+                if ctx.stage == "vision":
+                    seen["vision"] = (sel, importance(ctx.signal("attention_map"), 1.0))
+                else:
+                    seen.setdefault("llm", []).append((ctx.signal("vision_importance").clone(), sel.keep))
+                return sel
+
+            vis.method.select = spy
+            with prunekit.prune_tokens(model, vis.method, keep=0.6, stage="llm") as llm:
+                out = model.generate(**inp, max_new_tokens=3, do_sample=False)
+    sel, imp = seen["vision"]
+    torch.testing.assert_close(sel.scores, imp.gather(1, sel.keep))  # published: the kept tokens' importance
+    (scores, keep), *_ = seen["llm"]
+    assert scores.shape == sel.scores.shape  # the llm stage sees every vision survivor, in order
+    torch.testing.assert_close(scores, sel.scores.float())
+    assert torch.equal(keep, topk_sorted(scores, keep.shape[1]))
+    assert llm.stats.tokens_kept < llm.stats.tokens_in and out.shape[1] == inp["input_ids"].shape[1] + 3
+
+
+def test_llm_stage_without_a_vision_session_says_what_it_needs():
+    import prunekit
+    from tiny import VLMS, reset, vlm_inputs
+
+    model = VLMS["llava"]("sdpa")
+    inp = vlm_inputs("llava", model, 1)
+    reset(model)
+    with pytest.raises(prunekit.errors.SignalUnavailableError, match="vision-stage session"):
+        with torch.no_grad(), prunekit.prune_tokens(model, "vflowopt", keep=0.5, stage="llm"):
+            model(**inp)

@@ -61,6 +61,8 @@ LLM_SIGNALS: dict[str, str] = {
     "defaults to the one before the first cut (G, N)",
     "cumulative_attention": "attention each candidate received, summed over real queries, heads and "
     "every layer before the cut (SpAtten) (G, N)",
+    "vision_importance": "the score an enclosing vision-stage session's method gave each surviving "
+    "visual token (VFlowOpt's importance map) (G, N)",
 }
 _ATTENTION_KINDS = ("last_token_attention", "attention_map", "instruction_attention")
 _INSTRUCTION_KINDS = ("instruction_attention", "instruction_mask", "instruction_embeddings")
@@ -78,8 +80,10 @@ class LLMCut:
         layer: int,
         candidates: CandidateFn,
         family: str,
+        vision_scores: Callable[[], torch.Tensor | None] | None = None,
     ) -> None:
         self.session, self.text_model = session, text_model
+        self.vision_scores = vision_scores
         self.layers = text_model.layers
         self.candidates, self.family = candidates, family
         n = len(self.layers)
@@ -93,6 +97,11 @@ class LLMCut:
         self.signal_layers: dict[int, list[str]] = {}  # single cut: layer -> attention kinds there
         self.ttv_start: int | None = None
         self.cumulative = "cumulative_attention" in self.kinds
+        if "vision_importance" in self.kinds and vision_scores is None:
+            raise SignalUnavailableError(
+                f"{method.name}: signal 'vision_importance' comes from a vision-stage session around "
+                f"this one; {family} has no vision stage"
+            )
         #: cascade head pruning (SpAtten): heads kept at each cut, or None
         heads = text_model.config.num_attention_heads
         counts = method.head_counts(heads, len(self.cuts)) if hasattr(method, "head_counts") else None
@@ -295,6 +304,8 @@ class LLMCut:
         if self.cum is not None:
             cum = self.cum
             signals["cumulative_attention"] = lambda b, pos, ids: cum[b[:, None], pos]
+        if "vision_importance" in self.kinds:
+            signals["vision_importance"] = self._vision_importance()
         out = {"h": h}
 
         def write(b: torch.Tensor, kept_pos: torch.Tensor, values: torch.Tensor) -> None:
@@ -329,6 +340,17 @@ class LLMCut:
         if self.progressive and cut == len(self.cuts) - 1:
             self._record_progressive(groups)
         return local, out["h"]
+
+    def _vision_importance(self):
+        scores = None if self.vision_scores is None else self.vision_scores()
+        if scores is None:
+            raise SignalUnavailableError(
+                f"{self.session.method.name}: signal 'vision_importance' needs a vision-stage session of "
+                "the same method around this llm-stage one (it ranks by the vision stage's scores); "
+                f"{self.family} got none"
+            )
+        now = scores if self.kidx is None else scores.gather(1, self.kidx)
+        return lambda b, pos, ids: now[b[:, None], pos]
 
     def _instruction_gatherers(self, instr: list[torch.Tensor], groups: Groups) -> dict:
         if not self.kinds & {*_INSTRUCTION_KINDS, *_EMBEDDING_KINDS}:

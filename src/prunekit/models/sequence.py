@@ -179,6 +179,7 @@ def select_in_groups(
     write: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
     layer: int | None = None,
     record: bool = True,
+    publish: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> float:
     """Run the session's method on every group and clear the dropped positions in ``keep_mask``.
 
@@ -188,7 +189,8 @@ def select_in_groups(
     A merging method's new token vectors go to ``write(sample_idx (S,), kept_pos (S, k), values
     (S, k, D))``; a stage without ``write`` refuses them. Groups of one size but different
     ``groups.budgets`` are stacked separately. ``layer``: the decoder layer being cut (llm stage).
-    ``record=False`` leaves the statistics to the caller. Returns the seconds spent selecting.
+    ``record=False`` leaves the statistics to the caller. A selection's ``scores`` (for a later
+    stage) go to ``publish(sample_idx, kept_pos, scores (S, k))``. Returns the seconds spent selecting.
     """
     method = session.method
     sizes = [len(p) for p in groups.positions]
@@ -218,6 +220,8 @@ def select_in_groups(
                     "can only drop them"
                 )
             write(b, kept_pos, sel.values)
+        if sel.scores is not None and publish is not None:
+            publish(b, kept_pos, sel.scores)
         dropped = torch.ones_like(pos, dtype=torch.bool)
         dropped.scatter_(1, sel.keep.to(pos.device), False)
         rows = b[:, None].expand_as(pos)

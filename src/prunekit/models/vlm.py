@@ -155,7 +155,7 @@ class VLMAdapter(Adapter):
             m = session.method
             K = m.default_cut(len(self.text_model.layers)) if m.layer is None else m.layer
             hooks.setattr(self.model, "_prunekit_llm_cut", True)  # a vision session must not open inside
-            LLMCut(session, self.text_model, K, self._groups, self.family).install()
+            LLMCut(session, self.text_model, K, self._groups, self.family, self._vision_scores).install()
 
     # ------------------------------------------------------------------ hooks
     def _on_top(self, module: nn.Module, args: tuple, kw: dict) -> None:
@@ -218,6 +218,12 @@ class VLMAdapter(Adapter):
         now = gid.gather(1, kidx).masked_fill(~ok, -1)  # (B, L') group of each surviving position
         positions = [(now[b] == g).nonzero().flatten() for g, b in enumerate(groups.sample)]
         return Groups(sample=groups.sample, positions=positions, ids=groups.ids)
+
+    def _vision_scores(self) -> torch.Tensor | None:
+        """``(B, L')`` scores an enclosing vision-stage session published for its survivors (NaN
+        elsewhere), or None."""
+        vis = getattr(self.model, "_prunekit_vision_index", None)
+        return None if not vis else vis.get("scores")
 
     def _prompt_groups(self) -> Groups:
         ids = self.ids
@@ -284,6 +290,11 @@ class VLMAdapter(Adapter):
             def write(b: torch.Tensor, kept_pos: torch.Tensor, values: torch.Tensor) -> None:
                 merged.append((b, kept_pos, values))
 
+            scores = torch.full((B, L), float("nan"), device=x.device)
+
+            def publish(b: torch.Tensor, kept_pos: torch.Tensor, s: torch.Tensor) -> None:
+                scores[b[:, None], kept_pos] = s.float().to(x.device)
+
             select_in_groups(
                 self.session,
                 keep_mask,
@@ -292,6 +303,7 @@ class VLMAdapter(Adapter):
                 signals=self._signal_fns(x, valid),
                 family=self.family,
                 write=write,
+                publish=publish,
             )
             if merged:
                 x = x.clone()
@@ -306,7 +318,7 @@ class VLMAdapter(Adapter):
             pid = kw.get("position_ids")
             if pid is None:  # what the language model would compute on the full sequence
                 pid = (valid.long().cumsum(-1) - 1).clamp(min=0)
-            self.published.update(kidx=kidx, slot_valid=slot_valid)
+            self.published.update(kidx=kidx, slot_valid=slot_valid, scores=gather_tokens(scores, kidx, 1))
             kw["inputs_embeds"] = gather_tokens(x, kidx, 1)
             kw["position_ids"] = gather_tokens(pid, kidx, pid.dim() - 1)
             kw["attention_mask"] = self.pruned_mask

@@ -77,7 +77,11 @@ class Compose(TokenMethod):
                 f"{self.selector.name!r} at {list(stages)}: no common stage"
             )
         if self.scorer.cuts(32) is not None or self.selector.cuts(32) is not None:
-            raise ValueError("compose: progressive (several-layer) methods cannot be composed")
+            # progressive (several-layer) cuts cannot be composed; a method progressive only inside
+            # the LLM (VFlowOpt's llm stage) still composes at its other stages
+            self.stages = tuple(s for s in self.stages if s not in ("llm", "encoder"))
+            if not self.stages:
+                raise ValueError("compose: progressive (several-layer) methods cannot be composed")
 
     def needs(self, stage: str) -> tuple[Signal, ...]:
         return (*self.scorer.needs(stage), Signal("tokens"))

@@ -95,6 +95,9 @@ class Selection:
 
     keep: torch.Tensor
     values: torch.Tensor | None = None
+    #: optional ``(G, K)`` scores of the kept tokens, published for a later stage (VFlowOpt's
+    #: LLM-stage drops rank the survivors by the vision-stage importance)
+    scores: torch.Tensor | None = None
 
     @property
     def num_kept(self) -> int:

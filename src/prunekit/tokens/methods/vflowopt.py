@@ -27,21 +27,33 @@ Shapes: ``attention_map`` ``(G, H, N, N)``, ``tokens`` ``(G, N, D)`` -> ``keep``
 Departures and omissions: (1) if no token passes ``t * mean`` (official: ``imp`` becomes NaN) the
 single most-attended token is the global one; (2) the **patch-entropy term** is not offered
 (``alpha_v`` must be 0, as released): the adapters do not hand methods raw pixel patches, and the
-official entropy reads normalised pixels cast to uint8 (spec quirk 1); (3) the **LLM-stage drops**
-at decoder layers 9 / 18, which reuse this importance map, and (4) the **flow-guided
+official entropy reads normalised pixels cast to uint8 (spec quirk 1); (3) the **flow-guided
 hyper-parameter search** (Bayesian optimisation of ``r, t, m, alpha_v`` on calibration images,
 objective the cosine of the last token's final hidden state) are not implemented; ``t`` and ``m``
 are options. Ties go to the lower index.
+
+**LLM stage** (``stage="llm"``, a session nested inside the vision-stage one, as the official
+``illava_llm_k = [9, 18]`` of Qwen2-7B's 28 layers, scaled to the depth): at those decoder layers
+the surviving visual tokens are ranked by **the same vision-stage importance** (published by the
+enclosing session; a recycled token carries the importance of the slot it took) and the top ones
+go on. Budget: ``keep`` is the mean number of candidates per decoder layer, the schedule's shape
+the released ratios ``(1.0, 0.6011)`` bent by a power (``t = 1/2`` is the released schedule).
+The released search solved the last ratio from a target mean; here the mean is the budget::
+
+    with prune_tokens(vlm, "vflowopt", keep=0.25), prune_tokens(vlm, "vflowopt", keep=0.8, stage="llm"):
+        vlm.generate(...)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from ...registry import register
 from ..context import Selection, Signal, TokenContext, TokenMethod, topk_sorted
+from ..schedule import check_layers, fit_counts, power_shape, scale_layers
 from .hiprune import patch_grid
 
 
@@ -99,9 +111,10 @@ def recycle(
     "vflowopt",
     family="tokens",
     paper="VFlowOpt: A Token Pruning Framework for LMMs with Visual Information Flow-Guided Optimization",
-    stages=("vision",),
-    signals=("attention_map@vision-layer", "tokens"),
-    summary="importance = attention from global tokens; dropped tokens recycled per grid cell",
+    stages=("vision", "llm"),
+    signals=("attention_map@vision-layer", "tokens", "vision_importance (llm stage)"),
+    summary="importance = attention from global tokens; dropped tokens recycled per grid cell; "
+    "LLM stage: drops at layers 9/18 of 28 by the same importance",
 )
 @dataclass
 class VFlowOpt(TokenMethod):
@@ -110,6 +123,12 @@ class VFlowOpt(TokenMethod):
     alpha_v: float = 0.0  # patch-entropy weight; only 0 (the released value) is supported
     recycle: bool = True  # merge the dropped tokens per grid cell (False: plain top-k)
     layer: int | None = None  # 0-based vision layer of the map; None = the VLM's feature layer
+    #: llm stage: decoder layers of the drops; None = 9/18 of 28 scaled to the depth
+    llm_layers: tuple[int, ...] | None = None
+
+    official_llm_layers: ClassVar[tuple[int, ...]] = (9, 18)
+    official_llm_ratios: ClassVar[tuple[float, ...]] = (1.0, 0.6011)
+    llm_reference_depth: ClassVar[int] = 28
 
     def __post_init__(self) -> None:
         if self.alpha_v != 0:
@@ -124,22 +143,41 @@ class VFlowOpt(TokenMethod):
             raise ValueError(f"vflowopt: m must be > 0 (tokens per cell side); got {self.m!r}")
 
     def needs(self, stage: str) -> tuple[Signal, ...]:
+        if stage == "llm":
+            return (Signal("vision_importance"),)
         return (Signal("attention_map", self.layer), Signal("tokens"))
 
+    # ---- llm stage: a progressive schedule (ignored at the vision stage)
+    def cuts(self, n_layers: int) -> tuple[int, ...]:
+        if self.llm_layers is None:
+            return scale_layers(self.official_llm_layers, self.llm_reference_depth, n_layers)
+        return check_layers(tuple(self.llm_layers), n_layers, self.name)
+
+    def counts(self, n: int, keep: int, n_layers: int) -> tuple[int, ...]:
+        layers = self.cuts(n_layers)
+        ratios = list(self.official_llm_ratios[-len(layers) :])
+        ratios += [ratios[-1]] * (len(layers) - len(ratios))
+        return fit_counts(layers, n_layers, n, keep, power_shape(ratios), self.name)
+
     def score(self, ctx: TokenContext) -> torch.Tensor:
+        if ctx.stage == "llm":
+            return ctx.signal("vision_importance")
         return importance(ctx.signal("attention_map", self.layer), self.t)
 
     def select(self, ctx: TokenContext, k: int) -> Selection:
         G, N = ctx.num_groups, ctx.num_tokens
         if k >= N:
-            return Selection(torch.arange(N, device=ctx.tokens.device).expand(G, -1))
+            keep = torch.arange(N, device=ctx.tokens.device).expand(G, -1)
+            return Selection(keep, scores=None if ctx.stage == "llm" else self.score(ctx))
         imp = self.score(ctx)
-        if not self.recycle:
-            return Selection(topk_sorted(imp, k))
+        if ctx.stage == "llm" or not self.recycle:
+            keep = topk_sorted(imp, k)
+            return Selection(keep, scores=imp.gather(1, keep))
         rows, cols = patch_grid(ctx, "vflowopt")
         m = 17.39 * rows / 27 if self.m is None else self.m
         cell, n_cells = cell_ids(rows, cols, m, ctx.tokens.device)
         if k <= n_cells:
-            return Selection(topk_sorted(imp, k))
+            keep = topk_sorted(imp, k)
+            return Selection(keep, scores=imp.gather(1, keep))
         keep, values = recycle(ctx.tokens, imp, cell, n_cells, k)
-        return Selection(keep, values)
+        return Selection(keep, values, scores=imp.gather(1, keep))
