@@ -18,8 +18,8 @@ cells), then one recycled token per non-empty cell; if fewer than ``C`` cells ar
 free slots go to the most important dropped tokens as they are (they still count in their cell's
 mean). Official: it drops ``round(N (1 - r)) + int(N / m^2)`` tokens, so the count varies.
 ``k <= C`` keeps the top-``k`` without recycling. Defaults from the released 10 % configuration:
-``t = 39.26``, ``m = 17.39`` on the 27 x 27 base grid of SigLIP (``m=None`` scales it to the
-grid: ``17.39 * rows / 27``).
+``t = 39.26``, ``m = 17.39`` on the 27 x 27 base grid of SigLIP (``m27=17.39``, scaled to the
+grid: ``m27 * rows / 27``; ``m`` sets the side in tokens directly).
 
 Shapes: ``attention_map`` ``(G, H, N, N)``, ``tokens`` ``(G, N, D)`` -> ``keep`` ``(G, k)``,
 ``values`` ``(G, k, D)`` (merging: recycled tokens are written into their slots).
@@ -28,9 +28,10 @@ Departures and omissions: (1) if no token passes ``t * mean`` (official: ``imp``
 single most-attended token is the global one; (2) the **patch-entropy term** is not offered
 (``alpha_v`` must be 0, as released): the adapters do not hand methods raw pixel patches, and the
 official entropy reads normalised pixels cast to uint8 (spec quirk 1); (3) the **flow-guided
-hyper-parameter search** (Bayesian optimisation of ``r, t, m, alpha_v`` on calibration images,
-objective the cosine of the last token's final hidden state) are not implemented; ``t`` and ``m``
-are options. Ties go to the lower index.
+hyper-parameter search** (:func:`flow_search`, the official objective — the cosine of the last
+prompt token's final hidden state, dense against pruned, on calibration images) is a seeded
+random search over ``t`` and ``m`` at the caller's budget, not the official Gaussian-process
+optimisation over ``r, t, m, alpha_v``. Ties go to the lower index.
 
 **LLM stage** (``stage="llm"``, a session nested inside the vision-stage one, as the official
 ``illava_llm_k = [9, 18]`` of Qwen2-7B's 28 layers, scaled to the depth): at those decoder layers
@@ -119,7 +120,8 @@ def recycle(
 @dataclass
 class VFlowOpt(TokenMethod):
     t: float = 39.26  # global tokens: received attention above t x the mean
-    m: float | None = None  # grid cell side in tokens; None = 17.39 * rows / 27 (released config)
+    m: float | None = None  # grid cell side in tokens; None: m27 scaled to the grid
+    m27: float = 17.39  # grid cell side on a 27-wide grid (released config), scaled: m27 * rows / 27
     alpha_v: float = 0.0  # patch-entropy weight; only 0 (the released value) is supported
     recycle: bool = True  # merge the dropped tokens per grid cell (False: plain top-k)
     layer: int | None = None  # 0-based vision layer of the map; None = the VLM's feature layer
@@ -141,6 +143,8 @@ class VFlowOpt(TokenMethod):
             raise ValueError(f"vflowopt: t must be >= 0; got {self.t!r}")
         if self.m is not None and not self.m > 0:
             raise ValueError(f"vflowopt: m must be > 0 (tokens per cell side); got {self.m!r}")
+        if not self.m27 > 0:
+            raise ValueError(f"vflowopt: m27 must be > 0 (cell side on a 27-wide grid); got {self.m27!r}")
 
     def needs(self, stage: str) -> tuple[Signal, ...]:
         if stage == "llm":
@@ -174,10 +178,87 @@ class VFlowOpt(TokenMethod):
             keep = topk_sorted(imp, k)
             return Selection(keep, scores=imp.gather(1, keep))
         rows, cols = patch_grid(ctx, "vflowopt")
-        m = 17.39 * rows / 27 if self.m is None else self.m
+        m = self.m27 * rows / 27 if self.m is None else self.m
         cell, n_cells = cell_ids(rows, cols, m, ctx.tokens.device)
         if k <= n_cells:
             keep = topk_sorted(imp, k)
             return Selection(keep, scores=imp.gather(1, keep))
         keep, values = recycle(ctx.tokens, imp, cell, n_cells, k)
         return Selection(keep, values, scores=imp.gather(1, keep))
+
+
+@dataclass
+class FlowSearch:
+    """The result of :func:`flow_search`: the best options, their objective, and every trial."""
+
+    best: dict
+    objective: float
+    history: list[dict]
+
+
+def flow_objective(model, samples: list[dict], method: VFlowOpt, keep: int | float) -> float:
+    """VFlowOpt's "visual information flow" objective: the mean over ``samples`` (model inputs) of
+    the cosine between the dense and the pruned final-layer hidden state of the last prompt token
+    at prefill (the official code sums over 30 training samples)."""
+    from ..engine import prune_tokens
+
+    total = 0.0
+    with torch.no_grad():
+        for inputs in samples:
+            _reset_rope_state(model)
+            dense = model(**inputs, output_hidden_states=True).hidden_states[-1][:, -1].float()
+            _reset_rope_state(model)
+            with prune_tokens(model, method, keep):
+                pruned = model(**inputs, output_hidden_states=True).hidden_states[-1][:, -1].float()
+            total += torch.nn.functional.cosine_similarity(dense, pruned, dim=-1).mean().item()
+    return total / len(samples)
+
+
+def _reset_rope_state(model) -> None:
+    core = getattr(model, "model", None)
+    if hasattr(core, "rope_deltas"):  # Qwen2-VL caches M-RoPE deltas between calls
+        core.rope_deltas = None
+
+
+def flow_search(
+    model,
+    samples: list[dict],
+    keep: int | float,
+    trials: int = 30,
+    seed: int = 0,
+    t_range: tuple[float, float] = (0.0, 50.0),
+    m_range: tuple[float, float] = (3.0, 24.0),
+    progress: bool = True,
+) -> FlowSearch:
+    """VFlowOpt's flow-guided hyper-parameter search, on calibration ``samples`` (model inputs with
+    their images): the global-token threshold ``t`` and the recycling cell side ``m`` that keep the
+    last prompt token's final hidden state closest (mean cosine, :func:`flow_objective`) to the
+    dense model's at budget ``keep``.
+
+    The official code runs Gaussian-process Bayesian optimisation (``skopt``, 27 initial points,
+    300 calls) over ``r_vit, r_llm1, t, m, alpha_v`` with a fixed average budget. Here: **seeded
+    random search** (no extra dependency), the released configuration as the first trial, over
+    ``t`` and ``m`` (ranges as released; ``m`` in tokens of a 27-wide grid, scaled to the model's
+    grid as the method does); the budget is the caller's ``keep`` and ``alpha_v`` stays 0 (the
+    patch-entropy term is not offered). Use the result as ``VFlowOpt(**search.best)``.
+    """
+    from tqdm import tqdm
+
+    if not samples:
+        raise ValueError("flow_search: no calibration samples; give a list of model inputs with images")
+    if trials < 1:
+        raise ValueError(f"flow_search: trials must be >= 1; got {trials!r}")
+    g = torch.Generator().manual_seed(seed)
+    history: list[dict] = []
+    for i in tqdm(range(trials), desc="vflowopt flow search", unit="trial", disable=not progress):
+        u = torch.rand(2, generator=g).tolist()  # drawn every trial: trial i is the same for any count
+        if i == 0:
+            opts = {"t": 39.26, "m27": 17.39}  # the released 10 % configuration
+        else:
+            opts = {
+                "t": round(t_range[0] + u[0] * (t_range[1] - t_range[0]), 4),
+                "m27": round(m_range[0] + u[1] * (m_range[1] - m_range[0]), 4),
+            }
+        history.append({**opts, "objective": flow_objective(model, samples, VFlowOpt(**opts), keep)})
+    best = max(history, key=lambda h: h["objective"])
+    return FlowSearch({"t": best["t"], "m27": best["m27"]}, best["objective"], history)
