@@ -192,6 +192,8 @@ class Adapter:
             missing = sorted(kinds - set(cls.offered(stage)))
             if stage == "vision" and "cls_attention" in kinds and not cls.has_cls:
                 missing = sorted({*missing, "cls_attention"})
+            if "vision_importance" in kinds and cls.support(method, ("vision",))[0] != "vision":
+                missing = sorted({*missing, "vision_importance"})  # comes from the method's vision stage
             if missing:
                 why = f"the {stage} stage cannot give {missing}"
                 continue

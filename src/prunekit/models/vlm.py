@@ -40,6 +40,7 @@ class VLMAdapter(Adapter):
         "cls_attention": "the [CLS] row of a vision layer, recomputed from q/k",
         "attention_map": "per-head patch-to-patch map of a vision layer, recomputed from q/k",
         "text_embeddings": "the prompt's text-token input embeddings, zero-padded",
+        "tower_keep": "the patches an in-tower method (FlowCut) kept inside the vision tower, per image",
     }
     model_types: tuple[str, ...] = ()
 
@@ -101,6 +102,7 @@ class VLMAdapter(Adapter):
         self.cls_rows: dict[str, list] = {}  # signal key -> per-call rows (then per-image scores)
         self.maps: dict[str, list[torch.Tensor]] = {}  # signal key -> per-call maps
         self.candidate_valid: list[torch.Tensor] | None = None
+        self.tower = None
         hooks = session.hooks
         hooks.pre(self.model, self._on_top)
         core = self.core
@@ -109,7 +111,11 @@ class VLMAdapter(Adapter):
         @functools.wraps(original)  # generate() inspects its signature
         def get_image_features(*args, **kw):
             self.counts, self.cls_rows, self.maps, self.candidate_valid = [], {}, {}, None
+            if self.tower is not None:
+                self.tower.reset()
             out = original(*args, **kw)
+            if self.tower is not None:
+                self._scatter_tower_features(out)
             self._on_image_features(out, args, kw)
             return out
 
@@ -135,6 +141,11 @@ class VLMAdapter(Adapter):
                 session.method, "vision", self.family, self.vision_signals, several_layers=True
             )
             self.want_text = "text_embeddings" in needs
+            if getattr(session.method, "in_tower", False):
+                from .tower import TowerCut
+
+                self.tower = TowerCut(self, session)
+                self.tower.install()
             # every (kind, layer) asked, keyed as the method reads it: "attention_map", "attention_map@8"
             n = len(self.vision_layers())
             by_layer: dict[int, list] = {}
@@ -197,6 +208,20 @@ class VLMAdapter(Adapter):
             self.counts += [f.shape[0] for f in feats]
         self.cls_rows = {key: self._image_scores(torch.cat(r), args, kw) for key, r in self.cls_rows.items()}
 
+    def _scatter_tower_features(self, out) -> None:
+        """The tower kept ``K`` patches per image: put each image's projected features back into
+        its ``N`` slots (zeros elsewhere), so the placeholders match; the selection then keeps
+        exactly those slots (signal ``tower_keep``)."""
+        kept = torch.cat(self.tower.kept)  # (n_img, K)
+        feats = out.pooler_output
+        full = []
+        for j, f in enumerate(feats):
+            slots = f.new_zeros(self.tower.n_patches, f.shape[-1])
+            slots[kept[j].to(f.device)] = f
+            full.append(slots)
+        out.pooler_output = full if isinstance(feats, (list, tuple)) else torch.stack(full)
+        self.tower_kept = kept
+
     def _image_scores(self, rows: torch.Tensor, args: tuple, kw: dict) -> torch.Tensor:
         """CLS rows ``(n_images, 1+N)`` -> scores aligned with each image's visual tokens."""
         strategy = self.model.config.vision_feature_select_strategy
@@ -258,6 +283,9 @@ class VLMAdapter(Adapter):
             else:
                 maps = torch.cat(self.maps[key])  # (n_images, H, N, N)
                 fns[key] = lambda b, pos, ids, m=maps: m[ids].to(pos.device)
+        if self.tower is not None:
+            kept = self.tower_kept
+            fns["tower_keep"] = lambda b, pos, ids: kept[ids].to(pos.device)
         if self.want_text:  # the prompt's text tokens of each group's sample, zero-padded: (S, T, D)
             media = torch.isin(self.ids, torch.tensor(self.media_token_ids(), device=self.ids.device))
             idx, ok = right_pack(valid & ~media)

@@ -1,0 +1,142 @@
+"""FlowCut inside the vision tower: the schedule by hand, and the survivors and their features
+against an independent layer-by-layer re-run of the official algorithm."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+import prunekit
+from prunekit.tokens.methods.flowcut import flow_score, prune_count
+from tiny import CLIP_V, IMG, TXT, VLMS, reset, vlm_inputs
+
+
+def test_prune_count_follows_the_entropy_of_the_cls_row():
+    n, K = 40, 8
+    flat = torch.ones(2, n)  # h = 1: nothing pruned before the last cut
+    assert prune_count(flat, K, rpl=4) == 0
+    onehot = torch.zeros(1, n)
+    onehot[0, 3] = 1.0  # h = 0 (0 log 0 = 0, no NaN): (n - K) / sqrt(rpl)
+    assert prune_count(onehot, K, rpl=4) == round(32 / 2)
+    assert prune_count(torch.cat([flat[:1], onehot]), K, rpl=4) == 16  # the largest over the images
+    assert prune_count(flat, K, rpl=0) == n - K  # the last chance: straight to the budget
+    p = torch.tensor([[0.5, 0.25, 0.25, 0.0]])  # H = 1.5 ln 2, h = 0.75 -> r = round(3 / 1 * 0.4375)
+    assert prune_count(p, 1, rpl=1) == round(3 * (1 - 0.75**2))
+
+
+def test_score_adds_the_normalised_rows_and_weights_by_value_norm():
+    a = torch.tensor([[1.0, 3.0]])
+    s = torch.tensor([[2.0, 2.0]])
+    v = torch.tensor([[10.0, 1.0]])
+    torch.testing.assert_close(flow_score(a, s, v), torch.tensor([[(0.25 + 0.5) * 10, (0.75 + 0.5) * 1]]))
+
+
+def _llava(layers: int):
+    torch.manual_seed(0)
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(**{**CLIP_V, "num_hidden_layers": layers}),
+        text_config=LlamaConfig(**TXT),
+        image_token_id=IMG,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        attn_implementation="sdpa",
+    )
+    return LlavaForConditionalGeneration(cfg).eval()
+
+
+def _reference(model, pixel_values: torch.Tensor, K: int) -> tuple[list[list[int]], torch.Tensor]:
+    """The official loop, written out: run the tower layer by layer, score from each layer's own
+    q/k/v on its input, EMA, cut after layers with an even number of layers left before L_sel."""
+    tower = model.model.vision_tower
+    tower = getattr(tower, "vision_model", tower)
+    layers = tower.encoder.layers
+    L_sel = len(layers) - 2  # vision_feature_layer=-2: the output of layer n - 2 is the feature
+    x = tower.pre_layrnorm(tower.embeddings(pixel_values))
+    G = x.shape[0]
+    orig = [list(range(x.shape[1] - 1)) for _ in range(G)]
+    cum = None
+    for i in range(L_sel):
+        layer = layers[i]
+        attn = layer.self_attn
+        scored = x.shape[1] > K + 1
+        if scored:
+            h = layer.layer_norm1(x)
+            H, hd = attn.num_heads, attn.head_dim
+            q = attn.q_proj(h).view(G, -1, H, hd).transpose(1, 2)
+            k = attn.k_proj(h).view(G, -1, H, hd).transpose(1, 2)
+            v = attn.v_proj(h).view(G, -1, H, hd).transpose(1, 2)
+            a = torch.softmax(q[:, :, :1] @ k.transpose(-1, -2) * attn.scale, -1)[:, :, 0].mean(1)[:, 1:]
+            s = torch.softmax(v[:, :, :1] @ v.transpose(-1, -2), -1)[:, :, 0].mean(1)[:, 1:]
+            vn = v.mean(1).abs().sum(-1)[:, 1:]
+            score = (a / a.sum(-1, keepdim=True) + s / s.sum(-1, keepdim=True)) * vn
+            cum = score if cum is None else 0.5 * cum + 0.5 * score
+        x = layer(x, None)
+        x = x[0] if isinstance(x, tuple) else x
+        rpl = L_sel - i - 1
+        if scored and rpl % 2 == 0:
+            n = x.shape[1] - 1
+            if rpl > 0:
+                rs = []
+                for g in range(G):
+                    p = (a[g] / a[g].sum()).tolist()
+                    ent = -sum(pj * math.log(pj) for pj in p if pj > 0)
+                    rs.append(round((n - K) / math.sqrt(rpl) * (1 - (ent / math.log(n)) ** 2)))
+                r = max(rs)
+            else:
+                r = n
+            keep_n = max(n - r, K)
+            best = [sorted(range(n), key=lambda j, g=g: (-float(cum[g, j]), j)) for g in range(G)]
+            idx = [sorted(b[:keep_n]) for b in best]
+            it = torch.tensor(idx)
+            x = torch.cat([x[:, :1], x[:, 1:].gather(1, it[..., None].expand(-1, -1, x.shape[-1]))], 1)
+            cum = cum.gather(1, it)
+            orig = [[orig[g][j] for j in idx[g]] for g in range(G)]
+    x = layers[L_sel](x, None)
+    x = x[0] if isinstance(x, tuple) else x
+    return orig, model.model.multi_modal_projector(x[:, 1:])
+
+
+@pytest.mark.parametrize("keep", [4, 9])
+def test_survivors_and_features_equal_an_independent_rerun(keep):
+    """8 vision layers, features from layer 6: cuts after layers 1, 3 and 5 (entropy-adaptive, then
+    straight to the budget); the LLM receives exactly the re-run's survivors and features."""
+    model = _llava(8)
+    inp = vlm_inputs("llava", model, 2)
+    seen = {}
+
+    def grab(module, args, kw):
+        seen.setdefault("embeds", kw["inputs_embeds"].clone())
+
+    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad(), prunekit.prune_tokens(model, "flowcut", keep=keep) as session:
+            out = model.generate(**inp, max_new_tokens=3, do_sample=False)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        want_idx, want_feats = _reference(model, inp["pixel_values"], keep)
+    ids = inp["input_ids"]
+    for g in range(2):
+        slots = (ids[g] == IMG).nonzero().flatten()
+        kept = session.stats.kept_masks[0][g, slots].nonzero().flatten().tolist()
+        assert kept == want_idx[g]
+        torch.testing.assert_close(seen["embeds"][g, slots[want_idx[g]]], want_feats[g], atol=1e-5, rtol=1e-4)
+    assert session.stats.tokens_kept == 2 * keep and out.shape[1] == ids.shape[1] + 3
+
+
+def test_keep_everything_is_dense_and_other_families_are_refused():
+    model = VLMS["llava"]("sdpa")
+    inp = vlm_inputs("llava", model, 2)
+    with torch.no_grad():
+        dense = model.generate(**inp, max_new_tokens=3, do_sample=False)
+        with prunekit.prune_tokens(model, "flowcut", keep=1.0):
+            same = model.generate(**inp, max_new_tokens=3, do_sample=False)
+    assert torch.equal(same, dense)
+    q = VLMS["qwen2_vl"]("sdpa")
+    reset(q)
+    with pytest.raises(prunekit.errors.SignalUnavailableError, match="tower_keep"):
+        with prunekit.prune_tokens(q, "flowcut", keep=0.5):
+            pass
