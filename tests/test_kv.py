@@ -62,7 +62,7 @@ class _Recorder:
         original = method.decode_step
 
         def decode_step(session, attn, kw, cache_layer, i):
-            if i == 0:
+            if not self.steps or i in self.steps[-1]:  # a new step starts at the first layer seen again
                 self.steps.append({})
             self.steps[-1][i] = (session.slot_pos[i].clone(), session.slot_valid[i].clone())
             return original(session, attn, kw, cache_layer, i)
@@ -295,3 +295,64 @@ def test_top_k_ascending_equals_a_stable_sort_with_ties_and_row_budgets():
     assert torch.equal(ok, want_ok.gather(2, perm))
     x = torch.randn(3, 2, 40, 5, generator=g)
     assert torch.equal(gather_slots(x, idx), x.gather(2, idx[..., None].expand(-1, -1, -1, 5)))
+
+
+def _gemma3(attn: str):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    )  # fmt: skip
+    cfg._attn_implementation = attn
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("method", ["snapkv", "h2o"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_gemma3_compresses_the_full_attention_layers_and_leaves_the_sliding_ones(method, attn):
+    """Gemma-3 (sliding window 8, 20-token prompts, batch 2, left padding, GQA): compressed
+    generate() == full-cache generate() hiding the evicted prompt keys in the full-attention
+    layers (1 and 3); the sliding layers keep their own window cache and masks."""
+    model = _gemma3(attn)
+    ref = _gemma3("eager")
+    inp = text_inputs(2)
+    L = inp["input_ids"].shape[1]
+    m = prunekit.registry.get(method).factory(**({"window": 4} if method == "snapkv" else {}))
+    rec = _Recorder(m) if m.decode else None
+    with torch.no_grad(), prunekit.compress_kv(model, m, keep=0.4) as s:
+        tokens, logits = greedy(model, inp, steps=5)
+    full_layers = [1, 3]
+    kept = s.stats.kept[0]
+    assert kept[0] is None and kept[2] is None  # the sliding layers are left alone
+    assert 0.3 < s.stats.kept_fraction < 0.5
+    step = {"n": -1}
+    Hq = ref.config.num_attention_heads
+
+    def hook(layer, args, kw):
+        am = kw["attention_mask"]
+        i = layer.self_attn.layer_idx
+        if am is None or am.shape[2] != 1 or i not in full_layers:
+            return None
+        if i == full_layers[0]:
+            step["n"] += 1
+        total = am.shape[-1]
+        pos, ok = rec.steps[step["n"]][i] if rec is not None else kept[i]
+        seen = _positions_mask(pos, ok, total)
+        if rec is None:
+            seen[..., L:] = True
+        hide = ~seen.repeat_interleave(Hq // seen.shape[1], dim=1)[:, :, None, :]
+        kw["attention_mask"] = am.expand(-1, Hq, -1, -1).masked_fill(hide, torch.finfo(am.dtype).min)
+        return args, kw
+
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in ref.model.layers]
+    try:
+        with torch.no_grad():
+            ref_tokens, ref_logits = greedy(ref, inp, steps=5)
+    finally:
+        for h in handles:
+            h.remove()
+    assert _finite_err(logits, ref_logits) < 1e-4
+    assert torch.equal(tokens, ref_tokens)

@@ -183,3 +183,11 @@ def test_refusals_name_the_bad_value():
     with pytest.raises(ValueError, match=r"ascending distinct ints in \[1, 3\]"):
         with prunekit.compress_kv(model, "lazyllm", keep=0.5, layers=(0, 2)):
             pass
+
+
+def test_models_with_sliding_window_layers_are_refused():
+    from test_kv import _gemma3
+
+    with pytest.raises(prunekit.errors.UnsupportedModelError, match="sliding-window"):
+        with prunekit.compress_kv(_gemma3("sdpa"), "lazyllm", keep=0.5):
+            pass

@@ -51,7 +51,8 @@ class KVStats:
     evicted_in_decode: int = 0
     compress_seconds: float = 0.0
     #: per prefill, per layer: original positions ``(B, Hkv, K)`` and validity of the kept slots
-    kept: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
+    #: (None for a sliding-window layer, which is left alone)
+    kept: list[list[tuple[torch.Tensor, torch.Tensor] | None]] = field(default_factory=list)
 
     @property
     def kept_fraction(self) -> float:
@@ -109,14 +110,23 @@ def make_kv_method(method: str | KVMethod, options: dict) -> KVMethod:
 def _text_model(model: nn.Module) -> nn.Module:
     from ..models.decoder import DECODER_TYPES, _text_model
 
+    kv_types = (*DECODER_TYPES, "gemma3_text")
     mt = getattr(getattr(model, "config", None), "model_type", None)
     tm = _text_model(model)
-    if mt not in DECODER_TYPES or tm is None:
+    if mt not in kv_types or tm is None:
         raise UnsupportedModelError(
-            f"compress_kv supports decoder LLMs ({', '.join(DECODER_TYPES)}); got {type(model).__name__} "
+            f"compress_kv supports decoder LLMs ({', '.join(kv_types)}); got {type(model).__name__} "
             f"(model_type {mt!r}). VLMs: not yet"
         )
     return tm
+
+
+def sliding_layers(text_model: nn.Module) -> list[bool]:
+    """Which decoder layers attend in a sliding window (``config.layer_types``, e.g. Gemma-3's five
+    local layers of six): their cache already holds only the window, and they are left alone."""
+    n = len(text_model.layers)
+    types = getattr(text_model.config, "layer_types", None)
+    return [t == "sliding_attention" for t in types[:n]] if types else [False] * n
 
 
 def _arg(args: tuple, kw: dict, name: str):
@@ -131,6 +141,9 @@ class KVSession:
         self.text_model = _text_model(model)
         self.layers = self.text_model.layers
         self.n_layers = len(self.layers)
+        #: sliding-window layers are not compressed; the model keeps building their masks
+        self.sliding = sliding_layers(self.text_model)
+        self.keep_model_mask = any(self.sliding)
         self.hooks = HookSet()
         self.stats = KVStats()
         unknown = sorted(set(method.needs()) - set(KV_SIGNALS))
@@ -153,8 +166,8 @@ class KVSession:
 
     def _reset(self) -> None:
         self.compressed = False
-        self.full = False
-        self.full = False
+        #: every compressed layer so far kept the whole prompt (then decoding evicts nothing either)
+        self.full = True
         self.prefill = False
         #: per layer ``(B, Hkv, K)``: the sequence index of each cached entry (0..L-1 for the prompt)
         self.slot_pos: list[torch.Tensor | None] = [None] * self.n_layers
@@ -191,13 +204,14 @@ class KVSession:
             self.new_valid = torch.ones(B, q, dtype=torch.bool, device=x.device)
         self.q = q
         self.decoded += q
-        kw["attention_mask"] = None  # each layer gets its own mask (_on_layer)
+        if not self.keep_model_mask:
+            kw["attention_mask"] = None  # each layer gets its own mask (_on_layer)
         return args, kw
 
     def _on_layer(self, layer: nn.Module, args: tuple, kw: dict):
-        if self.prefill or not self.compressed:
-            return None
         i = layer.self_attn.layer_idx
+        if self.prefill or not self.compressed or self.sliding[i]:
+            return None
         h = _arg(args, kw, "hidden_states")
         B, Hkv = self.slot_valid[i].shape[:2]
         q = self.q
@@ -234,13 +248,16 @@ class KVSession:
             return None
         i = attn.layer_idx
         if self.prefill:
-            with Timer() as t:
-                self._compress(attn, kw, cache.layers[i], i)
-            self.stats.compress_seconds += t.seconds
+            if self.sliding[i]:
+                self.stats.kept[-1].append(None)  # a sliding-window layer is left alone
+            else:
+                with Timer() as t:
+                    self._compress(attn, kw, cache.layers[i], i)
+                self.stats.compress_seconds += t.seconds
             if i == self.n_layers - 1:
                 self.compressed = True
                 self.stats.calls += 1
-        elif self.compressed and self.method.decode:
+        elif self.compressed and self.method.decode and not self.sliding[i]:
             with Timer() as t:
                 self._decode_step(attn, kw, cache.layers[i], i)
             self.stats.compress_seconds += t.seconds
@@ -265,8 +282,7 @@ class KVSession:
             raise PrunekitError(f"compress_kv: layer {i} caches {L} entries for a {self.L}-token prompt")
         n = self.valid.sum(dim=1).tolist()
         budgets = [self.method.budget(int(nb), self.keep, i, self.n_layers) for nb in n]
-        #: every layer so far kept the whole prompt (keep everything: no decode-time eviction either)
-        self.full = (self.full if i else True) and budgets == [int(nb) for nb in n]
+        self.full = self.full and budgets == [int(nb) for nb in n]
         k = torch.tensor(budgets, device=keys.device)
         signals = self._signals(attn, kw, keys)
         ctx = KVContext(keys, values, self.valid, i, self.n_layers, signals, budget=k)

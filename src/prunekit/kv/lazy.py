@@ -31,11 +31,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import PrunekitError
+from ..errors import PrunekitError, UnsupportedModelError
 from ..models.base import HookSet, Timer
 from ..models.sequence import decoder_call, real_tokens
 from ..tokens.schedule import group_counts
-from .engine import KVStats, _text_model
+from .engine import KVStats, _text_model, sliding_layers
 from .signals import rotated_queries
 
 
@@ -67,6 +67,11 @@ class LazySession:
     def __init__(self, model: nn.Module, method, keep: int | float) -> None:
         self.method, self.keep = method, keep
         self.text_model = tm = _text_model(model)
+        if any(sliding_layers(tm)):
+            raise UnsupportedModelError(
+                f"lazyllm: {type(model).__name__} mixes sliding-window and full-attention layers; its "
+                "segments would need per-layer-type windows and RoPE tables, which are not handled"
+            )
         self.layers = tm.layers
         n = self.n_layers = len(self.layers)
         self.cuts = method.cuts(n)
