@@ -15,6 +15,8 @@ Run:
     PYTHONPATH=src python benchmarks/kv_sweep.py --role table        # markdown from both files
 
 Rows are JSON lines written as they go; a rerun skips the rows its output already holds.
+``--model gemma3-270m`` runs the optional Gemma-3 asset (its full-attention layers are compressed,
+its sliding-window layers keep their 512-token window; LazyLLM refuses the mixed layer types).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def _write(path: Path, row: dict) -> None:
 def quality(a: argparse.Namespace) -> None:
     out = Path(a.out)
     done = _rows(out)
-    loaded = load("smollm2")
+    loaded = load(a.model)
     for name in a.tasks:
         task = make_task(name, limit=a.limit or TASKS[name])
         rid = f"{name}|dense"
@@ -102,7 +104,7 @@ def timing(a: argparse.Namespace) -> None:
     needle prompt of ``--length`` tokens; dense and pruned runs alternate."""
     out = Path(a.out)
     done = _rows(out)
-    loaded = load("smollm2")
+    loaded = load(a.model)
     model, tok = loaded.model, loaded.tokenizer
     task = make_task(f"needle-{a.length // 1024}k", limit=1)
     task.prepare(loaded)
@@ -187,6 +189,7 @@ def table(a: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--role", choices=["quality", "timing", "table"], default="quality")
+    p.add_argument("--model", default="smollm2", help="a bench model: smollm2 (default) or gemma3-270m")
     p.add_argument("--methods", nargs="*", default=METHODS)
     p.add_argument("--keeps", nargs="*", type=float, default=KEEPS)
     p.add_argument("--tasks", nargs="*", default=list(TASKS))
