@@ -30,6 +30,7 @@ _METHOD_MODULES = (
     "prunekit.tokens.methods.sparsevlm",
     "prunekit.tokens.methods.vflowopt",
     "prunekit.tokens.methods.flowcut",
+    "prunekit.tokens.methods.holitom",
     "prunekit.tokens.methods.spatten",
     "prunekit.tokens.methods.zero_tprune",
     "prunekit.tokens.methods.top_ssm",

@@ -179,8 +179,9 @@ class Adapter:
 
     @classmethod
     def support(cls, method: TokenMethod, stages: tuple[str, ...]) -> tuple[str | None, str]:
-        """``(stage, "")`` where ``method`` runs on this family (its first stage that works), else
-        ``(None, why)``; decided from the declared stages and signals, without a model."""
+        """``(stage, "")`` where ``method`` runs on this family by default (its first stage this
+        family offers, as :func:`~prunekit.tokens.engine.prune_tokens` picks it, if that stage can
+        give the signals), else ``(None, why)``; from the declared stages and signals, no model."""
         why = ""
         for stage in stages:
             if stage not in cls.stages:
@@ -194,9 +195,8 @@ class Adapter:
                 missing = sorted({*missing, "cls_attention"})
             if "vision_importance" in kinds and cls.support(method, ("vision",))[0] != "vision":
                 missing = sorted({*missing, "vision_importance"})  # comes from the method's vision stage
-            if missing:
-                why = f"the {stage} stage cannot give {missing}"
-                continue
+            if missing:  # the engine attaches at the first offered stage: no fallback
+                return None, f"the {stage} stage cannot give {missing}"
             return stage, ""
         return None, why
 

@@ -233,6 +233,8 @@ class VLMAdapter(Adapter):
         In an llm-stage session nested inside a vision-stage one, the language model sees the
         vision stage's survivors: positions are mapped through its kept index."""
         groups = self._prompt_groups()
+        if self.session.stage == "vision" and getattr(self.session.method, "group_by", "image") == "sample":
+            groups = self._sample_groups(groups)
         vis = getattr(self.model, "_prunekit_vision_index", None)
         if self.session.stage != "llm" or not vis or valid.shape[1] == self.ids.shape[1]:
             return groups
@@ -249,6 +251,21 @@ class VLMAdapter(Adapter):
         elsewhere), or None."""
         vis = getattr(self.model, "_prunekit_vision_index", None)
         return None if not vis else vis.get("scores")
+
+    def _sample_groups(self, groups: Groups) -> Groups:
+        """One group per sample: its images, in order, as the frames of one video (HoliTom);
+        ``self.frames[g]`` lists the image ids of group ``g``."""
+        samples = list(dict.fromkeys(groups.sample))
+        self.frames = [[i for i, b in enumerate(groups.sample) if b == s] for s in samples]
+        for f in self.frames:
+            sizes = {len(groups.positions[i]) for i in f}
+            if len(sizes) > 1:
+                raise PrunekitError(
+                    f"{self.session.method.name}: the frames of one video must have equal token counts; "
+                    f"got {sorted(sizes)}"
+                )
+        positions = [torch.cat([groups.positions[i] for i in f]) for f in self.frames]
+        return Groups(sample=samples, positions=positions, ids=list(range(len(samples))))
 
     def _prompt_groups(self) -> Groups:
         ids = self.ids
@@ -282,7 +299,12 @@ class VLMAdapter(Adapter):
                 )
             else:
                 maps = torch.cat(self.maps[key])  # (n_images, H, N, N)
-                fns[key] = lambda b, pos, ids, m=maps: m[ids].to(pos.device)
+                if getattr(self.session.method, "group_by", "image") == "sample":  # (S, T, H, N, N)
+                    fns[key] = lambda b, pos, ids, m=maps, f=self.frames: torch.stack(
+                        [m[f[g]] for g in ids]
+                    ).to(pos.device)
+                else:
+                    fns[key] = lambda b, pos, ids, m=maps: m[ids].to(pos.device)
         if self.tower is not None:
             kept = self.tower_kept
             fns["tower_keep"] = lambda b, pos, ids: kept[ids].to(pos.device)
