@@ -21,7 +21,10 @@ import prunekit
 from prunekit import registry
 from prunekit.tokens.context import TokenContext
 
-SKIP = {"tome": "merges inside every encoder block (no one-shot select)"}
+SKIP = {
+    "tome": "merges inside every encoder block (no one-shot select)",
+    "flowcut": "selects inside the vision tower, a few CLS rows per layer (no one-shot select)",
+}
 
 
 def context(n: int, d: int, heads: int, text: int, stage: str, gen: torch.Generator) -> TokenContext:
@@ -58,9 +61,15 @@ def main() -> None:
         if info.name in SKIP:
             continue
         stage = info.stages[0]
+        if stage not in ("vision", "llm"):  # encoder-only methods (Zero-TPrune, ToP-ViM): not LLaVA-shaped
+            continue
         opts = {"num_crops": 16} if info.name == "holov" else {}
         m = registry.get(info.name).factory(**opts)
         ctx = context(a.n, 4096, 16, 40, stage, gen)
+        if info.name == "holitom":  # a video: 4 frames of N / 4 tokens, one attention map per frame
+            f = a.n // 4
+            maps = torch.rand(1, 4, 16, f, f, generator=gen).softmax(-1)
+            ctx = TokenContext(stage=stage, tokens=ctx.tokens[:, : 4 * f], signals={"attention_map": maps})
         m.select(ctx, a.keep)  # warm-up
         times = []
         for _ in range(a.repeats):
