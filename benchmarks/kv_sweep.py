@@ -131,26 +131,31 @@ def timing(a: argparse.Namespace) -> None:
         own = None if s is None else s.stats.select_seconds
         return {"ttft_s": ttft, "decode_tps": a.decode / (long_ - short), "own_s": own}
 
-    dense = None
     for method in ["dense", *a.methods]:
-        for keep in [1.0] if method == "dense" else a.keeps:
+        todo = [
+            k for k in ([1.0] if method == "dense" else a.keeps) if f"{a.length}|{method}|{k}" not in done
+        ]
+        if not todo:
+            continue
+        dense = measure(nullcontext)  # dense measured next to each method's runs: drifts cancel
+        for keep in todo:
             rid = f"{a.length}|{method}|{keep}"
-            if rid in done and method != "dense":
-                continue
             tr = Treatment(method, keep, {})
             tr.validate()
-            opener = tr.opener(model, "llm")
-            d = measure(nullcontext)  # dense measured next to every method: drifts cancel
-            m = d if method == "dense" else measure(opener)
-            dense = d
+            try:
+                m = dense if method == "dense" else measure(tr.opener(model, "llm"))
+            except (ValueError, PrunekitError) as e:
+                _write(
+                    out, {"id": rid, "method": method, "keep": keep, "status": "n/a", "reason": str(e)[:200]}
+                )
+                continue
             row = {"id": rid, "length": ids.shape[1], "method": method, "keep": keep, **m,
                    "dense_ttft_s": dense["ttft_s"], "dense_decode_tps": dense["decode_tps"],
                    "ttft_ratio": m["ttft_s"] / dense["ttft_s"],
                    "decode_ratio": m["decode_tps"] / dense["decode_tps"],
                    "overhead_of_prefill": None if m["own_s"] is None else m["own_s"] / dense["ttft_s"],
                    "threads": torch.get_num_threads()}  # fmt: skip
-            if rid not in done:
-                _write(out, row)
+            _write(out, row)
 
 
 def table(a: argparse.Namespace) -> None:
@@ -180,6 +185,9 @@ def table(a: argparse.Namespace) -> None:
           "own / dense TTFT |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
     for r in trows:
+        if "status" in r:
+            print(f"| {r['method']} | {r['keep']} | n/a | | | | | |")
+            continue
         own = "-" if r["own_s"] is None else f"{r['own_s'] * 1e3:.1f}"
         ovh = "-" if r["overhead_of_prefill"] is None else f"{r['overhead_of_prefill']:.1%}"
         print(f"| {r['method']} | {r['keep']} | {r['ttft_s'] * 1e3:.0f} | {r['ttft_ratio']:.2f}x | "
