@@ -40,6 +40,16 @@ KEEPS = [0.5, 0.25, 0.1]
 TASKS = {"needle-1k": 10, "needle-2k": 10, "needle-4k": 6, "needle-8k": 4, "squad": 40}
 
 
+def _method(spec: str) -> tuple[str, dict]:
+    """``name`` or ``name:key=value,key=value`` (e.g. ``kvcrush:bits=query_heads``)."""
+    name, _, opts = spec.partition(":")
+    options = {}
+    for kv in filter(None, opts.split(",")):
+        k, _, v = kv.partition("=")
+        options[k] = int(v) if v.lstrip("-").isdigit() else float(v) if v.replace(".", "", 1).isdigit() else v
+    return name, options
+
+
 def _rows(path: Path) -> dict[str, dict]:
     if not path.exists():
         return {}
@@ -73,7 +83,7 @@ def quality(a: argparse.Namespace) -> None:
                 rid = f"{name}|{method}|{keep}"
                 if rid in done:
                     continue
-                tr = Treatment(method, keep, {})
+                tr = Treatment(_method(method)[0], keep, _method(method)[1])
                 tr.validate()
                 t0 = time.perf_counter()
                 try:
@@ -140,7 +150,7 @@ def timing(a: argparse.Namespace) -> None:
         dense = measure(nullcontext)  # dense measured next to each method's runs: drifts cancel
         for keep in todo:
             rid = f"{a.length}|{method}|{keep}"
-            tr = Treatment(method, keep, {})
+            tr = Treatment(_method(method)[0], keep, _method(method)[1])
             tr.validate()
             try:
                 m = dense if method == "dense" else measure(tr.opener(model, "llm"))
@@ -161,7 +171,7 @@ def timing(a: argparse.Namespace) -> None:
 def table(a: argparse.Namespace) -> None:
     rows = [json.loads(x) for x in Path(a.quality).read_text().splitlines() if x.strip()]
     tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"))
     by = {(r["task"], r["method"], r["keep"]): r for r in rows}
     print("| method | " + " | ".join(f"{t} ({by[t, 'dense', 1.0]['metric']})" for t in tasks) + " |")
     print("|---|" + "---|" * len(tasks))

@@ -356,3 +356,19 @@ def test_gemma3_compresses_the_full_attention_layers_and_leaves_the_sliding_ones
             h.remove()
     assert _finite_err(logits, ref_logits) < 1e-4
     assert torch.equal(tokens, ref_tokens)
+
+
+def test_kvcrush_query_head_bits_read_each_attention_head():
+    from prunekit.kv.methods.kvcrush import KVCrush, bucket_ids, head_bits
+
+    L = 6
+    ws = torch.rand(1, 4, 2, L, generator=torch.Generator().manual_seed(1))  # 4 query heads, 1 KV head
+    ctx = _ctx(
+        torch.ones(1, L, dtype=torch.bool), hkv=1, signals={"window_attention": ws}, budget=torch.tensor([3])
+    )
+    m = KVCrush(base="snapkv", base_options={"window": 1, "kernel": 1}, bits="query_heads")
+    want = bucket_ids(head_bits(ws.mean(dim=2), ctx.valid), "hash")  # 4 bits: up to 16 buckets
+    assert int(want.max()) < 16 and len(set(want[0].tolist())) > 2  # more than one KV head's 2 buckets
+    assert torch.equal(bucket_ids(head_bits(m._bit_scores(ctx, m.inner.score(ctx)), ctx.valid), "hash"), want)
+    with pytest.raises(ValueError, match="has none"):
+        KVCrush(base="streamingllm", bits="query_heads")

@@ -4,9 +4,12 @@ On top of any importance-based KV method (``base``: ``snapkv``, ``pyramidkv``, `
 ``streamingllm``), part of each budget goes to **representatives of the tokens the base method
 would evict**, so the kept set covers the whole token distribution [paper]:
 
-1. every prompt token gets a **binary head-behaviour vector** of length ``Hkv``: bit ``h`` is 1
-   when the base score of the token in KV head ``h`` is above that head's mean over the row's
-   real tokens (the paper's "attention above a threshold" variant);
+1. every prompt token gets a **binary head-behaviour vector**: bit ``h`` is 1 when the token's
+   score in head ``h`` is above that head's mean over the row's real tokens (the paper's
+   "attention above a threshold" variant). ``bits="kv_heads"`` (default) uses the base scores per
+   KV head (``Hkv`` bits); ``bits="query_heads"`` uses the attention each query head pays (the
+   base's signal averaged over its rows, ``Hq`` bits), which on GQA models with few KV heads
+   (SmolLM2: 3, so at most 8 buckets) gives the representatives room to differ from the base;
 2. the budget ``k`` splits into ``k - r`` base tokens per head (the base method's top scores) and
    ``r = round(k * crush_ratio)`` representatives;
 3. the tokens no head keeps are **bucketed** by their vector, at low cost: ``grouping="hash"``
@@ -37,6 +40,7 @@ from ...registry import register
 from ..context import KVContext, KVMethod
 
 GROUPINGS = ("hash", "anchor")
+BITS = ("kv_heads", "query_heads")
 
 
 def head_bits(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -110,12 +114,15 @@ class KVCrush(KVMethod):
     crush_ratio: float = 0.25  # share of the budget for bucket representatives
     grouping: str = "hash"
     base_options: dict = field(default_factory=dict)
+    bits: str = "kv_heads"  # "query_heads": one bit per attention head (needs an attention signal)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.crush_ratio < 1.0:
             raise ValueError(f"kvcrush: crush_ratio must be in [0, 1); got {self.crush_ratio!r}")
         if self.grouping not in GROUPINGS:
             raise ValueError(f"kvcrush: grouping must be one of {list(GROUPINGS)}; got {self.grouping!r}")
+        if self.bits not in BITS:
+            raise ValueError(f"kvcrush: bits must be one of {list(BITS)}; got {self.bits!r}")
         info = registry.get(self.base)
         if info.family != "kv" or info.name == "kvcrush":
             raise ValueError(f"kvcrush: base must be another kv method; got {self.base!r}")
@@ -123,9 +130,23 @@ class KVCrush(KVMethod):
         if self.inner.decode:
             raise ValueError(f"kvcrush: base {self.base!r} evicts while decoding; use a prefill-time base")
         self.window = self.inner.window
+        if self.bits == "query_heads" and not self.inner.needs():
+            raise ValueError(
+                f"kvcrush: bits='query_heads' reads the base's attention signal; {self.base!r} has none"
+            )
 
     def needs(self) -> tuple[str, ...]:
         return self.inner.needs()
+
+    def _bit_scores(self, ctx: KVContext, s: torch.Tensor) -> torch.Tensor:
+        """``(B, H, L)`` per-head scores the bits are read from: the base's per KV head, or the
+        attention each query head pays (``window_attention`` averaged over its rows, or
+        ``attention_sum``)."""
+        if self.bits == "kv_heads":
+            return s
+        sig = ctx.signals
+        per_q = sig["window_attention"].mean(dim=2) if "window_attention" in sig else sig["attention_sum"]
+        return per_q.float()
 
     def budget(self, n: int, keep: int | float, layer: int, n_layers: int) -> int:
         return self.inner.budget(n, keep, layer, n_layers)
@@ -140,7 +161,7 @@ class KVCrush(KVMethod):
         rank = torch.argsort(torch.argsort(s, dim=-1, descending=True, stable=True), dim=-1)  # (B, Hkv, L)
         base_kept = rank < (k - r)[:, None, None]
         evicted = ~base_kept.any(dim=1) & valid  # (B, L)
-        keys = bucket_ids(head_bits(s, valid), self.grouping)
+        keys = bucket_ids(head_bits(self._bit_scores(ctx, s), valid), self.grouping)
         finite = torch.where(torch.isfinite(s), s, torch.zeros_like(s))
         importance = finite.mean(dim=1)
         rep = representatives_batch(importance, evicted, keys, r)  # (B, L)
