@@ -191,3 +191,27 @@ def test_models_with_sliding_window_layers_are_refused():
     with pytest.raises(prunekit.errors.UnsupportedModelError, match="sliding-window"):
         with prunekit.compress_kv(_gemma3("sdpa"), "lazyllm", keep=0.5):
             pass
+
+
+def test_bench_scores_lazyllm_step_by_step_as_generate_decodes():
+    """The bench feeds a continuation one token per call for LazyLLM (it re-selects every step):
+    scoring the model's own greedy continuation from generate() under LazyLLM must find it greedy
+    and give the same log-probabilities as generate()'s scores."""
+    from prunekit.bench.models import Loaded
+    from prunekit.bench.tasks.lm import Pair, score_pairs
+
+    model = DECODERS["llama"]("sdpa")
+    inp = text_inputs(1)
+    open_ = lambda: prunekit.compress_kv(model, "lazyllm", keep=0.4, layers=CUTS)  # noqa: E731
+    with torch.no_grad(), open_():
+        out = model.generate(
+            **inp, max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True
+        )
+    ctx = inp["input_ids"][0].tolist()
+    cont = out.sequences[0, len(ctx) :].tolist()
+    want = sum(torch.log_softmax(sc[0].float(), -1)[t].item() for sc, t in zip(out.scores, cont, strict=True))
+    tok = type("Tok", (), {"pad_token_id": 0, "eos_token_id": 0})()
+    loaded = Loaded("tiny", "lm", model, tok)
+    got = score_pairs(loaded, [Pair(ctx, cont)], open_)
+    assert bool(got["greedy"][0])
+    assert got["logprob"][0].item() == pytest.approx(want, abs=1e-4)
