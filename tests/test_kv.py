@@ -278,22 +278,12 @@ def test_vlms_and_right_padding_are_refused():
             model(**inp)
 
 
-def test_top_k_ascending_equals_a_stable_sort_with_ties_and_row_budgets():
-    from prunekit.kv.engine import gather_slots, top_k_ascending
+def test_gather_slots_equals_gather():
+    from prunekit.kv.engine import gather_slots
 
     g = torch.Generator().manual_seed(0)
-    scores = torch.randint(0, 5, (3, 2, 40), generator=g).float()  # many ties
-    scores[0, :, :6] = float("-inf")  # left padding
-    scores[1, 1, 10:20] = float("inf")
-    k = torch.tensor([7, 12, 1])
-    idx, ok = top_k_ascending(scores, k)
-    K = 12
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :K]
-    want_ok = (torch.arange(K)[None, None] < k[:, None, None]).expand(3, 2, K)
-    want_idx, perm = torch.sort(order, dim=-1)
-    assert torch.equal(idx, want_idx)
-    assert torch.equal(ok, want_ok.gather(2, perm))
     x = torch.randn(3, 2, 40, 5, generator=g)
+    idx = torch.randint(0, 40, (3, 2, 7), generator=g)
     assert torch.equal(gather_slots(x, idx), x.gather(2, idx[..., None].expand(-1, -1, -1, 5)))
 
 
@@ -372,3 +362,17 @@ def test_kvcrush_query_head_bits_read_each_attention_head():
     assert torch.equal(bucket_ids(head_bits(m._bit_scores(ctx, m.inner.score(ctx)), ctx.valid), "hash"), want)
     with pytest.raises(ValueError, match="has none"):
         KVCrush(base="streamingllm", bits="query_heads")
+
+
+def test_streamingllm_fast_indices_equal_its_scores_top_k():
+    m = StreamingLLM(n_sink=3)
+    valid = torch.ones(3, 12, dtype=torch.bool)
+    valid[1, :4] = False  # left padding
+    valid[2, :9] = False  # 3 real tokens, fewer than the sinks
+    for k in ([5, 4, 2], [1, 8, 3], [12, 3, 3]):
+        ctx = _ctx(valid, hkv=2, budget=torch.tensor(k))
+        idx, ok = m.indices(ctx)
+        scores = m.score(ctx).float().masked_fill(~valid[:, None, :], float("-inf"))
+        for b in range(3):
+            want = torch.sort(scores[b, 0], descending=True, stable=True).indices[: k[b]].sort().values
+            assert idx[b, 0][ok[b, 0]].tolist() == want.tolist() and idx[b, 1].tolist() == idx[b, 0].tolist()

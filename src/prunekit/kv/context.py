@@ -64,6 +64,12 @@ class KVMethod:
     def score(self, ctx: KVContext) -> torch.Tensor:
         raise NotImplementedError
 
+    def indices(self, ctx: KVContext) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Optional fast path for rules that need no scores: the kept slots ``(B, Hkv, K)`` in
+        ascending order, ``K = max(budget)``, and their validity (row ``b`` keeps ``budget[b]``);
+        it must select exactly what :meth:`score` would. None (default): the engine sorts scores."""
+        return None
+
     def budget(self, n: int, keep: int | float, layer: int, n_layers: int) -> int:
         """Entries kept of a row's ``n`` prompt tokens at ``layer`` (default: ``keep`` resolved)."""
         return resolve_keep(keep, n)

@@ -64,34 +64,6 @@ class KVStats:
         return self.compress_seconds
 
 
-def _rank_mask(scores: torch.Tensor, vals: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Entries among the ``k`` best of each row (``k (B, Hkv, 1)``, ``vals``: the top values sorted
-    descending), ties broken towards lower indices, as a stable descending sort would."""
-    kth = vals.gather(-1, (k - 1).clamp_min(0))  # (B, Hkv, 1) the k-th best value
-    above = scores > kth
-    tied = scores == kth
-    room = k - above.sum(dim=-1, keepdim=True)
-    return (above | (tied & (tied.cumsum(dim=-1) <= room))) & (k > 0)
-
-
-def top_k_ascending(scores: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row and head, the ``K = max(k)`` best entries of ``scores (B, Hkv, L)`` in ascending
-    index order ``(B, Hkv, K)``, and which of them are among the row's own ``k[b]`` best.
-
-    The same result as a stable descending sort (ties go to lower indices) without sorting all
-    ``L`` entries: one ``topk`` for the thresholds, then a cumulative-sum compaction.
-    """
-    B, H, L = scores.shape
-    K = int(k.max())
-    vals = torch.topk(scores, K, dim=-1, sorted=True).values  # (B, H, K)
-    chosen = _rank_mask(scores, vals, torch.full((B, H, 1), K, device=scores.device))
-    within = _rank_mask(scores, vals, k.view(B, 1, 1).expand(B, H, 1))
-    slot = torch.where(chosen, chosen.long().cumsum(dim=-1) - 1, K)  # (B, H, L): target slot or dump
-    pos = torch.arange(L, device=scores.device).expand(B, H, L)
-    idx = torch.zeros(B, H, K + 1, dtype=torch.long, device=scores.device).scatter_(-1, slot, pos)[..., :K]
-    return idx, within.gather(-1, idx)
-
-
 def gather_slots(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``x (B, H, L, D)`` at ``idx (B, H, K)`` along L -> ``(B, H, K, D)`` (one index_select)."""
     B, H, L, D = x.shape
@@ -277,7 +249,7 @@ class KVSession:
 
     def _compress(self, attn: nn.Module, kw: dict, cache_layer, i: int) -> None:
         keys, values = cache_layer.keys, cache_layer.values  # (B, Hkv, L, D)
-        Hkv, L = keys.shape[1:3]
+        B, Hkv, L = keys.shape[:3]
         if L != self.L:
             raise PrunekitError(f"compress_kv: layer {i} caches {L} entries for a {self.L}-token prompt")
         n = self.valid.sum(dim=1).tolist()
@@ -286,8 +258,16 @@ class KVSession:
         k = torch.tensor(budgets, device=keys.device)
         signals = self._signals(attn, kw, keys)
         ctx = KVContext(keys, values, self.valid, i, self.n_layers, signals, budget=k)
-        scores = self.method.score(ctx).float().masked_fill(~self.valid[:, None, :], float("-inf"))
-        idx, ok = top_k_ascending(scores, k)
+        direct = self.method.indices(ctx)  # a position-only rule needs no scores and no sort
+        if direct is not None:
+            idx, ok = direct
+        else:
+            scores = self.method.score(ctx).float().masked_fill(~self.valid[:, None, :], float("-inf"))
+            K = int(k.max())
+            order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :K]  # best first
+            ok = torch.arange(K, device=keys.device)[None, None, :] < k[:, None, None]
+            idx, perm = torch.sort(order, dim=-1)  # ascending original order
+            ok = ok.expand(B, Hkv, K).gather(2, perm)
         cache_layer.keys = gather_slots(keys, idx)
         cache_layer.values = gather_slots(values, idx)
         self.slot_pos[i], self.slot_valid[i] = idx, ok

@@ -36,6 +36,25 @@ class StreamingLLM(KVMethod):
         if isinstance(self.n_sink, bool) or not isinstance(self.n_sink, int) or self.n_sink < 0:
             raise ValueError(f"streamingllm: n_sink must be an int >= 0; got {self.n_sink!r}")
 
+    def indices(self, ctx: KVContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same entries as :meth:`score`'s top-``k``, by arithmetic: row ``b``'s first
+        ``min(n_sink, k)`` real tokens, then its last ``k - sinks``."""
+        valid, k = ctx.valid, ctx.budget
+        B, L = valid.shape
+        K = int(k.max())
+        start = L - valid.sum(dim=1)  # first real token (left padding)
+        sinks = k.clamp(max=self.n_sink)
+        j = torch.arange(K, device=valid.device)[None]  # (1, K)
+        pos = torch.where(j < sinks[:, None], start[:, None] + j, L - k[:, None] + j)
+        ok = j < k[:, None]
+        # unused slots (rows with a smaller budget): the positions not kept, in order, marked invalid
+        t = j - k[:, None]
+        pos = torch.where(ok, pos, torch.where(t < start[:, None], t, t + sinks[:, None]))
+        pos, order = torch.sort(pos, dim=1)
+        ok = ok.gather(1, order)
+        Hkv = ctx.keys.shape[1]
+        return pos[:, None].expand(B, Hkv, K), ok[:, None].expand(B, Hkv, K)
+
     def score(self, ctx: KVContext) -> torch.Tensor:
         """Sinks first (2), then recency (position / L, in (0, 1]), the same for every head."""
         valid = ctx.valid
