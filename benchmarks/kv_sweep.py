@@ -184,7 +184,7 @@ def table(a: argparse.Namespace) -> None:
         cells = []
         for t in tasks:
             vals = [by.get((t, m, k)) for k in KEEPS]
-            shown = ("n/a" if v is None or "status" in v else f"{v[v['metric']]:.2f}" for v in vals)
+            shown = ("-" if v is None else "n/a" if "status" in v else f"{v[v['metric']]:.2f}" for v in vals)
             cells.append(" / ".join(shown))
         print(f"| {m} (50 / 25 / 10 %) | " + " | ".join(cells) + " |")
     tpath = Path(a.timing)
