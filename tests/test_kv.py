@@ -288,16 +288,9 @@ def test_gather_slots_equals_gather():
 
 
 def _gemma3(attn: str):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    from tiny import gemma3
 
-    torch.manual_seed(0)
-    cfg = Gemma3TextConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, sliding_window=8,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-    )  # fmt: skip
-    cfg._attn_implementation = attn
-    return Gemma3ForCausalLM(cfg).eval()
+    return gemma3(attn, ["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
 
 
 @pytest.mark.parametrize("method", ["snapkv", "h2o"])

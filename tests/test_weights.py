@@ -189,15 +189,9 @@ def test_each_layer_type_is_calibrated_with_its_own_mask_and_rope():
     every layer's Wanda masks must come from the inputs the model's own forward gives its Linears
     (q_proj: what the earlier layers made; o_proj: also the layer's own mask and RoPE). A window
     of 8 in 24-token windows makes the two masks differ."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    from tiny import gemma3
 
-    torch.manual_seed(0)
-    cfg = Gemma3TextConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, sliding_window=8,
-        layer_types=["full_attention", "sliding_attention", "full_attention", "sliding_attention"],
-    )  # fmt: skip
-    model = Gemma3ForCausalLM(cfg).eval()
+    model = gemma3("sdpa", ["full_attention", "sliding_attention", "full_attention", "sliding_attention"])
     dense = copy.deepcopy(model)
     pr = prunekit.prune_weights(model, "wanda", 0.5, calibration=CAL, progress=False, batch_size=4)
     for i in range(4):  # layers before i pruned by hand, layer i dense (Wanda gathers a layer at once)

@@ -139,6 +139,19 @@ def qwen2_5_vl(attn):
     return Qwen2_5_VLForConditionalGeneration(cfg)
 
 
+def gemma3(attn: str, layer_types: list[str]):
+    """A tiny Gemma-3 with a sliding window of 8 and the given layer types (4 layers)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=8, layer_types=layer_types,
+    )  # fmt: skip
+    cfg._attn_implementation = attn
+    return Gemma3ForCausalLM(cfg).eval()
+
+
 DECODERS = {"llama": llama, "qwen2": qwen2, "mistral": mistral}
 VLMS = {"llava": llava, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl}
 
