@@ -221,8 +221,9 @@ class LazySession:
         order = score.argsort(dim=1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(1, order, pos.expand(B, P))
         active = (cand & (rank < self.k[s - 1][:, None])) | ((pos >= L) & self.valid)
-        current = (pos >= self.start) & torch.tensor(not self.prefill, device=dev)
-        need = (active & ~self.computed[s]) | current  # (B, P) tokens to compute in segment s
+        need = active & ~self.computed[s]  # (B, P) tokens to compute in segment s
+        if not self.prefill:  # the call's new tokens always go on (real or padding: they are output)
+            need = need | (pos >= self.start)
 
         # query tokens that stop here leave their hidden state in the aux cache
         qpos, qfill = self.qpos, self.qfill
