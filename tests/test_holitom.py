@@ -70,6 +70,12 @@ def test_sequential_merge_equals_the_official_loop():
             ref[dest[j]] = (ref[dest[j]] + h[j]) / 2
     got = sequential_merge(h, keep, dest)
     torch.testing.assert_close(got[keep], ref[keep])
+    # batched: each row as on its own
+    batched = sequential_merge(
+        torch.stack([h, h.flip(0)]), torch.stack([keep, keep]), torch.stack([dest, dest])
+    )
+    torch.testing.assert_close(batched[0], got)
+    torch.testing.assert_close(batched[1][keep], sequential_merge(h.flip(0), keep, dest)[keep])
 
 
 def test_inner_merge_hand_case_from_the_spec():

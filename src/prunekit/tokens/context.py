@@ -183,11 +183,9 @@ class ProgressiveMethod(TokenMethod):
         raise NotImplementedError
 
     def cuts(self, n_layers: int) -> tuple[int, ...]:
-        from .schedule import check_layers, scale_layers
+        from .schedule import cut_layers
 
-        if self.layers is None:
-            return scale_layers(self.official_layers, self.reference_depth, n_layers)
-        return check_layers(tuple(self.layers), n_layers, self.name)
+        return cut_layers(self.layers, self.official_layers, self.reference_depth, n_layers, self.name)
 
     def counts(self, n: int, keep: int, n_layers: int) -> tuple[int, ...]:
         from .schedule import fit_counts

@@ -50,6 +50,16 @@ def check_layers(layers: Sequence[int], n_layers: int, method: str) -> tuple[int
     return tuple(layers)
 
 
+def cut_layers(
+    layers, official: Sequence[int], reference_depth: int, n_layers: int, method: str
+) -> tuple[int, ...]:
+    """A method's cut layers: its ``layers`` option checked, or (``None``) its official layers
+    scaled from ``reference_depth`` to ``n_layers``."""
+    if layers is None:
+        return scale_layers(official, reference_depth, n_layers)
+    return check_layers(tuple(layers), n_layers, method)
+
+
 def mean_tokens(layers: Sequence[int], counts: Sequence[float], n: float, n_layers: int) -> float:
     """Mean candidates per layer of the schedule (``n`` before the first cut)."""
     ends = [*layers[1:], n_layers]

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ...registry import register
-from ...tokens.schedule import check_layers, fit_counts, geometric_shape, scale_layers
+from ...tokens.schedule import cut_layers, fit_counts, geometric_shape
 from ..context import KVMethod
 
 
@@ -56,9 +56,7 @@ class LazyLLM(KVMethod):
     layers: tuple[int, ...] | None = None
 
     def cuts(self, n_layers: int) -> tuple[int, ...]:
-        if self.layers is None:
-            return scale_layers(self.official_layers, self.reference_depth, n_layers)
-        return check_layers(tuple(self.layers), n_layers, self.name)
+        return cut_layers(self.layers, self.official_layers, self.reference_depth, n_layers, self.name)
 
     def shape(self, n_cuts: int):
         return geometric_shape(n_cuts)

@@ -75,17 +75,17 @@ def segments(sim: torch.Tensor, tau: float, max_window: int = 1024) -> tuple[lis
 
 def sequential_merge(h: torch.Tensor, keep: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
     """The official ``h_c <- (h_c + h_j) / 2`` for pruned tokens ``j`` in index order, in closed
-    form. ``h (N, D)``, ``keep (N,)`` bool, ``dest (N,)`` the kept index each pruned token joins;
-    returns the kept tokens' new vectors ``(N, D)`` (pruned rows unchanged, unused)."""
-    N = h.shape[0]
-    pruned = ~keep
-    onehot = torch.nn.functional.one_hot(dest, N).to(h.dtype) * pruned[:, None].to(h.dtype)  # (N, N)
-    after = onehot.flip(0).cumsum(0).flip(0) - onehot  # tokens joining the same c later than j
-    m = onehot.sum(0)  # (N,) merges into each c
-    w_j = (onehot * torch.pow(0.5, after + 1)).sum(1)  # (N,) weight of pruned j in its centre
-    out = h * torch.pow(0.5, m)[:, None]
-    out = out.index_add(0, dest[pruned], h[pruned] * w_j[pruned, None])
-    return torch.where(keep[:, None], out, h)
+    form. ``h (..., N, D)``, ``keep (..., N)`` bool, ``dest (..., N)`` the kept index each pruned
+    token joins; returns the kept tokens' new vectors (pruned rows unchanged, unused). Batched
+    over leading dims."""
+    N = h.shape[-2]
+    pruned = (~keep).to(h.dtype)
+    onehot = torch.nn.functional.one_hot(dest, N).to(h.dtype) * pruned[..., None]  # (..., N, N) [j, c]
+    after = onehot.flip(-2).cumsum(-2).flip(-2) - onehot  # tokens joining the same c later than j
+    m = onehot.sum(-2)  # (..., N) merges into each c
+    w = (onehot * torch.pow(0.5, after + 1)).sum(-1)  # (..., N) weight of pruned j in its centre
+    out = h * torch.pow(0.5, m)[..., None] + onehot.transpose(-1, -2) @ (h * w[..., None])
+    return torch.where(keep[..., None], out, h)
 
 
 @register(
@@ -194,6 +194,6 @@ class HoliTom(TokenMethod):
         hn = torch.nn.functional.normalize(h, dim=-1)
         sim = (hn @ hn.transpose(1, 2)).masked_fill(~kept[:, None, :], float("-inf"))  # to kept only
         dest = sim.argmax(dim=-1)  # (G, N) most similar kept token (first on ties)
-        merged = torch.stack([sequential_merge(h[g], kept[g], dest[g]) for g in range(G)])
+        merged = sequential_merge(h, kept, dest)  # all groups at once
         values = merged.gather(1, keep[..., None].expand(-1, -1, h.shape[-1]))
         return Selection(keep, values.to(ctx.tokens.dtype))

@@ -54,7 +54,7 @@ import torch
 
 from ...registry import register
 from ..context import Selection, Signal, TokenContext, TokenMethod, topk_sorted
-from ..schedule import check_layers, fit_counts, power_shape, scale_layers
+from ..schedule import cut_layers, fit_counts, power_shape
 from .hiprune import patch_grid
 
 
@@ -153,9 +153,9 @@ class VFlowOpt(TokenMethod):
 
     # ---- llm stage: a progressive schedule (ignored at the vision stage)
     def cuts(self, n_layers: int) -> tuple[int, ...]:
-        if self.llm_layers is None:
-            return scale_layers(self.official_llm_layers, self.llm_reference_depth, n_layers)
-        return check_layers(tuple(self.llm_layers), n_layers, self.name)
+        return cut_layers(
+            self.llm_layers, self.official_llm_layers, self.llm_reference_depth, n_layers, self.name
+        )
 
     def counts(self, n: int, keep: int, n_layers: int) -> tuple[int, ...]:
         layers = self.cuts(n_layers)
