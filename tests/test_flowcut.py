@@ -140,3 +140,25 @@ def test_keep_everything_is_dense_and_other_families_are_refused():
     with pytest.raises(prunekit.errors.SignalUnavailableError, match="tower_keep"):
         with prunekit.prune_tokens(q, "flowcut", keep=0.5):
             pass
+
+
+def test_a_dinov2_tower_at_another_resolution_than_its_config():
+    """DINOv2 runs at any input size (its config's image_size is the pretraining one, 518 for the
+    real DINOv2-S, which the real-parts VLM feeds 224 px): the cut counts the patches it is given."""
+    from transformers import Dinov2Config
+
+    torch.manual_seed(0)
+    vision = Dinov2Config(hidden_size=32, num_hidden_layers=5, num_attention_heads=4, mlp_ratio=2,
+                          patch_size=14, image_size=112)  # fmt: skip
+    cfg = LlavaConfig(vision_config=vision.to_dict(), text_config=LlamaConfig(**TXT), image_token_id=IMG,
+                      vision_feature_layer=-2, vision_feature_select_strategy="default",
+                      attn_implementation="sdpa")  # fmt: skip
+    model = LlavaForConditionalGeneration(cfg).eval()
+    n = (56 // 14) ** 2  # 16 patches at 56 px; the config's 112 px would give 64
+    ids = torch.tensor([[1, 5, *[IMG] * n, 7, 9]] * 2)
+    pv = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), prunekit.prune_tokens(model, "flowcut", keep=5) as session:
+        out = model.generate(input_ids=ids, pixel_values=pv, max_new_tokens=2, do_sample=False)
+    kept = session.stats.kept_masks[0]
+    assert out.shape == (2, ids.shape[1] + 2)
+    assert kept[:, 2 : 2 + n].sum(1).tolist() == [5, 5] and session.stats.tokens_kept == 10

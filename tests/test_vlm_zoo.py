@@ -105,6 +105,33 @@ def test_projector_training_is_deterministic():
     assert np.isfinite(log_a["losses"]).all()
 
 
+def test_lora_adapters_train_and_merge_into_the_assembled_llm():
+    """``lora_rank > 0`` trains low-rank updates of the LLM's linear layers beside the projector;
+    the assembled model's weights are the real ones plus ``B @ A``, and nothing else changes."""
+    from prunekit.models.zoo import smollm2
+
+    r = Recipe(n_singles=2, single_steps=2, n_train=2, n_questions=2, align_steps=1, steps=2, batch=1,
+               lr=1e-2, warmup=1, lora_rank=2, lora_lr=1e-2,
+               lora_targets=("q_proj", "down_proj"))  # fmt: skip
+    state, _ = train_projector(r, progress=False)
+    lm, _ = smollm2(torch.float32)
+    n_layers = lm.config.num_hidden_layers
+    a_keys = sorted(k for k in state if k.startswith("lora.") and k.endswith(".A"))
+    assert len(a_keys) == 2 * n_layers
+    a, b = state["lora.layers.3.self_attn.q_proj.A"], state["lora.layers.3.self_attn.q_proj.B"]
+    assert a.shape == (2, lm.config.hidden_size) and b.abs().sum() > 0  # B starts at zero: it trained
+    model, _ = assemble(state)
+    llm = model.model.language_model
+    w0 = lm.model.layers[3].self_attn.q_proj.weight
+    assert torch.allclose(llm.layers[3].self_attn.q_proj.weight, w0 + b @ a, atol=1e-6)
+    assert not torch.equal(llm.layers[3].self_attn.q_proj.weight, w0)
+    assert torch.equal(llm.layers[3].self_attn.k_proj.weight, lm.model.layers[3].self_attn.k_proj.weight)
+    assert torch.equal(llm.embed_tokens.weight, lm.model.embed_tokens.weight)
+    with pytest.raises(ValueError, match="match no linear layer"):
+        train_projector(Recipe(n_singles=1, single_steps=1, n_train=1, n_questions=1, align_steps=0, steps=1,
+                               batch=1, lora_rank=2, lora_targets=("nope",)), progress=False)  # fmt: skip
+
+
 @pytest.mark.parametrize("method", ["fastv", "fastervlm", "divprune", "random"])
 def test_vqa_task_runs_each_visual_token_method(tmp_path, method):
     from prunekit.bench import bench, read_results
@@ -131,8 +158,8 @@ def test_vqa_task_runs_each_visual_token_method(tmp_path, method):
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="issue 4 open: the ~20-minute CPU recipe v3 reaches acc 0.48 (chance 0.27) on held-out scenes, "
-    "presence 0.60; the bar is >= 0.8 on position and presence",
+    reason="issue 4 open: the ~20-minute CPU recipe v4 (projector + LoRA) reaches acc 0.55 (chance 0.27) on "
+    "held-out scenes, position 0.55, presence 0.50; the bar is >= 0.8 on position and presence",
     strict=False,
 )
 def test_the_trained_vlm_sees(tmp_path):
@@ -143,4 +170,4 @@ def test_the_trained_vlm_sees(tmp_path):
         ["llava-dino-smol"], ["vqa-fashion"], [], limit=100, repeats=1, out=str(tmp_path), progress=False
     )
     q = rows[0]["quality"]
-    assert q["acc_presence"] >= 0.8 and q["acc_single"] >= 0.8 and q["acc"] > 2 * q["chance"]
+    assert q["acc_what"] >= 0.8 and q["acc_presence"] >= 0.8 and q["acc"] > 2 * q["chance"]

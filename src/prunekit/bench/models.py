@@ -54,7 +54,7 @@ def _minilm(dtype: torch.dtype) -> Loaded:
 
 
 def _llava_dino_smol(dtype: torch.dtype) -> Loaded:
-    """The real-parts VLM (DINOv2-S + SmolLM2-135M, trained projector; trained on first use)."""
+    """The real-parts VLM (DINOv2-S + SmolLM2-135M, trained projector and LoRA; trained on first use)."""
     from ..zoo import llava_dino_smol
 
     model, tok = llava_dino_smol(dtype)

@@ -39,9 +39,9 @@ class TowerCut:
                 f"{session.method.name}: the VLM reads vision layer {self.L_sel}; in-tower pruning needs "
                 "at least one layer before it"
             )
-        vc = cfg.vision_config
-        self.n_patches = (vc.image_size // vc.patch_size) ** 2
-        self.target = resolve_keep(session.keep, self.n_patches)  # patches kept (plus [CLS])
+        # patches per image and patches kept (plus [CLS]) are set per tower call from the input: a
+        # DINOv2 tower runs at any resolution (its config's image_size is only the pretraining one)
+        self.n_patches, self.target = 0, 0
         self.kept: list[torch.Tensor] = []  # per tower call: (n_img, K) original patch indices
 
     def install(self) -> None:
@@ -59,6 +59,8 @@ class TowerCut:
         def hook(attn: nn.Module, args: tuple, kw: dict) -> None:
             h = args[0] if args else kw["hidden_states"]
             if i == 0:
+                self.n_patches = h.shape[1] - 1
+                self.target = resolve_keep(self.session.keep, self.n_patches)
                 self.cum = None
                 self.orig = torch.arange(h.shape[1] - 1, device=h.device).expand(h.shape[0], -1)
                 self.seconds = 0.0
