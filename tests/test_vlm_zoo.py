@@ -127,6 +127,8 @@ def test_lora_adapters_train_and_merge_into_the_assembled_llm():
     assert not torch.equal(llm.layers[3].self_attn.q_proj.weight, w0)
     assert torch.equal(llm.layers[3].self_attn.k_proj.weight, lm.model.layers[3].self_attn.k_proj.weight)
     assert torch.equal(llm.embed_tokens.weight, lm.model.embed_tokens.weight)
+    with pytest.raises(ValueError, match="lora_rank=-1"):
+        Recipe(lora_rank=-1)
     with pytest.raises(ValueError, match="match no linear layer"):
         train_projector(Recipe(n_singles=1, single_steps=1, n_train=1, n_questions=1, align_steps=0, steps=1,
                                batch=1, lora_rank=2, lora_targets=("nope",)), progress=False)  # fmt: skip

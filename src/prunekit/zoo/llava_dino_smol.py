@@ -79,6 +79,13 @@ class Recipe:
     seed: int = 0
     version: int = 4
 
+    def __post_init__(self) -> None:
+        if self.lora_rank < 0 or self.align_weight < 0:
+            raise ValueError(
+                f"lora_rank and align_weight must be >= 0 (0: off); got lora_rank={self.lora_rank}, "
+                f"align_weight={self.align_weight}"
+            )
+
     def key(self) -> str:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
 
