@@ -53,6 +53,7 @@ def choose(lm, tok, x: torch.Tensor, choices) -> str:
     return choices[int((tok_lp * valid).sum(1).argmax())]
 
 
+@torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--limit", type=int, default=100)
@@ -71,7 +72,7 @@ def main() -> None:
                 x = embed(torch.tensor([ids]))
             else:
                 ids = torch.tensor([prompt_ids(tok, qa.question)])
-                x = embed(ids).detach()
+                x = embed(ids)
                 x[ids == IMAGE_TOKEN_ID] = words[patch_words(sample)[0]]
             preds.append(choose(lm, tok, x, list(qa.choices)))
         scores = score_answers(preds, [q.answer for _, q in items], [q.kind for _, q in items])

@@ -160,8 +160,8 @@ def test_vqa_task_runs_each_visual_token_method(tmp_path, method):
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="issue 4 open: the ~20-minute CPU recipe v4 (projector + LoRA) reaches acc 0.55 (chance 0.27) on "
-    "held-out scenes, position 0.55, presence 0.50; the bar is >= 0.8 on position and presence",
+    reason="issue 4 open: the ~20-minute CPU recipe v4 (projector + LoRA) reaches acc 0.56 (chance 0.27) on "
+    "held-out scenes, position 0.55, presence 0.55, single 0.70; the bar is >= 0.8 on position and presence",
     strict=False,
 )
 def test_the_trained_vlm_sees(tmp_path):
@@ -172,4 +172,5 @@ def test_the_trained_vlm_sees(tmp_path):
         ["llava-dino-smol"], ["vqa-fashion"], [], limit=100, repeats=1, out=str(tmp_path), progress=False
     )
     q = rows[0]["quality"]
-    assert q["acc_what"] >= 0.8 and q["acc_presence"] >= 0.8 and q["acc"] > 2 * q["chance"]
+    assert q["acc_what"] >= 0.8 and q["acc_presence"] >= 0.8 and q["acc_single"] >= 0.8
+    assert q["acc"] > 2 * q["chance"]
