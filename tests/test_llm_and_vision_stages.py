@@ -14,6 +14,7 @@ from invariants import assert_same, snapshot
 from prunekit.errors import SignalUnavailableError, UnknownMethodError, UnsupportedModelError
 from prunekit.models.sequence import left_pack
 from reference import decoder_layers, greedy, masked_reference, masked_reference_cuts
+from test_atp_llava import module as atp_module
 from tiny import DECODERS, VLMS, reset, text_inputs, vlm_inputs
 
 TOL = 1e-4
@@ -55,6 +56,9 @@ PROGRESSIVE_CASES = [
     for fam in (*VLMS, *DECODERS)
     for meth in ("pyramiddrop", "transprune", "sparsevlm")
 ]
+
+# ATP-LLaVA: instance-adaptive counts from a module with fixed thresholds (tests/test_atp_llava.py)
+ATP_CASES = [(fam, "atp_llava", "llm", {"weights": atp_module(0.45, 0.9)}) for fam in VLMS]
 
 
 def build(fam: str, attn: str):
@@ -137,7 +141,8 @@ MERGE_CASES += [("llava", "vflowopt", "vision", {"m": 2.0})]
 
 
 @pytest.mark.parametrize(
-    ("fam", "method", "stage", "options"), VLM_CASES + TEXT_CASES + MERGE_CASES + PROGRESSIVE_CASES
+    ("fam", "method", "stage", "options"),
+    VLM_CASES + TEXT_CASES + MERGE_CASES + PROGRESSIVE_CASES + ATP_CASES,
 )
 def test_keep_everything_is_dense_and_model_restored(fam, method, stage, options):
     model = build(fam, "sdpa")

@@ -5,6 +5,8 @@ build (projector training, ~20 min) and its accuracy bar are ``slow``."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -13,8 +15,10 @@ from prunekit.zoo.llava_dino_smol import (
     IMAGE_TOKEN_ID,
     N_VISUAL,
     Recipe,
+    _align_loss,
     _branch_batch,
     _Projector,
+    answer_batches,
     assemble,
     pixel_values,
     prompt_ids,
@@ -85,6 +89,27 @@ def test_training_branches_equal_hf_forwards_of_single_question_prompts(vlm):
             assert tok.decode(scored[scored != -100]) == qa.answer + "<|im_end|>"
 
 
+def test_answer_batches_score_only_the_answer_and_are_seeded(vlm):
+    """ATP training inputs: left-padded one-question prompts whose labels are the answer alone."""
+    _, tok = vlm
+    a, b = answer_batches(tok, 2, batch=3, seed=5), answer_batches(tok, 2, batch=3, seed=5)
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in x)
+    maker = SceneMaker("train", seed=5)
+    batch = a[0]
+    assert batch["pixel_values"].shape == (3, 3, 224, 224)
+    for row in range(3):
+        s = maker.scene(n_questions=1)
+        while not s.qas:
+            s = maker.scene(n_questions=1)
+        real = batch["attention_mask"][row].bool()
+        assert bool(real[-1]) and not bool((real[:-1] & ~real[1:]).any()), "left padding"
+        ids, labels = batch["input_ids"][row][real].tolist(), batch["labels"][row]
+        prompt = prompt_ids(tok, s.qas[0].question)
+        assert ids[: len(prompt)] == prompt
+        assert tok.decode(labels[labels != -100]) == s.qas[0].answer + "<|im_end|>"
+        assert ids.count(IMAGE_TOKEN_ID) == N_VISUAL
+
+
 def test_folded_projector_equals_the_standardised_one():
     g = torch.Generator().manual_seed(0)
     mean, std = torch.randn(6, generator=g), torch.rand(6, generator=g) + 0.5
@@ -132,6 +157,20 @@ def test_lora_adapters_train_and_merge_into_the_assembled_llm():
     with pytest.raises(ValueError, match="match no linear layer"):
         train_projector(Recipe(n_singles=1, single_steps=1, n_train=1, n_questions=1, align_steps=0, steps=1,
                                batch=1, lora_rank=2, lora_targets=("nope",)), progress=False)  # fmt: skip
+
+
+def test_alignment_loss_adds_the_word_cross_entropy_and_keeps_v4s_cache_key():
+    targets = torch.tensor([[0.0, 0.0], [3.0, 4.0]])  # squared distance 25 apart
+    vis = torch.tensor([[0.0, 0.0], [3.0, 3.0]])  # on word 0; 1 away from word 1 (true: word 1)
+    words = torch.tensor([0, 1])
+    mse = (0 + 1) / 4  # mean over 2 tokens x 2 dims
+    ce = (math.log(1 + math.exp(-25)) + math.log(1 + math.exp(-(18 - 1)))) / 2  # logits -d^2
+    assert _align_loss(vis, words, targets, Recipe(align_ce=0.0)).item() == pytest.approx(mse)
+    assert _align_loss(vis, words, targets, Recipe(align_ce=0.5)).item() == pytest.approx(mse + 0.5 * ce)
+    assert Recipe().key() == "06b84cd201"  # the v4 model's cache file name
+    assert Recipe(align_ce=0.1).key() != Recipe().key()
+    with pytest.raises(ValueError, match="align_ce=-1"):
+        Recipe(align_ce=-1)
 
 
 @pytest.mark.parametrize("method", ["fastv", "fastervlm", "divprune", "random"])

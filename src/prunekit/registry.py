@@ -28,6 +28,7 @@ _METHOD_MODULES = (
     "prunekit.tokens.methods.pyramiddrop",
     "prunekit.tokens.methods.transprune",
     "prunekit.tokens.methods.sparsevlm",
+    "prunekit.tokens.methods.atp_llava",
     "prunekit.tokens.methods.vflowopt",
     "prunekit.tokens.methods.flowcut",
     "prunekit.tokens.methods.holitom",

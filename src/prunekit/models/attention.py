@@ -28,6 +28,42 @@ def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.view(B, L, -1, head_dim).transpose(1, 2)  # (B, H, L, hd)
 
 
+def decoder_logits(
+    attn: nn.Module,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    last_only: bool = False,
+) -> torch.Tensor:
+    """Per-head **pre-softmax** attention logits ``q k^T * scaling`` of a decoder layer, recomputed
+    from its q/k, unmasked: ``(B, H, Lq, L)`` float32 (``Lq = 1`` with ``last_only``).
+
+    Args as :func:`decoder_attention`.
+    """
+    hd = attn.head_dim
+    cos, sin = position_embeddings
+    q_in, q_cos, q_sin = (hidden[:, -1:], cos[:, -1:], sin[:, -1:]) if last_only else (hidden, cos, sin)
+    q = _heads(attn.q_proj(q_in), hd)  # (B, Hq, Lq, hd)
+    k = _heads(attn.k_proj(hidden), hd)  # (B, Hkv, L, hd)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    rope = _rope(attn)
+    q = rope(q, q, q_cos, q_sin)[0]
+    k = rope(k, k, cos, sin)[0]
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA: (B, Hq, L, hd)
+    return (q.float() @ k.float().transpose(-1, -2)) * attn.scaling
+
+
+def causal_allowed(Lq: int, L: int, key_valid: torch.Tensor | None, device) -> torch.Tensor:
+    """Which keys each of the last ``Lq`` queries may see: ``(Lq, L)``, or ``(B, 1, Lq, L)`` with
+    ``key_valid (B, L)`` (padding keys hidden; a query always sees itself, so no row is empty)."""
+    q_pos = torch.arange(L - Lq, L, device=device)[:, None]  # queries are the last Lq keys
+    k_pos = torch.arange(L, device=device)[None, :]
+    allowed = k_pos <= q_pos  # (Lq, L) causal
+    if key_valid is not None:
+        allowed = ((allowed[None] & key_valid[:, None, :]) | (k_pos == q_pos)[None])[:, None]
+    return allowed
+
+
 def decoder_attention(
     attn: nn.Module,
     hidden: torch.Tensor,
@@ -47,24 +83,8 @@ def decoder_attention(
 
     Returns ``(B, H, Lq, L)`` float32 probabilities.
     """
-    hd = attn.head_dim
-    cos, sin = position_embeddings
-    q_in, q_cos, q_sin = (hidden[:, -1:], cos[:, -1:], sin[:, -1:]) if last_only else (hidden, cos, sin)
-    q = _heads(attn.q_proj(q_in), hd)  # (B, Hq, Lq, hd)
-    k = _heads(attn.k_proj(hidden), hd)  # (B, Hkv, L, hd)
-    if hasattr(attn, "q_norm"):
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    rope = _rope(attn)
-    q = rope(q, q, q_cos, q_sin)[0]
-    k = rope(k, k, cos, sin)[0]
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA: (B, Hq, L, hd)
-    logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling  # (B, Hq, Lq, L)
-    L, Lq = k.shape[2], q.shape[2]
-    q_pos = torch.arange(L - Lq, L, device=hidden.device)[:, None]  # queries are the last Lq keys
-    k_pos = torch.arange(L, device=hidden.device)[None, :]
-    allowed = k_pos <= q_pos  # (Lq, L) causal
-    if key_valid is not None:  # padding keys hidden; a query always sees itself (no all-masked row)
-        allowed = ((allowed[None] & key_valid[:, None, :]) | (k_pos == q_pos)[None])[:, None]  # (B, 1, Lq, L)
+    logits = decoder_logits(attn, hidden, position_embeddings, last_only)  # (B, Hq, Lq, L)
+    allowed = causal_allowed(logits.shape[2], logits.shape[3], key_valid, hidden.device)
     return logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
 
 

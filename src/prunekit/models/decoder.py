@@ -23,7 +23,7 @@ from torch import nn
 from ..budget import resolve_keep
 from ..errors import PrunekitError, SignalUnavailableError, UnsupportedModelError
 from ..tokens.schedule import group_counts, mean_tokens
-from .attention import decoder_attention, last_query_attention
+from .attention import causal_allowed, decoder_attention, decoder_logits, last_query_attention
 from .base import Adapter, Session, check_cut_layer, required_signals
 from .heads import HeadCascade
 from .sequence import (
@@ -52,6 +52,8 @@ def _arg(args: tuple, kw: dict, name: str) -> torch.Tensor:
 LLM_SIGNALS: dict[str, str] = {
     "last_token_attention": "head mean of the last prompt token's row, recomputed from q/k",
     "attention_map": "per-head causal map of one layer, recomputed from q/k",
+    "attention_logits": "head mean of one layer's pre-softmax logits q k^T * scaling, recomputed from "
+    "q/k; entries a query cannot see (later keys, padding) are -inf (G, N, N)",
     "instruction_attention": "head-mean rows of the instruction (the real tokens after the group) "
     "over the candidates, recomputed from q/k, zero-padded (G, T, N)",
     "instruction_mask": "which instruction rows are real (G, T)",
@@ -64,7 +66,14 @@ LLM_SIGNALS: dict[str, str] = {
     "vision_importance": "the score an enclosing vision-stage session's method gave each surviving "
     "visual token (VFlowOpt's importance map) (G, N)",
 }
-_ATTENTION_KINDS = ("last_token_attention", "attention_map", "instruction_attention")
+#: llm-stage signals only a VLM gives (the candidates are an image's patches)
+VLM_LLM_SIGNALS: dict[str, str] = {
+    "patch_index": "each visual token's index among its image's visual tokens before the first cut "
+    "(its raster index in the patch grid) (G, N) long",
+    "patch_count": "the image's number of visual tokens before the first cut (G,) long",
+}
+_ATTENTION_KINDS = ("last_token_attention", "attention_map", "instruction_attention", "attention_logits")
+_INDEX_KINDS = ("patch_index", "patch_count")
 _INSTRUCTION_KINDS = ("instruction_attention", "instruction_mask", "instruction_embeddings")
 _EMBEDDING_KINDS = ("instruction_embeddings", "input_embeddings")
 
@@ -81,6 +90,7 @@ class LLMCut:
         candidates: CandidateFn,
         family: str,
         vision_scores: Callable[[], torch.Tensor | None] | None = None,
+        offered: Mapping[str, str] = LLM_SIGNALS,
     ) -> None:
         self.session, self.text_model = session, text_model
         self.vision_scores = vision_scores
@@ -92,7 +102,7 @@ class LLMCut:
         self.progressive = cuts is not None
         self.cuts = tuple(check_cut_layer(K, n, "LLM") for K in (cuts if self.progressive else (layer,)))
         self.K = self.cuts[0]
-        needs = required_signals(method, "llm", family, LLM_SIGNALS)
+        needs = required_signals(method, "llm", family, offered)
         self.kinds = set(needs) - {"tokens", "hidden"}
         self.signal_layers: dict[int, list[str]] = {}  # single cut: layer -> attention kinds there
         self.ttv_start: int | None = None
@@ -211,8 +221,13 @@ class LLMCut:
     ) -> None:
         """Attention signals from ``attn``'s q/k on ``h`` (its normed input) over the current sequence."""
         valid = self.cur_valid
-        if "attention_map" in kinds or "instruction_attention" in kinds:
-            A = decoder_attention(attn, h, pe, valid)  # (B, H, L, L)
+        if {"attention_map", "instruction_attention", "attention_logits"} & set(kinds):
+            logits = decoder_logits(attn, h, pe)  # (B, H, L, L)
+            L = logits.shape[-1]
+            logits = logits.masked_fill(~causal_allowed(L, L, valid, h.device), float("-inf"))
+            if "attention_logits" in kinds:
+                self.rows["attention_logits"] = logits.mean(dim=1)  # (B, L, L); hidden stays -inf
+            A = logits.softmax(dim=-1)
             if "attention_map" in kinds:
                 self.rows["attention_map"] = A
             if "instruction_attention" in kinds:
@@ -295,8 +310,13 @@ class LLMCut:
         groups.budgets = self._budgets(groups, cut)
         keep_mask = self.cur_valid.clone()  # padding is dropped too: it becomes masked slots
         signals = signal_gatherers(
-            {k: v for k, v in self.rows.items() if k in ("last_token_attention", "attention_map")}
+            {
+                k: v
+                for k, v in self.rows.items()
+                if k in ("last_token_attention", "attention_map", "attention_logits")
+            }
         )
+        signals.update(self._index_gatherers())
         signals.update(self._instruction_gatherers(instr, groups))
         if self.ttv is not None:
             ttv = self.ttv
@@ -340,6 +360,24 @@ class LLMCut:
         if self.progressive and cut == len(self.cuts) - 1:
             self._record_progressive(groups)
         return local, out["h"]
+
+    def _index_gatherers(self) -> dict:
+        """``patch_index`` / ``patch_count``: where each surviving candidate sat in its group
+        before the first cut, and the group's size then (ATP-LLaVA's spatial grid)."""
+        if not self.kinds & set(_INDEX_KINDS):
+            return {}
+        gid = self.gid if self.kidx is None else self.gid.gather(1, self.kidx)
+        first = torch.zeros_like(self.gid)  # rank of each slot within its group, original coordinates
+        for g, b in enumerate(self.group_sample):
+            at = (self.gid[b] == g).nonzero().flatten()
+            first[b, at] = torch.arange(len(at), device=at.device)
+        rank = first if self.kidx is None else first.gather(1, self.kidx)
+        rank = rank.masked_fill(gid < 0, -1)
+        n0 = torch.tensor(self.n0, dtype=torch.long, device=rank.device)
+        return {
+            "patch_index": lambda b, pos, ids: rank[b[:, None], pos],
+            "patch_count": lambda b, pos, ids: n0[ids],
+        }
 
     def _vision_importance(self):
         scores = None if self.vision_scores is None else self.vision_scores()

@@ -159,11 +159,13 @@ def gather_square(A: torch.Tensor, b: torch.Tensor, pos: torch.Tensor) -> torch.
 
 def signal_gatherers(per_sequence: dict[str, torch.Tensor]) -> dict[str, SignalFn]:
     """Signal functions for signals computed over whole sequences: ``(B, L)`` rows are gathered at
-    the group's positions, ``(B, H, L, L)`` maps at its rows and columns."""
+    the group's positions, ``(B, L, L)`` and ``(B, H, L, L)`` maps at its rows and columns."""
     fns: dict[str, SignalFn] = {}
     for kind, t in per_sequence.items():
         if t.dim() == 2:
             fns[kind] = lambda b, pos, ids, t=t: t[b[:, None], pos]  # (S, n)
+        elif t.dim() == 3:  # head-mean maps (B, L, L)
+            fns[kind] = lambda b, pos, ids, t=t: gather_square(t[:, None], b, pos)[:, 0]  # (S, n, n)
         else:
             fns[kind] = lambda b, pos, ids, t=t: gather_square(t, b, pos)  # (S, H, n, n)
     return fns
@@ -212,7 +214,10 @@ def select_in_groups(
                 layer=layer,
             )
             sel = method.select(ctx, k)
-        kept_pos = pos.gather(1, sel.keep.to(pos.device))  # (S, k)
+        keep = sel.keep.to(pos.device)
+        kept_pos = pos.gather(1, keep)  # (S, k)
+        if sel.valid is not None and sel.values is not None:
+            raise PrunekitError(f"{method.name!r}: a selection with unused slots cannot merge values")
         if sel.values is not None:
             if write is None:
                 raise PrunekitError(
@@ -222,11 +227,16 @@ def select_in_groups(
             write(b, kept_pos, sel.values)
         if sel.scores is not None and publish is not None:
             publish(b, kept_pos, sel.scores)
-        dropped = torch.ones_like(pos, dtype=torch.bool)
-        dropped.scatter_(1, sel.keep.to(pos.device), False)
+        if sel.valid is None:
+            dropped = torch.ones_like(pos, dtype=torch.bool).scatter_(1, keep, False)
+            n_kept = kept_pos.numel()
+        else:  # instance-adaptive counts: only the slots in use keep their token
+            used = sel.valid.to(pos.device)
+            hit = torch.zeros_like(pos).scatter_reduce_(1, keep, used.long(), "amax")
+            dropped, n_kept = hit == 0, int(used.sum())
         rows = b[:, None].expand_as(pos)
         keep_mask[rows[dropped], pos[dropped]] = False
         seconds += t.seconds
         if record:
-            session.stats.record(len(members) * n, kept_pos.numel(), t.seconds)
+            session.stats.record(len(members) * n, n_kept, t.seconds)
     return seconds

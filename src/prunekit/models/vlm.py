@@ -46,9 +46,9 @@ class VLMAdapter(Adapter):
 
     @classmethod
     def offered(cls, stage: str) -> Mapping[str, str]:
-        from .decoder import LLM_SIGNALS
+        from .decoder import LLM_SIGNALS, VLM_LLM_SIGNALS
 
-        return {"vision": cls.vision_signals, "llm": LLM_SIGNALS}.get(stage, {})
+        return {"vision": cls.vision_signals, "llm": {**LLM_SIGNALS, **VLM_LLM_SIGNALS}}.get(stage, {})
 
     missing_stage_reason: ClassVar[Mapping[str, str]] = {
         "encoder": "prune inside the vision tower is not offered for VLMs yet; use 'vision'"
@@ -166,7 +166,9 @@ class VLMAdapter(Adapter):
             m = session.method
             K = m.default_cut(len(self.text_model.layers)) if m.layer is None else m.layer
             hooks.setattr(self.model, "_prunekit_llm_cut", True)  # a vision session must not open inside
-            LLMCut(session, self.text_model, K, self._groups, self.family, self._vision_scores).install()
+            cut = LLMCut(session, self.text_model, K, self._groups, self.family, self._vision_scores,
+                         self.offered("llm"))  # fmt: skip
+            cut.install()
 
     # ------------------------------------------------------------------ hooks
     def _on_top(self, module: nn.Module, args: tuple, kw: dict) -> None:

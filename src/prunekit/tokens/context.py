@@ -98,10 +98,22 @@ class Selection:
     #: optional ``(G, K)`` scores of the kept tokens, published for a later stage (VFlowOpt's
     #: LLM-stage drops rank the survivors by the vision-stage importance)
     scores: torch.Tensor | None = None
+    #: optional ``(G, K)`` bool: which slots are in use, for methods whose count varies per group
+    #: (ATP-LLaVA's instance-adaptive thresholds); the token of an unused slot is dropped
+    valid: torch.Tensor | None = None
 
     @property
     def num_kept(self) -> int:
         return self.keep.shape[-1]
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> Selection:
+        """A selection keeping the ``True`` entries of ``mask (G, N)``: kept indices ascending first,
+        then unused slots (``valid`` False), ``K`` = the largest count in the batch."""
+        width = int(mask.sum(dim=-1).max()) if mask.numel() else 0
+        order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[..., :width]
+        valid = mask.gather(-1, order)
+        return cls(order, valid=None if bool(valid.all()) else valid)
 
 
 def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:

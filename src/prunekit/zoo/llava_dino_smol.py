@@ -73,6 +73,9 @@ class Recipe:
     weight_decay: float = 0.0
     feature_layer: int = -4  # the tower's hidden state the projector reads (LLaVA's vision_feature_layer)
     align_weight: float = 1.0  # > 0: the stage-0 word regression stays on as an auxiliary loss
+    #: weight of a cross-entropy term over the 11 word targets (logits: minus squared distances) added
+    #: to the alignment's MSE: sharper classes per patch (0: MSE alone, as v4)
+    align_ce: float = 0.0
     lora_rank: int = 16  # > 0: also train rank-r adapters on the LLM's linear layers (LLaVA stage-2 style)
     lora_lr: float = 2e-3
     lora_targets: tuple[str, ...] = LORA_TARGETS
@@ -80,14 +83,17 @@ class Recipe:
     version: int = 4
 
     def __post_init__(self) -> None:
-        if self.lora_rank < 0 or self.align_weight < 0:
+        if self.lora_rank < 0 or self.align_weight < 0 or self.align_ce < 0:
             raise ValueError(
-                f"lora_rank and align_weight must be >= 0 (0: off); got lora_rank={self.lora_rank}, "
-                f"align_weight={self.align_weight}"
+                "lora_rank, align_weight and align_ce must be >= 0 (0: off); got "
+                f"lora_rank={self.lora_rank}, align_weight={self.align_weight}, align_ce={self.align_ce}"
             )
 
     def key(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        d = asdict(self)
+        if d["align_ce"] == 0:  # added after v4: its neutral value keeps v4's cache key
+            del d["align_ce"]
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
 # ------------------------------------------------------------------ prompts and images
@@ -136,6 +142,39 @@ def training_ids(tok, sample: Sample) -> tuple[list[int], list[int], list[int], 
         pos += range(len(pre), len(pre) + len(prompt) + len(ans))
         branch += [j] * (len(prompt) + len(ans))
     return ids, labels, pos, branch
+
+
+def answer_batches(tok, n_batches: int, batch: int = 4, seed: int = 0, split: str = "train") -> list[dict]:
+    """Model inputs with answers for training modules on the frozen VLM (ATP-LLaVA's thresholds):
+    ``n_batches`` dicts of ``input_ids`` / ``attention_mask`` (left padding) / ``pixel_values`` /
+    ``labels`` (-100 except the answer), one scene and one of its questions per row."""
+    maker = SceneMaker(split, seed=seed)
+    end = tok("<|im_end|>", add_special_tokens=False).input_ids
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    out = []
+    for _ in range(n_batches):
+        rows, labels, images = [], [], []
+        for _ in range(batch):
+            s = maker.scene(n_questions=1)
+            while not s.qas:  # a "left of" question may not exist in a layout
+                s = maker.scene(n_questions=1)
+            qa = s.qas[0]
+            prompt, ans = (
+                prompt_ids(tok, qa.question),
+                tok(qa.answer, add_special_tokens=False).input_ids + end,
+            )
+            rows.append(prompt + ans)
+            labels.append([-100] * len(prompt) + ans)
+            images.append(s.images)
+        L = max(map(len, rows))
+        gaps = [L - len(r) for r in rows]  # left padding
+        out.append({
+            "input_ids": torch.tensor([[pad] * g + r for g, r in zip(gaps, rows, strict=True)]),
+            "attention_mask": torch.tensor([[0] * g + [1] * (L - g) for g in gaps]),
+            "labels": torch.tensor([[-100] * g + lab for g, lab in zip(gaps, labels, strict=True)]),
+            "pixel_values": pixel_values(np.concatenate(images)),
+        })  # fmt: skip
+    return out
 
 
 # ------------------------------------------------------------------ the model
@@ -353,7 +392,7 @@ def _train_stage(name, proj, lm, tok, samples, feats, steps, opt, recipe, progre
         loss = nn.functional.cross_entropy(logits, tgt[rows])
         if recipe.align_weight:
             w = torch.cat([words[first_image[i % n] : first_image[i % n + 1]] for i in idx])
-            loss = loss + recipe.align_weight * nn.functional.mse_loss(vis.float(), targets[w])
+            loss = loss + recipe.align_weight * _align_loss(vis.float(), w, targets, recipe)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
@@ -388,6 +427,18 @@ def _word_targets(tok, embed: nn.Module) -> torch.Tensor:
                             for w in [*(" " + c for c in CLASSES), " nothing"]])  # fmt: skip
 
 
+def _align_loss(
+    vis: torch.Tensor, words: torch.Tensor, targets: torch.Tensor, recipe: Recipe
+) -> torch.Tensor:
+    """MSE of the projected tokens to their words' embeddings, plus ``align_ce`` times the
+    cross-entropy of picking the right word among the 11 by (minus squared) distance."""
+    vis, words = vis.reshape(-1, vis.shape[-1]), words.reshape(-1)
+    loss = nn.functional.mse_loss(vis, targets[words])
+    if recipe.align_ce:
+        loss = loss + recipe.align_ce * nn.functional.cross_entropy(-(torch.cdist(vis, targets) ** 2), words)
+    return loss
+
+
 def _align_words(proj: nn.Module, feats: torch.Tensor, samples, tok, embed: nn.Module, recipe: Recipe,
                  progress: bool) -> None:  # fmt: skip
     """Stage 0, no LLM forward: regress each patch's projected token onto the input embedding of
@@ -401,7 +452,7 @@ def _align_words(proj: nn.Module, feats: torch.Tensor, samples, tok, embed: nn.M
         range(recipe.align_steps), desc="aligning tokens to words", unit="step", disable=not progress
     ):
         rows = torch.randint(0, x.shape[0], (4096,), generator=g)
-        loss = nn.functional.mse_loss(proj(x[rows]), target[labels[rows]])
+        loss = _align_loss(proj(x[rows]), labels[rows], target, recipe)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
