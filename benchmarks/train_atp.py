@@ -26,18 +26,22 @@ def main() -> None:
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 10, 20], help="cut layers (as the bench's)")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--lambda-atp", type=float, default=0.05, help="weight of the deeper-layer token cost")
+    ap.add_argument("--lambda-target", type=float, default=0.2, help="weight of |mean kept - target|")
     ap.add_argument("--out", type=Path, default=OUT / "atp_llava_dino_smol.safetensors")
     args = ap.parse_args()
     model, tok = llava_dino_smol()
     model.set_attn_implementation("sdpa")
     batches = answer_batches(tok, args.steps, batch=args.batch, seed=7)
     t0 = time.time()
-    modules = train_atp(model, batches, args.keep, layers=tuple(args.layers), steps=args.steps)
+    modules = train_atp(model, batches, args.keep, layers=tuple(args.layers), steps=args.steps,
+                        lambda_atp=args.lambda_atp, lambda_target=args.lambda_target)  # fmt: skip
     seconds = time.time() - t0
     save_atp(modules, args.out)
     with open(args.out.with_suffix(".jsonl"), "w") as f:
         for k, m in zip(args.keep, modules, strict=True):
             f.write(json.dumps({"keep": k, "layers": args.layers, "train_s": round(seconds / len(modules)),
+                                "lambda_atp": args.lambda_atp, "lambda_target": args.lambda_target,
                                 "log": m.log}) + "\n")  # fmt: skip
     print(f"wrote {args.out} ({seconds / 60:.1f} min)")
 

@@ -223,6 +223,26 @@ def test_soft_training_path_at_high_temperature_equals_the_engine():
     assert (hard - relaxed).abs().max().item() < 1e-3
 
 
+def test_straight_through_forward_is_the_engine_at_the_training_temperature():
+    """Straight-through training (the default) runs the hard rule forward at T = 10 already: same
+    drops and last-token logits as the engine (the kept key's bias is 0, a dropped one's -13.8)."""
+    model = VLMS["qwen2_vl"]("eager")
+    inp = vlm_inputs("qwen2_vl", model, batch=2)
+    m = module(0.45, 0.9)  # target 0.5: keep=4 of the tiny Qwen2-VL's 8 visual tokens
+    reset(model)
+    with torch.no_grad(), prunekit.prune_tokens(model, "atp_llava", keep=4, weights=m) as s:
+        hard = model(**inp).logits[:, -1]
+    reset(model)
+    soft = SoftATP(model, m, temperature=10.0, r_s=0.25, lam=3.0, straight_through=True)
+    with torch.no_grad(), soft:
+        soft.prepare(inp["input_ids"], inp["attention_mask"], None)
+        relaxed = model(**inp).logits[:, -1]
+    vis = inp["input_ids"] == model.config.image_token_id
+    for mask, kept in zip(soft.masks, s.stats.kept_masks, strict=True):
+        assert torch.equal(mask.bool(), kept[vis].view(2, -1))
+    assert (hard - relaxed).abs().max().item() < 1e-3
+
+
 def test_training_moves_the_mean_toward_the_target_and_restores_the_model():
     model = VLMS["llava"]("sdpa")
     batches = [_labelled("llava", model, seed) for seed in range(3)]

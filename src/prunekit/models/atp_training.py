@@ -2,16 +2,19 @@
 :mod:`prunekit.tokens.methods.atp_llava`).
 
 The hard keep rule is relaxed to a soft mask ``m`` per visual token and module; from a module's
-layer on, the product of the masks so far enters every decoder layer's attention as ``log(m)``
-added to that token's key (``m = 1``: untouched, ``m -> 0``: the key is hidden, which is what
-dropping the token does to every later query). The signals are recomputed from each cut layer's
-own q/k as the inference path does (pre-softmax logits; post-softmax instruction attention under
-the soft mask), detached; only the modules learn. The model is restored afterwards (hooks,
-``requires_grad``, train/eval mode), also after an exception.
+layer on, the product of the masks so far enters every decoder layer's attention as a bias on that
+token's key (``m = 1``: untouched, ``m -> 0``: the key is hidden, which is what dropping the token
+does to every later query): ``log(m)`` for the spec's soft relaxation, or, straight-through (the
+default), the hard rule's 0 / 1 forward with the soft mask's gradient and a bias linear in ``m``.
+The signals are recomputed from each cut layer's own q/k as the inference path does (pre-softmax
+logits; post-softmax instruction attention under the mask), detached; only the modules learn.
+The model is restored afterwards (hooks, ``requires_grad``, train/eval mode), also after an
+exception.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +25,7 @@ from ..errors import PrunekitError, UnsupportedModelError
 from ..tokens.methods.atp_llava import (
     ATPLLaVA,
     ATPModule,
+    hard_keep,
     redundancy_and_features,
     self_importance,
     soft_keep,
@@ -41,7 +45,10 @@ class SoftATP:
     After a call, ``masks`` holds the cumulative soft mask ``(B, N)`` after each cut.
     """
 
-    def __init__(self, model: nn.Module, module: ATPModule, temperature: float, r_s: float, lam: float):
+    def __init__(
+        self, model: nn.Module, module: ATPModule, temperature: float, r_s: float, lam: float,
+        straight_through: bool = False,
+    ):  # fmt: skip
         adapter = _vlm_adapter(model)
         impl = model.config.get_text_config()._attn_implementation
         if impl not in ("eager", "sdpa"):
@@ -53,6 +60,7 @@ class SoftATP:
         self.layers = adapter.text_model.layers
         self.cuts = module.cuts
         self.temperature, self.r_s, self.lam = temperature, r_s, lam
+        self.straight_through = straight_through
         self.index = {id(m): i for i, m in enumerate(self.layers)}
         self.hooks = HookSet()
 
@@ -117,10 +125,16 @@ class SoftATP:
         index = torch.arange(N, device=h.device).expand(B, N)
         spat = spatial_score(index, torch.full((B,), N, device=h.device), self.r_s, self.lam)
         theta_r, theta_s = self.module.thresholds(c, feats)
-        mask = prev * soft_keep(red, spat, theta_r, theta_s, self.temperature)
+        soft = soft_keep(red, spat, theta_r, theta_s, self.temperature)
+        if self.straight_through:  # forward: the hard rule (top token included); backward: the soft mask
+            hard = hard_keep(red, spat, theta_r.detach(), theta_s.detach()).float()
+            mask = prev * (hard + soft - soft.detach())
+            bias = (mask - 1) * -math.log(LOG_FLOOR)  # 0 kept, -13.8 dropped; gradient everywhere
+        else:
+            mask = prev * soft
+            bias = mask.clamp_min(LOG_FLOOR).log()
         self.masks.append(mask)
-        log_m = mask.clamp_min(LOG_FLOOR).log()
-        self.bias = self.bias.index_put((b[:, None].expand(B, N), vpos), log_m)
+        self.bias = self.bias.index_put((b[:, None].expand(B, N), vpos), bias)
 
 
 def train_atp(
@@ -133,6 +147,7 @@ def train_atp(
     lr: float = 0.05,
     hidden: int = 64,
     temperature: float = 10.0,
+    straight_through: bool = True,
     lambda_atp: float = 0.05,
     lambda_target: float = 0.2,
     r_s: float = 0.25,
@@ -151,6 +166,9 @@ def train_atp(
         layers: the cut layers (default: 4/14/24 of 32 scaled to the depth).
         steps, lr: Adam steps and learning rate per module.
         hidden, temperature, lambda_atp, lambda_target, r_s, lam: see the method's docstring.
+        straight_through: the forward pass drops exactly what inference drops (the hard rule),
+            gradients come from the soft mask (default). ``False``: the spec's soft relaxation
+            in the forward pass too, whose hard counts can miss the target (see the method's notes).
 
     The ``log`` of the per-step losses is on each module as ``module.log``.
     """
@@ -171,7 +189,8 @@ def train_atp(
         model.eval()
         for k in targets:
             out.append(_train_one(model, batches, k, cuts, n_layers, steps, lr, hidden, temperature,
-                                  lambda_atp, lambda_target, r_s, lam, seed, progress))  # fmt: skip
+                                  lambda_atp, lambda_target, r_s, lam, seed, progress,
+                                  straight_through))  # fmt: skip
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
@@ -180,7 +199,7 @@ def train_atp(
 
 
 def _train_one(model, batches, k, cuts, n_layers, steps, lr, hidden, temperature, lambda_atp,
-               lambda_target, r_s, lam, seed, progress) -> ATPModule:  # fmt: skip
+               lambda_target, r_s, lam, seed, progress, straight_through) -> ATPModule:  # fmt: skip
     torch.manual_seed(seed)
     first = batches[0]
     N = int(torch.isin(first["input_ids"][0], torch.tensor(_media(model))).sum())
@@ -197,7 +216,7 @@ def _train_one(model, batches, k, cuts, n_layers, steps, lr, hidden, temperature
     opt = torch.optim.Adam(module.parameters(), lr=lr)
     log = []
     bar = tqdm(range(steps), desc=f"training ATP-LLaVA (keep {k} of {N})", unit="step", disable=not progress)
-    with SoftATP(model, module, temperature, r_s, lam) as soft, torch.enable_grad():
+    with SoftATP(model, module, temperature, r_s, lam, straight_through) as soft, torch.enable_grad():
         for step in bar:
             batch = {
                 name: t.to(device) if torch.is_tensor(t) else t
