@@ -88,7 +88,8 @@ class TokenContext:
 class Selection:
     """A method's plan: which candidates survive, in ascending (original) order.
 
-    ``keep``: ``(G, K)`` long indices into the ``N`` candidates, ascending along the last dim.
+    ``keep``: ``(G, K)`` long indices into the ``N`` candidates, ascending along the last dim (with
+    ``valid``: the slots in use are ascending and come first).
     ``values``: optional ``(G, K, D)`` new vectors for the kept tokens, in ``keep`` order (merging
     methods: a merged token takes the slot, and so the position id, of one of the tokens it merges).
     """
