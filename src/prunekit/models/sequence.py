@@ -192,7 +192,9 @@ def select_in_groups(
     (S, k, D))``; a stage without ``write`` refuses them. Groups of one size but different
     ``groups.budgets`` are stacked separately. ``layer``: the decoder layer being cut (llm stage).
     ``record=False`` leaves the statistics to the caller. A selection's ``scores`` (for a later
-    stage) go to ``publish(sample_idx, kept_pos, scores (S, k))``. Returns the seconds spent selecting.
+    stage) go to ``publish(sample_idx, kept_pos, scores (S, k))``. A selection with ``valid``
+    (per-group counts, ATP-LLaVA) drops the tokens of its unused slots. Returns the seconds spent
+    selecting.
     """
     method = session.method
     sizes = [len(p) for p in groups.positions]
