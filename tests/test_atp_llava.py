@@ -195,6 +195,22 @@ def test_counts_vary_with_the_input():
     assert len(set(kept)) > 1, f"the same counts on three inputs: {kept}"
 
 
+def test_later_cuts_see_the_original_grid_index_of_the_survivors():
+    """theta_r = 1 passes no redundancy score, theta_s = 0.24 passes the SAP grid: every cut keeps
+    the 4 x 4 grid's stride-2 tokens {0, 2, 8, 10} (plus each cut's top S_red token). With the
+    survivors' own (shifted) indices a later cut would lose 8 and 10."""
+    model = VLMS["llava"]("sdpa")
+    inp = vlm_inputs("llava", model, batch=2)
+    reset(model)
+    with torch.no_grad(), prunekit.prune_tokens(model, "atp_llava", keep=8, weights=module(1.0, 0.24)) as s:
+        model(**inp)
+    vis = inp["input_ids"] == model.config.image_token_id
+    for kept in s.stats.kept_masks:
+        rows = kept[vis].view(2, 16)
+        assert bool(rows[:, [0, 2, 8, 10]].all()), rows.int().tolist()
+        assert int(rows.sum(dim=1).max()) <= 5
+
+
 # ---------------------------------------------------------------------------- training
 def _labelled(fam: str, model, seed: int) -> dict:
     inp = vlm_inputs(fam, model, batch=2, seed=seed)

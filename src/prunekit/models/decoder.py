@@ -274,8 +274,11 @@ class LLMCut:
         if self.gid is None:  # first cut: candidates of the full sequence
             groups = self.candidates(self.valid)
             self.gid = torch.full(self.valid.shape, -1, dtype=torch.long, device=self.valid.device)
+            self.rank0 = torch.full_like(self.gid, -1)  # each candidate's index within its group
             for g, (b, pos) in enumerate(zip(groups.sample, groups.positions, strict=True)):
-                self.gid[b, pos.to(self.gid.device)] = g
+                pos = pos.to(self.gid.device)
+                self.gid[b, pos] = g
+                self.rank0[b, pos] = torch.arange(len(pos), device=pos.device)
             self.group_sample, self.group_ids = list(groups.sample), list(groups.ids)
             self.n0 = [len(p) for p in groups.positions]
         gid = (
@@ -366,13 +369,7 @@ class LLMCut:
         before the first cut, and the group's size then (ATP-LLaVA's spatial grid)."""
         if not self.kinds & set(_INDEX_KINDS):
             return {}
-        gid = self.gid if self.kidx is None else self.gid.gather(1, self.kidx)
-        first = torch.zeros_like(self.gid)  # rank of each slot within its group, original coordinates
-        for g, b in enumerate(self.group_sample):
-            at = (self.gid[b] == g).nonzero().flatten()
-            first[b, at] = torch.arange(len(at), device=at.device)
-        rank = first if self.kidx is None else first.gather(1, self.kidx)
-        rank = rank.masked_fill(gid < 0, -1)
+        rank = self.rank0 if self.kidx is None else self.rank0.gather(1, self.kidx)  # read at candidates only
         n0 = torch.tensor(self.n0, dtype=torch.long, device=rank.device)
         return {
             "patch_index": lambda b, pos, ids: rank[b[:, None], pos],

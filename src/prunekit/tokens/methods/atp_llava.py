@@ -57,7 +57,6 @@ from torch import nn
 
 from ...registry import register
 from ..context import ProgressiveMethod, Selection, Signal, TokenContext
-from ..schedule import cut_layers
 from ._textguided import instruction_mean
 
 OFFICIAL_LAYERS = (4, 14, 24)  # of LLaVA-1.5's 32 (re-implementation; unconfirmed)
@@ -224,9 +223,6 @@ class ATPLLaVA(ProgressiveMethod):
                 f"atp_llava: weights must be an ATPModule, a list of them or a safetensors path; "
                 f"got {type(w).__name__}"
             )
-
-    def cuts(self, n_layers: int) -> tuple[int, ...]:
-        return cut_layers(self.layers, self.official_layers, self.reference_depth, n_layers, self.name)
 
     def module_for(self, k: int, n: int) -> ATPModule:
         """The module trained for a mean of ``k`` of ``n`` tokens per layer."""
