@@ -232,3 +232,37 @@ def reset(model) -> None:
     """Qwen2-VL caches ``rope_deltas`` between calls: clear it between unrelated prompts."""
     if hasattr(model.model, "rope_deltas"):
         model.model.rope_deltas = None
+
+
+def qwen_image_inputs(
+    model, grids: list[list[tuple[int, int]]], seed: int = 0, frames_like: bool = False
+) -> dict:
+    """Qwen2-VL / 2.5-VL prompts holding ``grids[b]`` images each, image ``(h, w)`` in patches
+    (left-padded rows). ``frames_like``: a sample's images are small perturbations of its first
+    one (frames of a near-static video)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    vc = cfg.vision_config
+    m2 = vc.spatial_merge_size**2
+    dim = 3 * vc.temporal_patch_size * vc.patch_size**2
+    rows, pv, thw = [], [], []
+    for b, images in enumerate(grids):
+        row = [1, *torch.randint(3, 200, (3 - b % 3,), generator=g).tolist()]
+        first = None
+        for h, w in images:
+            x = torch.randn(h * w, dim, generator=g)
+            if frames_like and first is not None and first.shape == x.shape:
+                x = first + 0.05 * x
+            first = x if first is None else first
+            pv.append(x)
+            thw.append([1, h, w])
+            row += [cfg.vision_start_token_id, *[cfg.image_token_id] * (h * w // m2), cfg.vision_end_token_id]
+        rows.append(row + torch.randint(3, 200, (5,), generator=g).tolist())
+    ids, am = _left_pad(rows)
+    return dict(
+        input_ids=ids,
+        attention_mask=am,
+        pixel_values=torch.cat(pv),
+        image_grid_thw=torch.tensor(thw),
+        mm_token_type_ids=(ids == cfg.image_token_id).int(),
+    )

@@ -143,6 +143,8 @@ class Groups:
     ids: list[int]  # an id per group (e.g. the image index), handed to signal functions
     #: tokens kept per group; ``None``: the session's budget resolved on the group's size
     budgets: list[int] | None = None
+    #: ``(rows, cols)`` patch grid of each group (``ctx.grid``), where the adapter knows it
+    grids: list[tuple[int, int] | None] | None = None
 
 
 SignalFn = Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
@@ -190,7 +192,8 @@ def select_in_groups(
     each signal function takes ``(sample_idx, pos, group_ids)`` and returns ``(S, n)``.
     A merging method's new token vectors go to ``write(sample_idx (S,), kept_pos (S, k), values
     (S, k, D))``; a stage without ``write`` refuses them. Groups of one size but different
-    ``groups.budgets`` are stacked separately. ``layer``: the decoder layer being cut (llm stage).
+    ``groups.budgets`` or ``groups.grids`` (``ctx.grid``) are stacked separately. ``layer``: the
+    decoder layer being cut (llm stage).
     ``record=False`` leaves the statistics to the caller. A selection's ``scores`` (for a later
     stage) go to ``publish(sample_idx, kept_pos, scores (S, k))``. A selection with ``valid``
     (per-group counts, ATP-LLaVA) drops the tokens of its unused slots. Returns the seconds spent
@@ -199,11 +202,14 @@ def select_in_groups(
     method = session.method
     sizes = [len(p) for p in groups.positions]
     budgets = groups.budgets or [resolve_keep(session.keep, n) for n in sizes]
+    grids = groups.grids or [None] * len(sizes)
     seconds = 0.0
-    for n, k in sorted(set(zip(sizes, budgets, strict=True))):
+    for n, k, grid in sorted(
+        set(zip(sizes, budgets, grids, strict=True)), key=lambda t: (t[0], t[1], str(t[2]))
+    ):
         if n == 0:
             continue
-        members = [g for g in range(len(sizes)) if sizes[g] == n and budgets[g] == k]
+        members = [g for g in range(len(sizes)) if (sizes[g], budgets[g], grids[g]) == (n, k, grid)]
         b = torch.tensor([groups.sample[g] for g in members], device=keep_mask.device)
         pos = torch.stack([groups.positions[g] for g in members]).to(keep_mask.device)  # (S, n)
         ids = [groups.ids[g] for g in members]
@@ -214,6 +220,7 @@ def select_in_groups(
                 signals={kind: fn(b, pos, ids) for kind, fn in signals.items()},
                 model=family,
                 layer=layer,
+                grid=grid,
             )
             sel = method.select(ctx, k)
         keep = sel.keep.to(pos.device)

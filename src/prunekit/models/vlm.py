@@ -14,6 +14,9 @@ the visual tokens of each image.
 Signals: ``tokens`` = the projected visual tokens (the LLM's input embeddings);
 ``cls_attention`` = the [CLS] row of a CLIP vision layer, recomputed from its q/k (SDPA stays
 on). Qwen2-VL's vision tower has no [CLS] token, so that signal is refused with an explanation.
+``attention_map`` = per-head patch-to-patch map of a vision layer (LLaVA-1.5), or, on Qwen2-VL /
+Qwen2.5-VL, the map between each image's merged tokens (see :class:`Qwen2VLAdapter`), whose
+groups also carry the image's ``(rows, cols)`` grid.
 Videos (Qwen ``video_token_id``) are not candidates yet: their tokens are always kept.
 """
 
@@ -102,6 +105,8 @@ class VLMAdapter(Adapter):
         self.cls_rows: dict[str, list] = {}  # signal key -> per-call rows (then per-image scores)
         self.maps: dict[str, list[torch.Tensor]] = {}  # signal key -> per-call maps
         self.candidate_valid: list[torch.Tensor] | None = None
+        self.grids: list[tuple[int, int] | None] | None = None  # per image, where the family knows it
+        self.in_image_features = False
         self.tower = None
         hooks = session.hooks
         hooks.pre(self.model, self._on_top)
@@ -111,9 +116,15 @@ class VLMAdapter(Adapter):
         @functools.wraps(original)  # generate() inspects its signature
         def get_image_features(*args, **kw):
             self.counts, self.cls_rows, self.maps, self.candidate_valid = [], {}, {}, None
+            self.grids = None
             if self.tower is not None:
                 self.tower.reset()
-            out = original(*args, **kw)
+            self._before_image_features(args, kw)
+            self.in_image_features = True
+            try:
+                out = original(*args, **kw)
+            finally:
+                self.in_image_features = False
             if self.tower is not None:
                 self._scatter_tower_features(out)
             self._on_image_features(out, args, kw)
@@ -159,8 +170,7 @@ class VLMAdapter(Adapter):
                 by_layer.setdefault(layer, []).append(sig)
             self.vision_asked = by_layer
             for layer, sigs in by_layer.items():
-                attn, *qk = self.attention_parts(self.vision_layers()[layer])
-                hooks.pre(attn, functools.partial(self._on_vision_attention, sigs=sigs, qk=qk))
+                self._hook_vision_attention(layer, sigs)
             hooks.pre(self.text_model, self._on_language_model)
         else:
             m = session.method
@@ -169,6 +179,14 @@ class VLMAdapter(Adapter):
             cut = LLMCut(session, self.text_model, K, self._groups, self.family, self._vision_scores,
                          self.offered("llm"))  # fmt: skip
             cut.install()
+
+    def _hook_vision_attention(self, layer: int, sigs: list) -> None:
+        """Hook vision layer ``layer`` to record the signals ``sigs`` (CLS rows, attention maps)."""
+        attn, *qk = self.attention_parts(self.vision_layers()[layer])
+        self.session.hooks.pre(attn, functools.partial(self._on_vision_attention, sigs=sigs, qk=qk))
+
+    def _before_image_features(self, args: tuple, kw: dict) -> None:
+        """Called with the image-feature call's arguments before the tower runs."""
 
     # ------------------------------------------------------------------ hooks
     def _on_top(self, module: nn.Module, args: tuple, kw: dict) -> None:
@@ -267,7 +285,7 @@ class VLMAdapter(Adapter):
                     f"got {sorted(sizes)}"
                 )
         positions = [torch.cat([groups.positions[i] for i in f]) for f in self.frames]
-        return Groups(sample=samples, positions=positions, ids=list(range(len(samples))))
+        return Groups(sample=samples, positions=positions, ids=list(range(len(samples))))  # no 2-D grid
 
     def _prompt_groups(self) -> Groups:
         ids = self.ids
@@ -285,7 +303,10 @@ class VLMAdapter(Adapter):
         if self.candidate_valid is not None:  # e.g. LLaVA-NeXT newline tokens are always kept
             positions = [p[v] for p, v in zip(positions, self.candidate_valid, strict=True)]
         return Groups(
-            sample=[int(c[0, 0]) for c in chunks], positions=positions, ids=list(range(len(chunks)))
+            sample=[int(c[0, 0]) for c in chunks],
+            positions=positions,
+            ids=list(range(len(chunks))),
+            grids=self.grids,
         )
 
     def _signal_fns(self, x: torch.Tensor, valid: torch.Tensor) -> dict:
@@ -300,13 +321,15 @@ class VLMAdapter(Adapter):
                     pos.device
                 )
             else:
-                maps = torch.cat(self.maps[key])  # (n_images, H, N, N)
+                if key not in self.maps:
+                    raise SignalUnavailableError(f"{self.family}: the vision tower did not run; no {key}")
+                maps = [m for call in self.maps[key] for m in call]  # per image: (H, N_i, N_i)
                 if getattr(self.session.method, "group_by", "image") == "sample":  # (S, T, H, N, N)
                     fns[key] = lambda b, pos, ids, m=maps, f=self.frames: torch.stack(
-                        [m[f[g]] for g in ids]
+                        [torch.stack([m[i] for i in f[g]]) for g in ids]
                     ).to(pos.device)
                 else:
-                    fns[key] = lambda b, pos, ids, m=maps: m[ids].to(pos.device)
+                    fns[key] = lambda b, pos, ids, m=maps: torch.stack([m[i] for i in ids]).to(pos.device)
         if self.tower is not None:
             kept = self.tower_kept
             fns["tower_keep"] = lambda b, pos, ids: kept[ids].to(pos.device)
@@ -438,20 +461,115 @@ class LlavaNextAdapter(VLMAdapter):
 
 
 class Qwen2VLAdapter(VLMAdapter):
+    """Qwen2-VL / Qwen2.5-VL. The vision tower has no [CLS] token. ``attention_map`` is the
+    attention between the LLM's visual tokens (2x2-merged patches) in one vision block, over the
+    whole image: HiPrune's Qwen2.5-VL code computes ``softmax(q kᵀ / √d)`` on all of an image's
+    patches, ignoring the window mask; here each merged query row is the mean of its 4 patch rows
+    and each merged key column the sum of its 4 patch columns (rows stay distributions), in the
+    LLM's raster order (Qwen2.5-VL's window order undone), with each image's ``(rows, cols)`` as the
+    group's grid. Videos are not candidates, and their tower calls record nothing."""
+
     family = "qwen2_vl"
     model_types = ("qwen2_vl",)
     has_cls = False
     vision_signals: ClassVar[Mapping[str, str]] = {
+        "attention_map": "per-head map between merged visual tokens of a vision block, over the whole "
+        "image (window mask ignored), in the LLM's token order",
         "text_embeddings": "the prompt's text-token input embeddings, zero-padded",
     }
+    #: query rows per softmax chunk (a multiple of the 4 patches of a merged token), bounding memory
+    query_chunk: ClassVar[int] = 2048
 
     def vision_layers(self) -> nn.ModuleList:
         return self.core.visual.blocks
+
+    def feature_attention_layer(self) -> int:
+        return len(self.vision_layers()) - 1  # the merger reads the last block
+
+    def _before_image_features(self, args: tuple, kw: dict) -> None:
+        thw = kw.get("image_grid_thw", args[1] if len(args) > 1 else None)
+        if thw is None:
+            raise PrunekitError(f"{self.family}: token pruning needs image_grid_thw with pixel_values")
+        m = self.core.visual.spatial_merge_size
+        self.thw = thw.tolist()
+        self.grids = [(h // m, w // m) if t == 1 else None for t, h, w in self.thw]
+        self.window_index = self._window_index(thw)
+
+    def _window_index(self, thw: torch.Tensor) -> torch.Tensor | None:
+        """Position of each merged token in the blocks' order (None: raster order, Qwen2-VL)."""
+        return None
+
+    def _hook_vision_attention(self, layer: int, sigs: list) -> None:
+        attn = self.vision_layers()[layer].attn
+        self.session.hooks.pre(attn, functools.partial(self._on_qwen_attention, keys=[str(s) for s in sigs]))
+
+    def _on_qwen_attention(self, attn: nn.Module, args: tuple, kw: dict, keys: list[str]) -> None:
+        if not self.in_image_features:  # a video's tower call
+            return
+        h = args[0] if args else kw["hidden_states"]
+        cos, sin = kw["position_embeddings"] if "position_embeddings" in kw else args[2]
+        maps = qwen_image_attention(
+            attn, h, cos, sin, [t * hh * ww for t, hh, ww in self.thw], self.window_index, self.query_chunk
+        )
+        for key in keys:
+            self.maps.setdefault(key, []).append(maps)
 
 
 class Qwen25VLAdapter(Qwen2VLAdapter):
     family = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
+
+    def _window_index(self, thw: torch.Tensor) -> torch.Tensor:
+        from transformers.vision_utils import get_vision_window_index
+
+        v = self.core.visual
+        window_index, _ = get_vision_window_index(
+            thw, spatial_merge_size=v.spatial_merge_size, window_size=v.window_size, patch_size=v.patch_size
+        )
+        return window_index
+
+
+def qwen_image_attention(
+    attn: nn.Module,
+    h: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    lengths: list[int],
+    window_index: torch.Tensor | None,
+    query_chunk: int,
+) -> list[torch.Tensor]:
+    """Per image, the ``(H, N, N)`` attention between its ``N`` merged tokens in a Qwen vision block.
+
+    ``h (P, D)``: the block's normed input over all images' patches (in window order for Qwen2.5-VL:
+    ``window_index[j]`` is the merged token at block position ``j``); ``lengths``: patches per image.
+    Each image's full softmax (no window mask) is taken over its patches; merged rows are the mean of
+    their 4 patch rows, merged columns the sum of their 4 patch columns.
+    """
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import rotate_half
+
+    P, heads = h.shape[0], attn.num_heads
+    qkv = attn.qkv(h).reshape(P, 3, heads, -1).permute(1, 2, 0, 3)  # (3, H, P, d)
+    c, s = cos[None].float(), sin[None].float()
+    q = qkv[0].float() * c + rotate_half(qkv[0].float()) * s
+    k = qkv[1].float() * c + rotate_half(qkv[1].float()) * s
+    unit = 4  # patches per merged token (2x2 merge)
+    out, start = [], 0
+    for n in lengths:  # per image: a loop over images, not tokens
+        qi, ki = q[:, start : start + n], k[:, start : start + n]
+        N = n // unit
+        rows = []
+        for r in range(0, n, query_chunk):  # bounded memory: (H, chunk, n) at a time
+            A = ((qi[:, r : r + query_chunk] @ ki.transpose(-1, -2)) * attn.scaling).softmax(dim=-1)
+            A = A.view(heads, -1, unit, N, unit).mean(dim=2).sum(dim=-1)  # (H, chunk/4, N)
+            rows.append(A)
+        A = torch.cat(rows, dim=1)
+        if window_index is not None:  # block order -> the LLM's raster order
+            first = start // unit
+            order = torch.argsort(window_index[first : first + N] - window_index[first : first + N].min())
+            A = A[:, order][:, :, order]
+        out.append(A)
+        start += n
+    return out
 
 
 VLM_ADAPTERS: list[type[Adapter]] = [LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter]

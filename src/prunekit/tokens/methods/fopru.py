@@ -18,6 +18,9 @@ layer, LLaVA's ``-2``), whether CLS is excluded (here it is: the adapter drops i
 so ``s_row[i] = (1 - a_i,CLS) / N`` and is not constant), which vector wins in practice, and the
 variance estimator (unbiased here; the choice cannot change which vector wins).
 
+Families: LLaVA-1.5 and Qwen2-VL / Qwen2.5-VL (maps between merged tokens, each image with its
+own grid; see :class:`~prunekit.models.vlm.Qwen2VLAdapter`).
+
 Departure: the row strategy keeps exactly ``k`` tokens like every method here; the
 ``k mod W`` slots that whole rows cannot fill go to the most significant tokens outside the kept
 rows (the re-implementation keeps ``floor(rows * ratio)`` whole rows only, i.e. fewer than ``k``;

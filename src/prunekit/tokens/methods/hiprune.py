@@ -27,7 +27,15 @@ from ``ctx.grid`` (or ``sqrt(N)``) instead of the hard-coded 24; (3) if the cand
 exceed ``k`` (large ``alpha``, tiny ``k``), the anchor count is capped at ``k // 5``, where the
 official code would fail; (4) ties go to the lower index. LLaVA-NeXT: the official code splits
 the budget over the crops; here ``k`` is per group, and a group must be one square grid (or come
-with ``ctx.grid``).
+with ``ctx.grid``), so LLaVA-NeXT is refused (no map).
+
+Qwen2-VL / Qwen2.5-VL (the official Qwen2.5-VL variant): the adapter's map is over the merged
+tokens of each image, from a softmax over all of its patches with the window mask ignored, as the
+official code; merged rows are the mean and merged columns the sum of their 2x2 patches, so the
+received attention here is proportional to the official "sum over queries, mean over each merge
+group". The grid is the image's merged grid, and the deep layer defaults to the last block, as
+there. The official object layer is 16 of 32 blocks: pass ``object_layer=16`` (the default 9 is
+CLIP-L's). The official Qwen budget is a ratio (``keep=0.334`` etc.).
 """
 
 from __future__ import annotations

@@ -29,7 +29,10 @@ VLMs hand the projector's tokens as they are); the vision stage's count is match
 exactly (the official count is about ``rho T n``: surplus dynamic tokens with the least attention
 are dropped, a shortfall is filled with the most attended dropped ones); DPC-kNN ties go to the
 lower index (the official code adds random noise); the frames of a video must have equal token
-counts. LLaVA-style models only (the received attention needs the feature layer's full map).
+counts. Families: LLaVA-1.5 (the feature layer's map without [CLS]), and Qwen2-VL / Qwen2.5-VL,
+whose images in one prompt are the frames (the adapter's merged-token map of the last vision block,
+see :class:`~prunekit.models.vlm.Qwen2VLAdapter`; Qwen's own video input, ``pixel_values_videos``,
+is not a candidate yet). LLaVA-NeXT offers no map (a clear error).
 """
 
 from __future__ import annotations

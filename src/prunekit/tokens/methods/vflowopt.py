@@ -21,6 +21,9 @@ mean). Official: it drops ``round(N (1 - r)) + int(N / m^2)`` tokens, so the cou
 ``t = 39.26``, ``m = 17.39`` on the 27 x 27 base grid of SigLIP (``m27=17.39``, scaled to the
 grid: ``m27 * rows / 27``; ``m`` sets the side in tokens directly).
 
+Families: LLaVA-1.5 and Qwen2-VL / Qwen2.5-VL (the map between merged tokens of the last vision
+block, each image on its own merged grid: :class:`~prunekit.models.vlm.Qwen2VLAdapter`).
+
 Shapes: ``attention_map`` ``(G, H, N, N)``, ``tokens`` ``(G, N, D)`` -> ``keep`` ``(G, k)``,
 ``values`` ``(G, k, D)`` (merging: recycled tokens are written into their slots).
 
