@@ -29,17 +29,17 @@ VLM_CASES = [
 VLM_CASES += [
     (fam, meth, "vision", opts)
     for meth, fams, opts in [
-        ("hiprune", ("llava", "qwen2_vl", "qwen2_5_vl"), {"object_layer": 1, "alpha": 1.0}),
-        ("fopru", ("llava", "qwen2_vl", "qwen2_5_vl"), {}),
-        ("fopru", ("llava", "qwen2_vl", "qwen2_5_vl"), {"strategy": "row"}),
+        ("hiprune", ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"), {"object_layer": 1, "alpha": 1.0}),
+        ("fopru", ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"), {}),
+        ("fopru", ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"), {"strategy": "row"}),
         ("holov", ("llava",), {"num_crops": 4}),
         ("holov", ("llava", "llava_next"), {"crops": "1d", "num_crops": 4}),
         ("todre", tuple(VLMS), {}),
         ("safewatch", tuple(VLMS), {}),
         ("catp", tuple(VLMS), {}),
         ("lvlm_csp", tuple(VLMS), {"n_clusters": 4}),
-        ("vflowopt", ("llava", "qwen2_vl", "qwen2_5_vl"), {"recycle": False}),
-        ("hiprune+divprune", ("llava",), {"object_layer": 1}),  # compositions: score x select
+        ("vflowopt", ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"), {"recycle": False}),
+        ("hiprune+divprune", ("llava", "llava_next"), {"object_layer": 1}),  # compositions: score x select
         ("fastervlm+holov", ("llava",), {"num_crops": 4}),
         ("fastervlm+holov", ("llava_next",), {"crops": "1d", "num_crops": 4}),
     ]
@@ -137,7 +137,9 @@ def test_progressive_generate_equals_masked_reference(fam, method, stage, option
 MERGE_CASES = [
     (fam, m, "vision", {}) for fam in ("llava", "llava_next") for m in ("visionzip", "recoverable")
 ]
-MERGE_CASES += [(fam, "vflowopt", "vision", {"m": 2.0}) for fam in ("llava", "qwen2_vl", "qwen2_5_vl")]
+MERGE_CASES += [
+    (fam, "vflowopt", "vision", {"m": 2.0}) for fam in ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+]
 
 
 @pytest.mark.parametrize(

@@ -105,7 +105,8 @@ def test_cli_methods_matrix(capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     by_name = {r["name"]: r["support"] for r in lines}
     assert by_name["fastv"]["decoder (Llama/Qwen2/Mistral)"] == "llm"
-    assert by_name["hiprune"]["qwen2_vl"] is None
+    assert by_name["hiprune"]["qwen2_vl"] == "vision"  # merged-token maps
+    assert by_name["holitom"]["llava_next"] is None  # per-crop maps, and HoliTom groups by sample
 
 
 def test_readme_lists_every_method():

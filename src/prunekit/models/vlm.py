@@ -29,11 +29,24 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..budget import resolve_keep
 from ..errors import PrunekitError, SignalUnavailableError
 from .attention import cls_query_attention, encoder_attention
 from .base import Adapter, Session, required_signals
 from .decoder import LLMCut
 from .sequence import Groups, gather_tokens, left_pack, right_pack, select_in_groups
+
+
+def split_budget(k: int, sizes: torch.Tensor) -> torch.Tensor:
+    """``k`` kept tokens split over parts of ``sizes`` candidates in proportion to their sizes:
+    floors, then one more to the largest remainders (ties to the earlier part), each <= its size."""
+    sizes = sizes.long()
+    exact = k * sizes.double() / max(int(sizes.sum()), 1)
+    share = exact.floor().long()
+    left = k - int(share.sum())
+    order = torch.sort(-(exact - share), stable=True).indices[:left]
+    share[order] += 1
+    return share.minimum(sizes)
 
 
 class VLMAdapter(Adapter):
@@ -418,14 +431,46 @@ class LlavaAdapter(VLMAdapter):
 class LlavaNextAdapter(VLMAdapter):
     """LLaVA-NeXT (anyres): CLS rows are per crop; they are packed exactly like the features
     (``pack_image_features``: unpadding, image-newline column), and the newline tokens are not
-    candidates: always kept, as in FasterVLM's official code."""
+    candidates: always kept, as in FasterVLM's official code.
+
+    ``attention_map`` is a crop's own patch map, so a method asking for it must group by crop
+    (``group_by = "crop"``: HiPrune, FoPru, VFlowOpt, as HiPrune's official LLaVA-NeXT code, which
+    prunes each crop): each crop's candidates (after unpadding, in raster order) are one group with
+    the crop's ``(rows, cols)`` grid and map; an image's budget is split over its crops in
+    proportion to their candidates (largest remainders, ties to the earlier crop)."""
 
     family = "llava_next"
     model_types = ("llava_next",)
     vision_signals: ClassVar[Mapping[str, str]] = {
         "cls_attention": "the [CLS] row of each crop, packed like the features",
+        "attention_map": "per-head patch map of each crop, for methods that select per crop",
         "text_embeddings": "the prompt's text-token input embeddings, zero-padded",
     }
+    per_crop_signals = frozenset({"attention_map"})
+
+    @classmethod
+    def support(cls, method, stages: tuple[str, ...]) -> tuple[str | None, str]:
+        stage, why = super().support(method, stages)
+        if stage == "vision":
+            why = cls.per_crop_refusal(method)
+            stage = None if why else stage
+        return stage, why
+
+    @classmethod
+    def per_crop_refusal(cls, method) -> str:
+        """Why ``method`` cannot take a per-crop signal (it does not group by crop), or ``""``."""
+        kinds = {s.kind for s in method.needs("vision")} & cls.per_crop_signals
+        if kinds and getattr(method, "group_by", "image") != "crop":
+            return (
+                f"the vision stage gives {sorted(kinds)} per crop, and {method.name!r} selects per "
+                f"{getattr(method, 'group_by', 'image')}, not per crop"
+            )
+        return ""
+
+    def attach(self, session: Session) -> None:
+        if session.stage == "vision" and (why := self.per_crop_refusal(session.method)):
+            raise SignalUnavailableError(f"{self.family}: {why}")
+        super().attach(session)
 
     def _on_image_features(self, out, args: tuple, kw: dict) -> None:
         super()._on_image_features(out, args, kw)
@@ -438,26 +483,82 @@ class LlavaNextAdapter(VLMAdapter):
             for s in sizes
         ]
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
-        # pack a (1+C)-channel "feature": channel 0 = newline flag, then one CLS score per signal key
+        # pack a (3+C)-channel "feature": newline flag, crop index (over the call), patch index in
+        # the crop, then one CLS score per signal key
         keys = list(self.cls_rows)
-        per_crop = torch.zeros(sum(n_crops), side * side, 1 + len(keys))
+        per_crop = torch.zeros(sum(n_crops), side * side, 3 + len(keys), dtype=torch.float64)
+        per_crop[..., 1] = torch.arange(sum(n_crops), dtype=torch.float64)[:, None]
+        per_crop[..., 2] = torch.arange(side * side, dtype=torch.float64)
         for c, key in enumerate(keys):
-            per_crop[..., 1 + c] = self.cls_rows[key].float()[:, -side * side :]
+            per_crop[..., 3 + c] = self.cls_rows[key].double()[:, -side * side :]
         packed, _ = self.core.pack_image_features(
             list(torch.split(per_crop, n_crops)),
             sizes,
             vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-            image_newline=torch.tensor([1.0] + [0.0] * len(keys)),
+            image_newline=torch.tensor([1.0, -1.0, -1.0] + [0.0] * len(keys), dtype=torch.float64),
         )
         packed = packed if isinstance(packed, (list, tuple)) else torch.split(packed, self.counts)
         self.candidate_valid = [p[:, 0] == 0 for p in packed]
+        # each image's candidates: (crop index over all calls so far, patch index), for per-crop groups
+        self.crop_of = [p[v, 1].long() for p, v in zip(packed, self.candidate_valid, strict=True)]
+        self.patch_of = [p[v, 2].long() for p, v in zip(packed, self.candidate_valid, strict=True)]
+        self.side = side
         self.cls_rows = {
-            key: [p[v, 1 + c] for p, v in zip(packed, self.candidate_valid, strict=True)]
+            key: [p[v, 3 + c].float() for p, v in zip(packed, self.candidate_valid, strict=True)]
             for c, key in enumerate(keys)
         }
 
     def _image_scores(self, rows, args, kw):
         return rows  # packed in _on_image_features
+
+    def _by_crop(self) -> bool:
+        return self.session.stage == "vision" and getattr(self.session.method, "group_by", "image") == "crop"
+
+    def _prompt_groups(self) -> Groups:
+        groups = super()._prompt_groups()
+        if not self._by_crop():
+            return groups
+        # one group per crop: its candidates in packed (= the crop's raster) order, its grid, a share
+        # of the image's budget; self.crop_groups[g] = (image, rows among its candidates, crop, patches)
+        sample, positions, budgets, grids, self.crop_groups = [], [], [], [], []
+        for i, (b, pos) in enumerate(zip(groups.sample, groups.positions, strict=True)):
+            crops, inverse = torch.unique(self.crop_of[i], return_inverse=True)
+            sizes = torch.bincount(inverse, minlength=len(crops))
+            k = resolve_keep(self.session.keep, len(pos))
+            for c, share in zip(crops.tolist(), split_budget(k, sizes).tolist(), strict=True):
+                rows = (self.crop_of[i] == c).nonzero().flatten()
+                patches = self.patch_of[i][rows]
+                r, col = patches // self.side, patches % self.side
+                grid = (len(torch.unique(r)), len(torch.unique(col)))
+                if grid[0] * grid[1] != len(rows):
+                    raise PrunekitError(
+                        f"{self.family}: crop {c} of image {i} is not a rectangle after unpadding"
+                    )
+                sample.append(b)
+                positions.append(pos[rows.to(pos.device)])
+                budgets.append(share)
+                grids.append(grid)
+                self.crop_groups.append((i, rows, c, patches))
+        return Groups(sample, positions, list(range(len(positions))), budgets=budgets, grids=grids)
+
+    def _signal_fns(self, x: torch.Tensor, valid: torch.Tensor) -> dict:
+        fns = super()._signal_fns(x, valid)
+        if not self._by_crop():
+            return fns
+        cg = self.crop_groups
+        for key in list(fns):
+            if key.startswith("cls_attention"):
+                per_image = self.cls_rows[key]
+                fns[key] = lambda b, pos, ids, p=per_image: torch.stack(
+                    [p[cg[g][0]][cg[g][1]] for g in ids]
+                ).to(pos.device)
+            elif key.startswith("attention_map"):
+                N = self.side * self.side
+                maps = [m[:, -N:, -N:] for call in self.maps[key] for m in call]  # per crop (H, N, N)
+                fns[key] = lambda b, pos, ids, m=maps: torch.stack(
+                    [m[cg[g][2]][:, cg[g][3]][:, :, cg[g][3]] for g in ids]
+                ).to(pos.device)
+        return fns
 
 
 class Qwen2VLAdapter(VLMAdapter):

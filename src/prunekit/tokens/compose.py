@@ -68,6 +68,8 @@ class Compose(TokenMethod):
                 "selectors: any top-k method (e.g. fastv), divprune, todre, holov"
             )
         self.name = f"{self.scorer.name}+{self.selector.name}"
+        if getattr(self.scorer, "group_by", "image") == "crop":  # its per-crop maps (LLaVA-NeXT)
+            self.group_by = "crop"
         self.layer = self.scorer.layer
         stages = registry.get(self.selector.name).stages
         self.stages = tuple(s for s in registry.get(self.scorer.name).stages if s in stages)

@@ -18,8 +18,10 @@ layer, LLaVA's ``-2``), whether CLS is excluded (here it is: the adapter drops i
 so ``s_row[i] = (1 - a_i,CLS) / N`` and is not constant), which vector wins in practice, and the
 variance estimator (unbiased here; the choice cannot change which vector wins).
 
-Families: LLaVA-1.5 and Qwen2-VL / Qwen2.5-VL (maps between merged tokens, each image with its
-own grid; see :class:`~prunekit.models.vlm.Qwen2VLAdapter`).
+Families: LLaVA-1.5; LLaVA-NeXT per crop (each crop's own map and grid, the image's budget split
+over its crops in proportion to their tokens; unconfirmed, the paper evaluates LLaVA-1.5); and
+Qwen2-VL / Qwen2.5-VL (maps between merged tokens, each image with its own grid; see
+:class:`~prunekit.models.vlm.Qwen2VLAdapter`).
 
 Departure: the row strategy keeps exactly ``k`` tokens like every method here; the
 ``k mod W`` slots that whole rows cannot fill go to the most significant tokens outside the kept
@@ -30,6 +32,7 @@ its function version even slices by token count, a bug not reproduced). Ties go 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -58,6 +61,7 @@ def significance(attn: torch.Tensor) -> torch.Tensor:
 )
 @dataclass
 class FoPru(TokenMethod):
+    group_by: ClassVar[str] = "crop"  # LLaVA-NeXT: one selection per crop (its own map and grid)
     strategy: str = "rank"  # "rank" (global top-k) | "row" (whole image rows)
     layer: int | None = None  # 0-based vision layer; None = the VLM's feature layer
 

@@ -25,9 +25,13 @@ method sees the maps, so the mean over queries here is over patch queries only (
 code averages over all queries, CLS included, then drops the CLS column); (2) the grid width comes
 from ``ctx.grid`` (or ``sqrt(N)``) instead of the hard-coded 24; (3) if the candidates could
 exceed ``k`` (large ``alpha``, tiny ``k``), the anchor count is capped at ``k // 5``, where the
-official code would fail; (4) ties go to the lower index. LLaVA-NeXT: the official code splits
-the budget over the crops; here ``k`` is per group, and a group must be one square grid (or come
-with ``ctx.grid``), so LLaVA-NeXT is refused (no map).
+official code would fail; (4) ties go to the lower index.
+
+LLaVA-NeXT: as the official code, each crop (the base image and every high-res tile) is pruned on
+its own map and grid (``group_by = "crop"``); unpadding may leave a tile a ``rows x cols``
+rectangle, whose grid the adapter hands over. The official code splits the image's budget evenly
+over the crops; here the split is in proportion to each crop's candidates after unpadding (equal
+when no tile was cut), so ``keep`` stays per image as for every method.
 
 Qwen2-VL / Qwen2.5-VL (the official Qwen2.5-VL variant): the adapter's map is over the merged
 tokens of each image, from a softmax over all of its patches with the window mask ignored, as the
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -103,6 +108,8 @@ def buffer_candidates(anchors: torch.Tensor, rows: int, cols: int, faithful: boo
 )
 @dataclass
 class HiPrune(TokenMethod):
+    #: LLaVA-NeXT: one selection per crop (the official code prunes each crop)
+    group_by: ClassVar[str] = "crop"
     alpha: float = 0.1  # share of the budget for anchors + buffers (5 tokens per anchor)
     object_layer: int = 9  # 1-based, as in the paper: vision layer index object_layer - 1
     deep_layer: int | None = None  # 0-based vision layer; None = the VLM's feature layer

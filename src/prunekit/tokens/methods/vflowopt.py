@@ -21,8 +21,11 @@ mean). Official: it drops ``round(N (1 - r)) + int(N / m^2)`` tokens, so the cou
 ``t = 39.26``, ``m = 17.39`` on the 27 x 27 base grid of SigLIP (``m27=17.39``, scaled to the
 grid: ``m27 * rows / 27``; ``m`` sets the side in tokens directly).
 
-Families: LLaVA-1.5 and Qwen2-VL / Qwen2.5-VL (the map between merged tokens of the last vision
-block, each image on its own merged grid: :class:`~prunekit.models.vlm.Qwen2VLAdapter`).
+Families: LLaVA-1.5; LLaVA-NeXT per crop (each crop's map, grid and cells; the image's budget
+split over its crops in proportion to their tokens; the official LLaVA-OneVision code ranks all
+crops' tokens together: a departure, since the map is per crop); and Qwen2-VL / Qwen2.5-VL (the
+map between merged tokens of the last vision block, each image on its own merged grid:
+:class:`~prunekit.models.vlm.Qwen2VLAdapter`).
 
 Shapes: ``attention_map`` ``(G, H, N, N)``, ``tokens`` ``(G, N, D)`` -> ``keep`` ``(G, k)``,
 ``values`` ``(G, k, D)`` (merging: recycled tokens are written into their slots).
@@ -131,6 +134,7 @@ class VFlowOpt(TokenMethod):
     #: llm stage: decoder layers of the drops; None = 9/18 of 28 scaled to the depth
     llm_layers: tuple[int, ...] | None = None
 
+    group_by: ClassVar[str] = "crop"  # LLaVA-NeXT: one selection per crop (its own map and grid)
     official_llm_layers: ClassVar[tuple[int, ...]] = (9, 18)
     official_llm_ratios: ClassVar[tuple[float, ...]] = (1.0, 0.6011)
     llm_reference_depth: ClassVar[int] = 28

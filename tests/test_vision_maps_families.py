@@ -1,7 +1,11 @@
-"""Qwen2-VL / Qwen2.5-VL vision-stage ``attention_map``: the vision block's own q/k (captured from
-its eager attention), softmax over each whole image (Qwen2.5-VL's windows ignored, as HiPrune's
-Qwen code), pooled by hand onto the merged tokens and put back in the LLM's raster order; each
-image's grid reaches the method; the attention-map methods run on both families."""
+"""The vision-stage ``attention_map`` beyond LLaVA-1.5.
+
+Qwen2-VL / Qwen2.5-VL: the vision block's own q/k (captured from its eager attention), softmax over
+each whole image (Qwen2.5-VL's windows ignored, as HiPrune's Qwen code), pooled by hand onto the
+merged tokens and put back in the LLM's raster order; each image's grid reaches the method.
+
+LLaVA-NeXT: one group per crop, after unpadding: the crop's eager CLIP map restricted by hand to
+the patches unpadding left, its grid, its tokens, and its share of the image's budget."""
 
 from __future__ import annotations
 
@@ -142,3 +146,67 @@ def test_holitom_merges_a_qwen_samples_images_as_frames(fam):
     assert s.stats.tokens_in == n_vis and s.stats.tokens_kept == 2 * round(0.25 * n_vis / 2)
     assert out.shape[1] == dense.shape[1] - (n_vis - s.stats.tokens_kept) // 2 and torch.isfinite(out).all()
     torch.testing.assert_close(same, dense)
+
+
+# ---------------------------------------------------------------- LLaVA-NeXT: per-crop groups
+def test_llava_next_groups_are_crops_after_unpadding_with_their_maps_tokens_and_budget(monkeypatch):
+    """A 84 x 112 (h x w) image on 112 x 112: 2 x 2 crops of 4 x 4 patches plus the base crop; the
+    unpadding drops the combined grid's first and last row, so the top crops keep patches 4..15 and
+    the bottom crops 0..11 (3 x 4 each)."""
+    model = VLMS["llava_next"]("eager")
+    cfg = model.config
+    sizes = torch.tensor([[84, 112]])
+    pv = torch.randn(1, 5, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        n_img = model.model.get_image_features(pixel_values=pv, image_sizes=sizes).pooler_output[0].shape[0]
+    ids = torch.tensor([[1, 5, 6, *[cfg.image_token_id] * n_img, 7, 8]])
+    inp = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv, image_sizes=sizes)
+    seen = []
+    original = HiPrune.select
+
+    def spy(self, ctx, k):
+        seen.append((ctx.grid, k, ctx.tokens, ctx.signal("attention_map", 0)))
+        return original(self, ctx, k)
+
+    monkeypatch.setattr(HiPrune, "select", spy)
+    with torch.no_grad():
+        tower = model.model.vision_tower(pv[0], output_attentions=True, output_hidden_states=True)
+        feats = model.model.multi_modal_projector(tower.hidden_states[-2][:, 1:])  # (5 crops, 16, D)
+        with prunekit.prune_tokens(model, "hiprune", keep=16, object_layer=1, alpha=1.0) as s:
+            model(**inp)
+    patches = [torch.arange(16)] + [torch.arange(4, 16)] * 2 + [torch.arange(12)] * 2  # by hand
+    expected = {(4, 4): (4, [0]), (3, 4): (3, [1, 2, 3, 4])}  # grid -> (k: 16 x 16/64, 12 x 16/64), crops
+    assert sorted((g, k, t.shape[0]) for g, k, t, _ in seen) == [((3, 4), 3, 4), ((4, 4), 4, 1)]
+    for grid, k, tokens, maps in seen:
+        assert k == expected[grid][0]
+        for row, crop in enumerate(expected[grid][1]):
+            p = patches[crop]
+            torch.testing.assert_close(tokens[row], feats[crop, p])
+            ref = tower.attentions[0][crop, :, 1:, 1:][:, p][:, :, p]  # object layer 1 = layer 0
+            torch.testing.assert_close(maps[row], ref, atol=1e-5, rtol=1e-4)
+    newlines = n_img - 16 - 4 * 12
+    assert s.stats.tokens_in == 64 and s.stats.tokens_kept == 16
+    assert int(s.stats.kept_masks[0][0, 3 : 3 + n_img].sum()) == 16 + newlines
+
+
+def test_llava_next_per_crop_map_is_refused_to_a_method_that_selects_per_image():
+    from prunekit.errors import SignalUnavailableError
+    from prunekit.models import support_matrix
+
+    model = VLMS["llava_next"]("sdpa")
+    with pytest.raises(SignalUnavailableError, match=r"per crop.*'holitom' selects per sample"):
+        with prunekit.prune_tokens(model, "holitom", keep=0.5):
+            pass
+    stage, why = support_matrix(["holitom"])["holitom"]["llava_next"]
+    assert stage is None and "per crop" in why
+    assert support_matrix(["hiprune"])["hiprune"]["llava_next"][0] == "vision"
+
+
+@pytest.mark.parametrize(
+    ("k", "sizes", "shares"),
+    [(16, [16, 12, 12, 12, 12], [4, 3, 3, 3, 3]), (10, [16, 16, 16], [4, 3, 3]), (5, [3, 1], [3, 1])],
+)
+def test_split_budget_is_proportional_with_largest_remainders(k, sizes, shares):
+    from prunekit.models.vlm import split_budget
+
+    assert split_budget(k, torch.tensor(sizes)).tolist() == shares
