@@ -32,7 +32,7 @@ VLM_CASES += [
         ("hiprune", ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"), {"object_layer": 1, "alpha": 1.0}),
         ("fopru", ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"), {}),
         ("fopru", ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"), {"strategy": "row"}),
-        ("holov", ("llava",), {"num_crops": 4}),
+        ("holov", ("llava", "qwen2_vl", "qwen2_5_vl"), {"num_crops": 4}),  # Qwen: received attention
         ("holov", ("llava", "llava_next"), {"crops": "1d", "num_crops": 4}),
         ("todre", tuple(VLMS), {}),
         ("safewatch", tuple(VLMS), {}),

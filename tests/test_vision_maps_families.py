@@ -210,3 +210,30 @@ def test_split_budget_is_proportional_with_largest_remainders(k, sizes, shares):
     from prunekit.models.vlm import split_budget
 
     assert split_budget(k, torch.tensor(sizes)).tolist() == shares
+
+
+# ---------------------------------------------------------------- HoloV's Qwen variant
+def test_holov_uses_received_attention_where_the_tower_has_no_cls():
+    from prunekit.errors import SignalUnavailableError
+    from prunekit.tokens.context import TokenContext
+    from prunekit.tokens.methods.holov import HoloV
+
+    assert HoloV().for_family("qwen2_vl", has_cls=False).attention == "received"
+    assert HoloV().for_family("llava", has_cls=True).attention == "cls"
+    assert HoloV(attention="cls").for_family("qwen2_vl", has_cls=False).attention == "cls"
+    # "received" ranks by the map's mean over heads and queries, exactly as "cls" on that vector
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(2, 3, 16, 16, generator=g).softmax(-1)
+    tokens = torch.randn(2, 16, 8, generator=g)
+    received = maps.mean(1).mean(1)
+    ctx_map = TokenContext(stage="vision", tokens=tokens, signals={"attention_map": maps})
+    ctx_cls = TokenContext(stage="vision", tokens=tokens, signals={"cls_attention": received})
+    a = HoloV(attention="received", num_crops=4).select(ctx_map, 5).keep
+    b = HoloV(attention="cls", num_crops=4).select(ctx_cls, 5).keep
+    assert torch.equal(a, b)
+    model = VLMS["qwen2_vl"]("sdpa")
+    with pytest.raises(SignalUnavailableError, match="cls_attention"):
+        with prunekit.prune_tokens(model, "holov", keep=4, attention="cls"):
+            pass
+    with pytest.raises(ValueError, match="attention must be one of"):
+        HoloV(attention="row")

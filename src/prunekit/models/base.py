@@ -183,6 +183,7 @@ class Adapter:
         family offers, as :func:`~prunekit.tokens.engine.prune_tokens` picks it, if that stage can
         give the signals), else ``(None, why)``; from the declared stages and signals, no model."""
         why = ""
+        method = method.for_family(cls.family, cls.has_cls)
         for stage in stages:
             if stage not in cls.stages:
                 why = why or f"no {stage!r} stage" + (

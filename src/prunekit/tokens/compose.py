@@ -17,6 +17,7 @@ The composition runs at the stages both methods run at, and needs the scorer's s
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -87,6 +88,12 @@ class Compose(TokenMethod):
 
     def needs(self, stage: str) -> tuple[Signal, ...]:
         return (*self.scorer.needs(stage), Signal("tokens"))
+
+    def for_family(self, family: str, has_cls: bool) -> TokenMethod:
+        out = copy.copy(self)
+        out.scorer = self.scorer.for_family(family, has_cls)
+        out.selector = self.selector.for_family(family, has_cls)
+        return out
 
     def score(self, ctx: TokenContext) -> torch.Tensor:
         return self.scorer.score(ctx)

@@ -146,6 +146,12 @@ class TokenMethod:
         """``(G, N)`` importance, higher is kept first."""
         raise NotImplementedError
 
+    def for_family(self, family: str, has_cls: bool) -> TokenMethod:
+        """This method as it runs on model ``family`` (``has_cls``: its vision tower has a [CLS]
+        token). Default: unchanged. A method whose official code has a per-family variant returns a
+        copy set for it (HoloV: received attention where the tower has no [CLS], as its Qwen code)."""
+        return self
+
     def default_cut(self, n_layers: int) -> int:
         """The llm-stage cut layer ``K`` when ``layer`` is None (FastV's 2)."""
         return 2

@@ -72,6 +72,7 @@ def prune_tokens(
     keep = validate_keep(keep)
     m = make_method(method, dict(options))
     adapter = get_adapter(model)
+    m = m.for_family(adapter.family, adapter.has_cls)
     stage = choose_stage(m, adapter.stages, adapter.family, stage)
     adapter.check_stage(stage)
     from ..models.base import Session

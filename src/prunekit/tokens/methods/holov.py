@@ -15,6 +15,13 @@ scene, not only its salient spots [abstract; algorithm from the official code, s
 
 Shapes: ``cls_attention`` ``(G, N)``, ``tokens`` ``(G, N, D)`` -> ``keep`` ``(G, k)``.
 
+``attention``: ``"cls"`` (the [CLS] row, LLaVA), ``"received"`` (the official Qwen2.5-VL variant:
+the feature layer's map, head mean, then mean over queries, per merged token; see
+:class:`~prunekit.models.vlm.Qwen2VLAdapter`), or ``"auto"`` (default): ``"cls"`` where the vision
+tower has a [CLS] token, else ``"received"``. The official Qwen code also sets
+``num_crops = max(1, int(1024 / 576 * N / k))`` (16 at the reference 64 of 576) and uses 1-D chunks;
+here ``num_crops`` stays an option (16) and ``"2d"`` crops use the image's merged grid.
+
 Crops: ``crops="2d"`` (default) cuts the patch grid into ``sqrt(num_crops) x sqrt(num_crops)``
 rectangles (bands as even as possible, the first ones one larger), the paper's "spatial crops";
 ``crops="1d"`` reproduces the official code, which cuts the *flattened raster sequence* into
@@ -38,13 +45,15 @@ sequence (1-D chunks); ``"2d"`` needs one grid per group (``ctx.grid`` or a squa
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ...registry import register
 from ..context import Selection, Signal, TokenContext, TokenMethod, topk_sorted
-from .hiprune import patch_grid
+from .hiprune import patch_grid, received_attention
+
+ATTENTIONS = ("auto", "cls", "received")
 
 CROPS = ("2d", "1d")
 
@@ -120,7 +129,7 @@ def rank_in_crop(a: torch.Tensor, crop: torch.Tensor, num_crops: int) -> torch.T
     family="tokens",
     paper='Don\'t Just Chase "Highlighted Tokens" in MLLMs: Revisiting Visual Holistic Context Retention',
     stages=("vision",),
-    signals=("cls_attention@vision-layer", "tokens"),
+    signals=("cls_attention@vision-layer (or attention_map, attention='received')", "tokens"),
     summary="spread the budget over spatial crops, then keep each crop's top [CLS]-attention tokens",
 )
 @dataclass
@@ -129,8 +138,11 @@ class HoloV(TokenMethod):
     num_crops: int = 16
     alpha: float = 0.09  # weight of the intra-crop similarity variance
     layer: int | None = None  # 0-based vision layer of the [CLS] row; None = the VLM's feature layer
+    attention: str = "auto"  # "cls" | "received" (Qwen variant) | "auto": "cls" where there is a [CLS]
 
     def __post_init__(self) -> None:
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"holov: attention must be one of {list(ATTENTIONS)}; got {self.attention!r}")
         if self.crops not in CROPS:
             raise ValueError(f"holov: crops must be one of {list(CROPS)}; got {self.crops!r}")
         if isinstance(self.num_crops, bool) or not isinstance(self.num_crops, int) or self.num_crops < 1:
@@ -140,8 +152,20 @@ class HoloV(TokenMethod):
                 f"holov: crops='2d' needs a square num_crops (4, 9, 16, ...); got {self.num_crops}"
             )
 
+    def for_family(self, family: str, has_cls: bool) -> TokenMethod:
+        if self.attention != "auto":
+            return self
+        return replace(self, attention="cls" if has_cls else "received")
+
     def needs(self, stage: str) -> tuple[Signal, ...]:
-        return (Signal("cls_attention", self.layer), Signal("tokens"))
+        kind = "attention_map" if self.attention == "received" else "cls_attention"
+        return (Signal(kind, self.layer), Signal("tokens"))
+
+    def _attention(self, ctx: TokenContext) -> torch.Tensor:
+        """``(G, N)``: the [CLS] row, or the received attention of the map (Qwen variant)."""
+        if self.attention == "received":
+            return received_attention(ctx.signal("attention_map", self.layer))
+        return ctx.signal("cls_attention", self.layer).float()
 
     def select(self, ctx: TokenContext, k: int) -> Selection:
         return self._crop_select(ctx, k, None)
@@ -170,7 +194,7 @@ class HoloV(TokenMethod):
         C = self.num_crops if self.crops == "2d" else min(self.num_crops, N)
         crop = crop_ids(rows, cols, C, self.crops, ctx.tokens.device)  # (N,)
         if a is None:
-            a = ctx.signal("cls_attention", self.layer).float()  # (G, N)
+            a = self._attention(ctx)  # (G, N)
         score = crop_scores(a, ctx.tokens, crop, C, self.alpha)  # (G, C)
         alloc = allocate(score / (score.sum(dim=-1, keepdim=True) + 1e-6), k)  # (G, C)
         picked = rank_in_crop(a, crop, C) < alloc.gather(1, crop.expand(G, -1))  # (G, N), <= k per group
