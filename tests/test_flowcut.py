@@ -1,5 +1,7 @@
 """FlowCut inside the vision tower: the schedule by hand, and the survivors and their features
-against an independent layer-by-layer re-run of the official algorithm."""
+against an independent layer-by-layer re-run of the official algorithm; LLaVA-NeXT's anyres variant
+(K/2 per crop, then HF's own unpadding and packing) against the same re-run; the LLM layer-1
+score against eager attention and values recomputed from the hidden states."""
 
 from __future__ import annotations
 
@@ -7,7 +9,14 @@ import math
 
 import pytest
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+)
 
 import prunekit
 from prunekit.tokens.methods.flowcut import flow_score, prune_count
@@ -127,9 +136,10 @@ def test_survivors_and_features_equal_an_independent_rerun(keep):
     assert session.stats.tokens_kept == 2 * keep and out.shape[1] == ids.shape[1] + 3
 
 
-def test_keep_everything_is_dense_and_other_families_are_refused():
-    model = VLMS["llava"]("sdpa")
-    inp = vlm_inputs("llava", model, 2)
+@pytest.mark.parametrize("fam", ["llava", "llava_next"])
+def test_keep_everything_is_dense_and_other_families_are_refused(fam):
+    model = VLMS[fam]("sdpa")
+    inp = vlm_inputs(fam, model, 2)
     with torch.no_grad():
         dense = model.generate(**inp, max_new_tokens=3, do_sample=False)
         with prunekit.prune_tokens(model, "flowcut", keep=1.0):
@@ -162,3 +172,100 @@ def test_a_dinov2_tower_at_another_resolution_than_its_config():
     kept = session.stats.kept_masks[0]
     assert out.shape == (2, ids.shape[1] + 2)
     assert kept[:, 2 : 2 + n].sum(1).tolist() == [5, 5] and session.stats.tokens_kept == 10
+
+
+def _llava_next(layers: int):
+    torch.manual_seed(0)
+    cfg = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**{**CLIP_V, "num_hidden_layers": layers}),
+        text_config=LlamaConfig(**TXT),
+        image_token_id=IMG,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=[[56, 56], [56, 112], [112, 56], [112, 112]],
+        attn_implementation="sdpa",
+    )
+    return LlavaNextForConditionalGeneration(cfg).eval()
+
+
+def test_llava_next_keeps_half_the_budget_per_crop_and_packs_with_hf():
+    """Image 0 (84 x 112 on 2 x 2 tiles) loses a row of every tile to unpadding, image 1 (56 x 112)
+    none. Each crop keeps K // 2 = 3 patches in the tower (the re-run); the LLM receives HF's own
+    packing of the re-run's features scattered into their slots: the kept patches that unpadding
+    left, and every newline token."""
+    model = _llava_next(8)
+    sizes = torch.tensor([[84, 112], [56, 112]])
+    n_crops = [5, 3]
+    pv = torch.randn(2, 5, 3, 56, 56, generator=torch.Generator().manual_seed(3))
+    crops = torch.cat([pv[0, :5], pv[1, :3]])
+    with torch.no_grad():
+        want_idx, want_feats = _reference(model, crops, 3)  # per crop: 3 patches and their features
+        full = torch.zeros(8, 16, want_feats.shape[-1])
+        flag = torch.zeros(8, 16, 1)
+        for c in range(8):
+            full[c, want_idx[c]] = want_feats[c]
+            flag[c, want_idx[c]] = 1.0
+        packed, _ = model.model.pack_image_features(
+            list(torch.split(full, n_crops)), sizes, "default", image_newline=model.model.image_newline
+        )
+        kept_flag, _ = model.model.pack_image_features(
+            list(torch.split(flag, n_crops)), sizes, "default", image_newline=torch.ones(1)
+        )
+    rows = [[1, 5, *[IMG] * p.shape[0], 7, 8] for p in packed]
+    L = max(map(len, rows))
+    ids = torch.tensor([[0] * (L - len(r)) + r for r in rows])
+    am = (torch.arange(L) >= torch.tensor([L - len(r) for r in rows])[:, None]).long()
+    seen = {}
+
+    def grab(module, args, kw):
+        seen.setdefault("embeds", kw["inputs_embeds"].clone())
+
+    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad(), prunekit.prune_tokens(model, "flowcut", keep=6) as session:
+            model(input_ids=ids, attention_mask=am, pixel_values=pv, image_sizes=sizes)
+    finally:
+        handle.remove()
+    for g in range(2):
+        slots = (ids[g] == IMG).nonzero().flatten()
+        kept = session.stats.kept_masks[0][g, slots]
+        assert kept.tolist() == kept_flag[g][:, 0].bool().tolist()
+        got = seen["embeds"][g, slots[kept]]  # the hook sees the full-length input, before the cut
+        torch.testing.assert_close(got, packed[g][kept], atol=1e-5, rtol=1e-4)
+    assert int(kept_flag[0][:, 0].sum()) < 5 * 3 + 8  # unpadding removed some kept patches of image 0
+
+
+def test_llm_layer_one_score_from_eager_attention_and_recomputed_values(monkeypatch):
+    """At the default cut (before layer 2) FlowCut scores the visual tokens from layer 1: the last
+    token's eager attention row, and softmax(v_t . v_j / sqrt(d)) and |mean_heads v_j|_1 from
+    layer 1's value projection of its normed input (the dense run's hidden state)."""
+    from prunekit.tokens.methods.flowcut import FlowCut
+
+    model = VLMS["llava"]("eager")
+    inp = vlm_inputs("llava", model, 1)
+    with torch.no_grad():
+        out = model(**inp, output_hidden_states=True, output_attentions=True)
+    img = (inp["input_ids"][0] == IMG).nonzero().flatten()
+    layer = model.model.language_model.layers[1]
+    attn = layer.self_attn
+    h = layer.input_layernorm(out.hidden_states[1][0])  # (L, D) the normed input of layer 1
+    v = attn.v_proj(h).view(h.shape[0], -1, attn.head_dim).transpose(0, 1)  # (H_kv, L, hd)
+    sem = torch.softmax((v[:, img] @ v[:, -1, :, None])[..., 0] / math.sqrt(attn.head_dim), -1).mean(0)
+    vnorm = v[:, img].mean(0).abs().sum(-1)
+    rel = out.attentions[1][0].mean(0)[-1, img]
+    seen = {}
+    original = FlowCut.score
+
+    def spy(self, ctx):
+        seen.update({k: ctx.signal(k)[0] for k in ("last_token_attention", "value_attention", "value_norm")})
+        return original(self, ctx)
+
+    monkeypatch.setattr(FlowCut, "score", spy)
+    with torch.no_grad(), prunekit.prune_tokens(model, "flowcut", keep=5, stage="llm") as s:
+        model(**inp)
+    torch.testing.assert_close(seen["last_token_attention"], rel, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(seen["value_attention"], sem, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(seen["value_norm"], vnorm, atol=1e-5, rtol=1e-4)
+    score = (rel / rel.sum() + sem / sem.sum()) * vnorm
+    want = sorted(score.topk(5).indices.tolist())
+    assert s.stats.kept_masks[0][0, img].nonzero().flatten().tolist() == want

@@ -49,7 +49,9 @@ TEXT_CASES = [(fam, "fastv", "llm", {"layer": 2}) for fam in DECODERS] + [
     (fam, "random", "llm", {"layer": 1}) for fam in DECODERS
 ]
 # stage 2 of two-stage methods: instruction attention at an LLM layer, on VLMs and plain decoders
-TEXT_CASES += [(fam, m, "llm", {"layer": 2}) for fam in (*VLMS, *DECODERS) for m in ("todre", "catp")]
+TEXT_CASES += [
+    (fam, m, "llm", {"layer": 2}) for fam in (*VLMS, *DECODERS) for m in ("todre", "catp", "flowcut")
+]
 # progressive methods: several cuts inside the LLM (tiny decoders: 4 layers -> cuts at 1, 2, 3)
 PROGRESSIVE_CASES = [
     (fam, meth, "llm", {"recycle": False} if meth == "sparsevlm" else {})  # merged values: not masking

@@ -14,6 +14,7 @@ How it stays consistent through ``generate()`` (transformers 5, see the notes on
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import ClassVar
 
@@ -65,6 +66,10 @@ LLM_SIGNALS: dict[str, str] = {
     "every layer before the cut (SpAtten) (G, N)",
     "vision_importance": "the score an enclosing vision-stage session's method gave each surviving "
     "visual token (VFlowOpt's importance map) (G, N)",
+    "value_attention": "head mean of the softmax, over the group's candidates, of the last prompt "
+    "token's value against theirs (v_t . v_j / sqrt(d), FlowCut's semantic flow), recomputed from "
+    "v_proj (G, N)",
+    "value_norm": "L1 norm of each candidate's head-mean value vector, recomputed from v_proj (G, N)",
 }
 #: llm-stage signals only a VLM gives (the candidates are an image's patches)
 VLM_LLM_SIGNALS: dict[str, str] = {
@@ -72,7 +77,14 @@ VLM_LLM_SIGNALS: dict[str, str] = {
     "(its raster index in the patch grid) (G, N) long",
     "patch_count": "the image's number of visual tokens before the first cut (G,) long",
 }
-_ATTENTION_KINDS = ("last_token_attention", "attention_map", "instruction_attention", "attention_logits")
+_ATTENTION_KINDS = (
+    "last_token_attention",
+    "attention_map",
+    "instruction_attention",
+    "attention_logits",
+    "value_attention",
+    "value_norm",
+)
 _INDEX_KINDS = ("patch_index", "patch_count")
 _INSTRUCTION_KINDS = ("instruction_attention", "instruction_mask", "instruction_embeddings")
 _EMBEDDING_KINDS = ("instruction_embeddings", "input_embeddings")
@@ -234,6 +246,13 @@ class LLMCut:
                 self.rows["instruction_attention"] = A.mean(dim=1)  # (B, L, L)
         if "last_token_attention" in kinds:
             self.rows["last_token_attention"] = last_query_attention(attn, h, pe, valid)  # (B, L)
+        if {"value_attention", "value_norm"} & set(kinds):
+            B, L = h.shape[:2]
+            hd = attn.head_dim
+            v = attn.v_proj(h).float().view(B, L, -1, hd).transpose(1, 2)  # (B, H_kv, L, hd)
+            # the last prompt token's value logits over every position; softmax per group later
+            self.rows["value_logits"] = (v @ v[:, :, -1, :, None])[..., 0] / math.sqrt(hd)  # (B, H_kv, L)
+            self.rows["value_norm"] = v.mean(dim=1).abs().sum(dim=-1)  # (B, L)
 
     def _accumulate_attention(self, attn: nn.Module, args: tuple, kw: dict) -> None:
         """SpAtten's cumulative token importance: attention received, over real queries and heads."""
@@ -316,9 +335,14 @@ class LLMCut:
             {
                 k: v
                 for k, v in self.rows.items()
-                if k in ("last_token_attention", "attention_map", "attention_logits")
+                if k in ("last_token_attention", "attention_map", "attention_logits", "value_norm")
             }
         )
+        if "value_logits" in self.rows:  # softmax over each group's candidates, then head mean
+            vl = self.rows["value_logits"]
+            signals["value_attention"] = lambda b, pos, ids: (
+                vl[b[:, None], :, pos].softmax(dim=1).mean(dim=-1)  # (S, n, H_kv) -> (S, n)
+            )
         signals.update(self._index_gatherers())
         signals.update(self._instruction_gatherers(instr, groups))
         if self.ttv is not None:

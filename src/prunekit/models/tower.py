@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..budget import resolve_keep
 from ..errors import PrunekitError
 from ..tokens.methods.flowcut import flow_score, prune_count
 from .base import Session, Timer
@@ -60,7 +59,7 @@ class TowerCut:
             h = args[0] if args else kw["hidden_states"]
             if i == 0:
                 self.n_patches = h.shape[1] - 1
-                self.target = resolve_keep(self.session.keep, self.n_patches)
+                self.target = self.adapter.tower_target(self.session.keep, self.n_patches)
                 self.cum = None
                 self.orig = torch.arange(h.shape[1] - 1, device=h.device).expand(h.shape[0], -1)
                 self.seconds = 0.0

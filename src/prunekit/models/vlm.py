@@ -201,6 +201,10 @@ class VLMAdapter(Adapter):
     def _before_image_features(self, args: tuple, kw: dict) -> None:
         """Called with the image-feature call's arguments before the tower runs."""
 
+    def tower_target(self, keep: float | int, n: int) -> int:
+        """Patches an in-tower method (FlowCut) keeps of each of the tower's ``n``-patch inputs."""
+        return resolve_keep(keep, n)
+
     # ------------------------------------------------------------------ hooks
     def _on_top(self, module: nn.Module, args: tuple, kw: dict) -> None:
         ids = kw.get("input_ids", args[0] if args else None)
@@ -445,6 +449,7 @@ class LlavaNextAdapter(VLMAdapter):
         "cls_attention": "the [CLS] row of each crop, packed like the features",
         "attention_map": "per-head patch map of each crop, for methods that select per crop",
         "text_embeddings": "the prompt's text-token input embeddings, zero-padded",
+        "tower_keep": "the patches FlowCut kept inside the vision tower (K/2 per crop), per image",
     }
     per_crop_signals = frozenset({"attention_map"})
 
@@ -471,6 +476,24 @@ class LlavaNextAdapter(VLMAdapter):
         if session.stage == "vision" and (why := self.per_crop_refusal(session.method)):
             raise SignalUnavailableError(f"{self.family}: {why}")
         super().attach(session)
+        if self.tower is not None:  # FlowCut: survivors back to their grid slots before the packing
+            session.hooks.post(self.core.multi_modal_projector, self._scatter_crops)
+
+    def tower_target(self, keep: float | int, n: int) -> int:
+        """FlowCut's anyres variant: half the image's budget in each crop (``int(K / 2)``); keeping
+        everything keeps everything."""
+        k = resolve_keep(keep, n)
+        return n if k >= n else max(1, k // 2)
+
+    def _scatter_crops(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        """The projected survivors of each crop ``(n_crops, K, D)`` -> ``(n_crops, N, D)`` with zeros in
+        the dropped slots, so that HF's unpadding and newline packing see whole crops."""
+        kept = torch.cat(self.tower.kept).to(out.device)  # (n_crops, K)
+        full = out.new_zeros(out.shape[0], self.tower.n_patches, out.shape[-1])
+        return full.scatter_(1, kept[..., None].expand(-1, -1, out.shape[-1]), out)
+
+    def _scatter_tower_features(self, out) -> None:
+        self.tower_kept = torch.cat(self.tower.kept)  # scattered per crop already (_scatter_crops)
 
     def _on_image_features(self, out, args: tuple, kw: dict) -> None:
         super()._on_image_features(out, args, kw)
@@ -516,6 +539,15 @@ class LlavaNextAdapter(VLMAdapter):
 
     def _prompt_groups(self) -> Groups:
         groups = super()._prompt_groups()
+        if self.session.stage == "vision" and self.tower is not None:
+            # each image's candidates whose (crop, patch) the tower kept (and unpadding left)
+            table = torch.zeros(self.tower_kept.shape[0], self.tower.n_patches, dtype=torch.bool)
+            table.scatter_(1, self.tower_kept.cpu(), True)
+            self.tower_idx = [
+                table[c, p].nonzero().flatten() for c, p in zip(self.crop_of, self.patch_of, strict=True)
+            ]
+            groups.budgets = [len(t) for t in self.tower_idx]
+            return groups
         if not self._by_crop():
             return groups
         # one group per crop: its candidates in packed (= the crop's raster) order, its grid, a share
@@ -543,6 +575,9 @@ class LlavaNextAdapter(VLMAdapter):
 
     def _signal_fns(self, x: torch.Tensor, valid: torch.Tensor) -> dict:
         fns = super()._signal_fns(x, valid)
+        if self.tower is not None:
+            idx = self.tower_idx
+            fns["tower_keep"] = lambda b, pos, ids: torch.stack([idx[i] for i in ids]).to(pos.device)
         if not self._by_crop():
             return fns
         cg = self.crop_groups

@@ -68,6 +68,8 @@ class Compose(TokenMethod):
                 f"compose: {self.selector.name!r} selects by its own rule, which takes no scores; "
                 "selectors: any top-k method (e.g. fastv), divprune, todre, holov"
             )
+        if getattr(self.scorer, "in_tower", False) or getattr(self.selector, "in_tower", False):
+            raise ValueError("compose: flowcut prunes inside the vision tower and cannot be composed")
         self.name = f"{self.scorer.name}+{self.selector.name}"
         if getattr(self.scorer, "group_by", "image") == "crop":  # its per-crop maps (LLaVA-NeXT)
             self.group_by = "crop"

@@ -20,14 +20,33 @@ one a lot; the largest ``r`` over the batch's images), and at ``rpl = 0`` straig
 once the sequence is at the budget. Layers from ``L_sel`` on run on ``K + 1`` tokens.
 
 Supported: LLaVA-1.5-style models (``LlavaForConditionalGeneration``, CLIP or DINOv2 towers,
-``vision_feature_select_strategy="default"``). LLaVA-NeXT's anyres variant (``K/2`` per crop in
-the tower, then a cut at LLM layer 1) and the Qwen2-VL variant (pseudo-[CLS] = mean query) are
-not implemented and are refused with a clear error.
+``vision_feature_select_strategy="default"``) and LLaVA-NeXT (anyres), as the official code:
+
+- **in the tower**, each crop (the base image and every high-res tile) keeps ``K // 2`` patches
+  (``K`` = the image's budget ``keep``), the same progressive cut per crop; the survivors'
+  projected features go back to their grid slots before HF's unpadding and newline packing
+  (``pack_image_features``), so a kept patch that unpadding removes is gone, and the newline
+  tokens stay;
+- **at LLM layer 1** (``stage="llm"``, a session nested inside the vision-stage one, default cut
+  before layer 2: layers >= 2 see the pruned sequence): the last prompt token's attention ``rel``
+  over the visual tokens, its value similarity ``sem = softmax(v_t . V^T / sqrt(d))`` over them
+  (head means), ``score = (rel / sum rel + sem / sum sem) * |mean_heads(V)|_1``, the top ``keep``
+  per image::
+
+    with prune_tokens(next_model, "flowcut", keep=64):                 # 32 per crop in the tower
+        with prune_tokens(next_model, "flowcut", keep=64, stage="llm"):  # 64 per image at layer 1
+            next_model.generate(...)
+
+The llm stage also runs on LLaVA-1.5, Qwen2-VL and plain decoders (there it scores the prompt).
+The Qwen2-VL / 2.5-VL tower variant (pseudo-[CLS] = the mean query, pruning pre-merge patches
+inside blocks that run on ``cu_seqlens`` and windows) is not implemented: refused with a clear
+error (the tower stage cannot give ``tower_keep`` there).
 
 Departures: the kept visual tokens keep their original position ids in the LLM (prunekit's vision
 stage; the official LLaVA path shortens the input, so its positions are contiguous); ``p log p``
 is 0 at ``p = 0`` (the official LLaVA code has no epsilon and gives NaN on an exactly one-hot
-row); ties go to the lower index. The budget ``keep`` counts patches per image (``K``).
+row); ties go to the lower index. The budget ``keep`` counts patches per image (``K``). LLM
+stage: original position ids are kept (official: re-indexed contiguously).
 """
 
 from __future__ import annotations
@@ -65,23 +84,39 @@ def prune_count(a: torch.Tensor, target: int, rpl: int) -> int:
     "flowcut",
     family="tokens",
     paper="FlowCut: Rethinking Redundancy via Information Flow for Efficient Vision-Language Models",
-    stages=("vision",),
-    signals=("tower_keep (CLS attention, CLS-value similarity, |v|, per vision layer)",),
+    stages=("vision", "llm"),
+    signals=(
+        "tower_keep (CLS attention, CLS-value similarity, |v|, per vision layer)",
+        "llm: last_token_attention, value_attention, value_norm",
+    ),
     summary="progressive pruning inside the vision tower: CLS relay + value norms, EMA, entropy-adaptive",
 )
 @dataclass
 class FlowCut(TokenMethod):
     #: the adapter runs this method inside the vision tower (see :mod:`prunekit.models.tower`)
     in_tower = True
+    #: llm stage: the cut layer ``K`` (None: 2, scoring from layer 1, as the official anyres code);
+    #: the vision stage ignores it
+    layer: int | None = None
 
     def needs(self, stage: str) -> tuple[Signal, ...]:
+        if stage == "llm":
+            return (Signal("last_token_attention"), Signal("value_attention"), Signal("value_norm"))
         return (Signal("tower_keep"),)
 
     def select(self, ctx: TokenContext, k: int) -> Selection:
+        if ctx.stage == "llm":
+            return super().select(ctx, k)
         keep = ctx.signal("tower_keep")  # (G, K) patches the tower kept, ascending
         if keep.shape[-1] != min(k, ctx.num_tokens):
             raise ValueError(f"flowcut: the tower kept {keep.shape[-1]} patches, the budget is {k}")
         return Selection(keep)
 
     def score(self, ctx: TokenContext) -> torch.Tensor:
-        raise NotImplementedError("flowcut scores inside the vision tower; it has no stand-alone score")
+        if ctx.stage != "llm":
+            raise NotImplementedError("flowcut scores inside the vision tower; it has no stand-alone score")
+        return flow_score(
+            ctx.signal("last_token_attention").float(),
+            ctx.signal("value_attention").float(),
+            ctx.signal("value_norm").float(),
+        )
