@@ -5,6 +5,7 @@ score against eager attention and values recomputed from the hidden states."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -136,19 +137,29 @@ def test_survivors_and_features_equal_an_independent_rerun(keep):
     assert session.stats.tokens_kept == 2 * keep and out.shape[1] == ids.shape[1] + 3
 
 
-@pytest.mark.parametrize("fam", ["llava", "llava_next"])
+@pytest.mark.parametrize("fam", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
 def test_keep_everything_is_dense_and_other_families_are_refused(fam):
+    from invariants import assert_same, snapshot
+
     model = VLMS[fam]("sdpa")
     inp = vlm_inputs(fam, model, 2)
     with torch.no_grad():
         dense = model.generate(**inp, max_new_tokens=3, do_sample=False)
+        before = snapshot(model)
+        reset(model)
         with prunekit.prune_tokens(model, "flowcut", keep=1.0):
             same = model.generate(**inp, max_new_tokens=3, do_sample=False)
+        reset(model)
+        with pytest.raises(RuntimeError, match="boom"):  # restored after an exception too
+            with prunekit.prune_tokens(model, "flowcut", keep=0.5):
+                model(**inp)
+                raise RuntimeError("boom")
     assert torch.equal(same, dense)
-    q = VLMS["qwen2_vl"]("sdpa")
-    reset(q)
-    with pytest.raises(prunekit.errors.SignalUnavailableError, match="tower_keep"):
-        with prunekit.prune_tokens(q, "flowcut", keep=0.5):
+    assert_same(before, snapshot(model))
+    from tiny import DECODERS
+
+    with pytest.raises(prunekit.errors.UnsupportedModelError, match="vision"):  # a decoder has no tower
+        with prunekit.prune_tokens(DECODERS["llama"]("sdpa"), "flowcut", keep=0.5, stage="vision"):
             pass
 
 
@@ -269,3 +280,132 @@ def test_llm_layer_one_score_from_eager_attention_and_recomputed_values(monkeypa
     score = (rel / rel.sum() + sem / sem.sum()) * vnorm
     want = sorted(score.topk(5).indices.tolist())
     assert s.stats.kept_masks[0][0, img].nonzero().flatten().tolist() == want
+
+
+def _qwen_reference(model, fam: str, inp: dict, targets: list[int]) -> list[tuple[list[int], torch.Tensor]]:
+    """FlowCut's Qwen tower loop written out per image and per merged token: pseudo-[CLS] = mean
+    query, score = a * |v|, summed over a merged token's 4 patches, EMA, entropy-adaptive cuts at
+    even blocks-left; each block run by HF on the survivors with per-image (or per-window) seqlens.
+    Returns, per image, the kept merged tokens' raster indices and their merged features."""
+    import importlib
+
+    from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+
+    mod = importlib.import_module(f"transformers.models.{fam}.modeling_{fam}")
+    v = model.model.visual
+    thw = inp["image_grid_thw"]
+    n_units = [int(t * h * w) // 4 for t, h, w in thw.tolist()]
+    h = v.patch_embed(inp["pixel_values"])
+    cos, sin = v.rotary_pos_emb(h, get_vision_position_ids(thw, v.spatial_merge_size))
+    U = sum(n_units)
+    image_of = [g for g, n in enumerate(n_units) for _ in range(n)]
+    raster = list(range(U))
+    window_of = image_of
+    windowed = fam == "qwen2_5_vl"
+    if windowed:  # HF's window order: units permuted, windows contiguous
+        widx, cu_win = get_vision_window_index(thw, v.spatial_merge_size, v.window_size, v.patch_size)
+        perm = lambda x: x.reshape(U, 4, -1)[widx].reshape(4 * U, -1)  # noqa: E731
+        h, cos, sin = perm(h), perm(cos), perm(sin)
+        raster = widx.tolist()
+        bounds = (cu_win // 4).tolist()
+        window_of = [sum(1 for b in bounds[1:] if b <= u) for u in range(U)]
+    offsets = [sum(n_units[:g]) for g in range(len(n_units))]
+    units = list(range(U))  # kept block positions
+    cum = None
+    blocks = v.blocks
+    for i, blk in enumerate(blocks):
+        patches = [4 * u + j for u in units for j in range(4)]
+        full = not windowed or i in v.fullatt_block_indexes
+        ids = [image_of[u] if full else window_of[u] for u in units]
+        lengths = [4 * ids.count(x) for x in sorted(set(ids))]
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        pe = (cos[patches], sin[patches])
+        counts = [sum(1 for u in units if image_of[u] == g) for g in range(len(n_units))]
+        scored = any(c > t for c, t in zip(counts, targets, strict=True))
+        if scored:
+            attn = blk.attn
+            x = blk.norm1(h)
+            q, k, val = attn.qkv(x).reshape(len(patches), 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q, k = mod.apply_rotary_pos_emb_vision(q, k, pe[0], pe[1])  # (P, H, d)
+            a, start = [], 0
+            for c in counts:
+                qi, ki = q[start : start + 4 * c], k[start : start + 4 * c]
+                qm = qi.mean(0)  # (H, d)
+                a += torch.softmax(torch.einsum("hd,phd->hp", qm, ki) * attn.scaling, -1).mean(0).tolist()
+                start += 4 * c
+            vn = val.mean(1).abs().sum(-1).tolist()
+            ua = [sum(a[4 * j : 4 * j + 4]) for j in range(len(units))]
+            sc = [sum(a[4 * j + m] * vn[4 * j + m] for m in range(4)) for j in range(len(units))]
+            cum = sc if cum is None else [0.5 * c0 + 0.5 * s0 for c0, s0 in zip(cum, sc, strict=True)]
+        h = blk(h, cu_seqlens=cu, position_embeddings=pe)
+        rpl = len(blocks) - i - 1
+        if scored and rpl % 2 == 0:
+            new_units, new_cum = [], []
+            for g, target in enumerate(targets):
+                js = [j for j, u in enumerate(units) if image_of[u] == g]
+                n = len(js)
+                if n > target:
+                    if rpl > 0:
+                        p = [ua[j] / sum(ua[j2] for j2 in js) for j in js]
+                        ent = -sum(pj * math.log(pj) for pj in p if pj > 0)
+                        r = round((n - target) / math.sqrt(rpl) * (1 - (ent / math.log(n)) ** 2))
+                        r = min(max(r, 0), n - target)
+                    else:
+                        r = n - target
+                    best = sorted(js, key=lambda j: (-cum[j], j))[: max(n - r, target)]
+                    js = sorted(best)
+                new_units += [units[j] for j in js]
+                new_cum += [cum[j] for j in js]
+            rows = [4 * j + m for j in range(len(units)) if units[j] in set(new_units) for m in range(4)]
+            h, units, cum = h[rows], new_units, new_cum
+    merged = v.merger(h)  # (U', D) block order
+    out = []
+    for g in range(len(n_units)):
+        rows = [(raster[u] - offsets[g], j) for j, u in enumerate(units) if image_of[u] == g]
+        rows.sort()
+        out.append(([r for r, _ in rows], merged[[j for _, j in rows]]))
+    return out
+
+
+@pytest.mark.parametrize("fam", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_tower_cut_equals_an_independent_rerun(fam):
+    """Two images (8 and 16 merged tokens; Qwen2.5-VL: 2 and 4 windows), 6 vision blocks, budget
+    K = 2 per image: 2K = 4 merged tokens each leave the tower, after entropy-adaptive cuts at
+    blocks 1 and 3 (16 -> 14 -> 12) and the last cut at block 5; the LLM gets exactly those, with
+    the re-run's merged features in their own slots."""
+    from tiny import qwen2_5_vl, qwen2_vl, qwen_image_inputs
+
+    model = (qwen2_vl if fam == "qwen2_vl" else qwen2_5_vl)("sdpa")
+    for blk in list(model.model.visual.blocks):  # 6 blocks: copies of the 2 (cuts at blocks 1, 3, 5)
+        model.model.visual.blocks.append(copy.deepcopy(blk))
+        model.model.visual.blocks.append(copy.deepcopy(blk))
+    if fam == "qwen2_5_vl":
+        model.model.visual.fullatt_block_indexes = [1, 4]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a peaked pseudo-[CLS] row (a random tiny tower's is nearly flat): early cuts
+        for blk in model.model.visual.blocks:
+            d = blk.attn.qkv.out_features // 3
+            blk.attn.qkv.weight[: 2 * d] *= 4.0
+            blk.attn.qkv.bias[:d] = 12.0 * torch.randn(d, generator=g)
+    model.eval()
+    inp = qwen_image_inputs(model, [[(4, 8)], [(8, 8)]])
+    seen = {}
+
+    def grab(module, args, kw):
+        seen.setdefault("embeds", kw["inputs_embeds"].clone())
+
+    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad(), prunekit.prune_tokens(model, "flowcut", keep=2) as session:
+            model(**inp)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        want = _qwen_reference(model, fam, inp, targets=[4, 4])
+    ids = inp["input_ids"]
+    for g in range(2):
+        slots = (ids[g] == model.config.image_token_id).nonzero().flatten()
+        kept = session.stats.kept_masks[0][g, slots].nonzero().flatten().tolist()
+        assert kept == want[g][0]
+        torch.testing.assert_close(seen["embeds"][g, slots[kept]], want[g][1], atol=1e-5, rtol=1e-4)
+    assert session.stats.tokens_kept == 8

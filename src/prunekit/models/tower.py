@@ -105,3 +105,176 @@ class TowerCut:
             return result
 
         return hook
+
+
+class QwenTowerCut:
+    """FlowCut's Qwen2-VL / Qwen2.5-VL variant inside the vision tower [official code, spec §8].
+
+    No [CLS]: a **pseudo-[CLS]** query, the mean of the image's queries per head, gives
+    ``a = softmax(q_mean . K^T / sqrt(d))`` (head mean), and ``score = a * |mean_heads(V)|_1`` (no
+    semantic term), smoothed over blocks (``cum = (cum + score) / 2``), cut at the blocks with an
+    even number ``rpl = n_blocks - i - 1`` of blocks left by the entropy-adaptive count, straight to
+    the target at the last block. Target: ``2K`` merged tokens per image (``K`` = the image's budget;
+    the official ``visual.target_num = 2K``), then FlowCut's llm stage cuts to ``K`` at LLM layer 1.
+
+    Departure (the spec's quirk): the official code prunes single pre-merge patches, so the 2x2
+    merger then groups patches that are no longer neighbours; here a merged token's 4 patches go or
+    stay together (their scores summed, the entropy taken over merged tokens), so every survivor is
+    a real merged token with its own slot and M-RoPE position. Each block runs on the survivors:
+    its ``cu_seqlens`` (per image; Qwen2.5-VL's windows: per window) and rotary embeddings are cut
+    with them. The merger's output goes back to the merged tokens' slots (zeros elsewhere), so HF's
+    un-windowing and per-image split stay as they are.
+    """
+
+    unit = 4  # patches per merged token (2x2)
+
+    def __init__(self, adapter, session: Session) -> None:
+        self.adapter, self.session = adapter, session
+        visual = adapter.core.visual
+        self.visual, self.blocks = visual, visual.blocks
+        self.full = set(getattr(visual, "fullatt_block_indexes", range(len(visual.blocks))))
+        self.windowed = hasattr(visual, "fullatt_block_indexes")
+        self.kept: list[torch.Tensor] = []  # per image: raster indices of the kept merged tokens
+
+    def install(self) -> None:
+        hooks = self.session.hooks
+        for i, blk in enumerate(self.blocks):
+            hooks.pre(blk, self._block_input(i))
+            hooks.pre(blk.attn, self._stats_hook(i))
+            hooks.post(blk, self._cut_hook(i))
+        hooks.post(self.visual.merger, self._scatter)
+
+    def reset(self) -> None:
+        self.kept, self.live = [], False
+
+    # ------------------------------------------------------------------ state per tower call
+    def _start(self, kw: dict) -> None:
+        a = self.adapter
+        thw = a.thw
+        self.n_units = [t * h * w // self.unit for t, h, w in thw]  # merged tokens per image
+        self.targets = [a.tower_target(self.session.keep, n) for n in self.n_units]
+        U = sum(self.n_units)
+        dev = kw["position_embeddings"][0].device
+        self.image_of = torch.repeat_interleave(torch.arange(len(thw)), torch.tensor(self.n_units)).to(dev)
+        self.units = torch.arange(U, device=dev)  # kept merged tokens, block order
+        self.cos, self.sin = kw["position_embeddings"]
+        self.U, self.cum, self.seconds = U, None, 0.0
+        if self.windowed:
+            from transformers.vision_utils import get_vision_window_index
+
+            v = self.visual
+            grid = torch.tensor(thw)
+            self.window_index, cu_win = get_vision_window_index(
+                grid, v.spatial_merge_size, v.window_size, v.patch_size
+            )
+            bounds = (cu_win.to(dev) // self.unit).long()
+            self.window_of = torch.searchsorted(bounds[1:], torch.arange(U, device=dev), right=True)
+        self.live = True
+
+    def _patches(self) -> torch.Tensor:
+        return (self.units[:, None] * self.unit + torch.arange(self.unit, device=self.units.device)).flatten()
+
+    def _seqlens(self, windows: bool, like: torch.Tensor) -> torch.Tensor:
+        ids = self.window_of[self.units] if windows else self.image_of[self.units]
+        counts = torch.bincount(ids, minlength=int(ids.max()) + 1 if len(ids) else 1) * self.unit
+        counts = counts[counts > 0]
+        return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(like.dtype)
+
+    # ------------------------------------------------------------------ hooks
+    def _block_input(self, i: int):
+        def hook(blk: nn.Module, args: tuple, kw: dict):
+            if not self.adapter.in_image_features:
+                return None
+            if i == 0:
+                self._start(kw)
+            if len(self.units) == self.U:
+                return None  # nothing cut yet: the block runs as it is
+            p = self._patches()
+            cu = self._seqlens(self.windowed and i not in self.full, kw["cu_seqlens"])
+            kw["cu_seqlens"] = cu
+            if kw.get("max_seqlen") is not None:
+                m = (cu[1:] - cu[:-1]).max()
+                kw["max_seqlen"] = m if isinstance(kw["max_seqlen"], torch.Tensor) else int(m)
+            kw["position_embeddings"] = (self.cos[p], self.sin[p])
+            return args, kw
+
+        return hook
+
+    def _stats_hook(self, i: int):
+        def hook(attn: nn.Module, args: tuple, kw: dict) -> None:
+            if not (self.adapter.in_image_features and self.live):
+                return
+            self.stats = None
+            counts = torch.bincount(self.image_of[self.units], minlength=len(self.n_units))
+            if all(int(c) <= t for c, t in zip(counts, self.targets, strict=True)):
+                return
+            with Timer() as t:
+                from transformers.models.qwen2_vl.modeling_qwen2_vl import rotate_half
+
+                h = args[0] if args else kw["hidden_states"]
+                cos, sin = kw["position_embeddings"]
+                P, heads = h.shape[0], attn.num_heads
+                qkv = attn.qkv(h).reshape(P, 3, heads, -1).permute(1, 2, 0, 3).float()  # (3, H, P, d)
+                c, s = cos[None].float(), sin[None].float()
+                q = qkv[0] * c + rotate_half(qkv[0]) * s
+                k = qkv[1] * c + rotate_half(qkv[1]) * s
+                vnorm = qkv[2].mean(dim=0).abs().sum(dim=-1)  # (P,)
+                a = torch.empty(P, device=h.device)
+                start = 0
+                for n in (int(x) * self.unit for x in counts):  # per image (a loop over images)
+                    qm = q[:, start : start + n].mean(dim=1, keepdim=True)  # (H, 1, d) pseudo-[CLS]
+                    row = ((qm @ k[:, start : start + n].transpose(-1, -2)) * attn.scaling).softmax(dim=-1)
+                    a[start : start + n] = row.mean(dim=0)[0]
+                    start += n
+                unit_a = a.view(-1, self.unit).sum(dim=-1)  # (U',) per merged token
+                score = (a * vnorm).view(-1, self.unit).sum(dim=-1)
+                self.cum = score if self.cum is None else 0.5 * self.cum + 0.5 * score
+                self.stats = unit_a
+            self.seconds += t.seconds
+
+        return hook
+
+    def _cut_hook(self, i: int):
+        def hook(blk: nn.Module, args: tuple, out):
+            if not (self.adapter.in_image_features and self.live):
+                return None
+            rpl = len(self.blocks) - i - 1
+            result = None
+            if self.stats is not None and rpl % 2 == 0:
+                with Timer() as t:
+                    img = self.image_of[self.units]
+                    keep = []
+                    for g, target in enumerate(self.targets):  # per image
+                        own = (img == g).nonzero().flatten()
+                        n = len(own)
+                        if n <= target:
+                            keep.append(own)
+                            continue
+                        r = prune_count(self.stats[own][None], target, rpl)
+                        keep_n = max(n - r, target)
+                        order = torch.sort(self.cum[own], descending=True, stable=True).indices[:keep_n]
+                        keep.append(own[torch.sort(order).values])
+                    sel = torch.cat(keep)
+                    self.units, self.cum = self.units[sel], self.cum[sel]
+                    rows = (sel[:, None] * self.unit + torch.arange(self.unit, device=sel.device)).flatten()
+                    result = out[rows]
+                self.seconds += t.seconds
+            if rpl == 0:
+                self.session.stats.select_seconds += self.seconds
+            return result
+
+        return hook
+
+    def _scatter(self, merger: nn.Module, args: tuple, out: torch.Tensor):
+        """Merged survivors ``(U', D)`` -> ``(U, D)`` in block order, zeros in the dropped slots; the
+        kept merged tokens of each image, as raster indices in it, go to ``self.kept``."""
+        if not (self.adapter.in_image_features and self.live):
+            return None
+        self.live = False
+        full = out.new_zeros(self.U, out.shape[-1])
+        full[self.units] = out
+        raster = self.units if not self.windowed else self.window_index.to(self.units.device)[self.units]
+        offsets = torch.tensor([0, *self.n_units]).cumsum(0).to(raster.device)
+        img = self.image_of[self.units]
+        self.kept = [torch.sort(raster[img == g] - offsets[g]).values for g in range(len(self.n_units))]
+        return full

@@ -166,9 +166,7 @@ class VLMAdapter(Adapter):
             )
             self.want_text = "text_embeddings" in needs
             if getattr(session.method, "in_tower", False):
-                from .tower import TowerCut
-
-                self.tower = TowerCut(self, session)
+                self.tower = self._make_tower(session)
                 self.tower.install()
             # every (kind, layer) asked, keyed as the method reads it: "attention_map", "attention_map@8"
             n = len(self.vision_layers())
@@ -204,6 +202,11 @@ class VLMAdapter(Adapter):
     def tower_target(self, keep: float | int, n: int) -> int:
         """Patches an in-tower method (FlowCut) keeps of each of the tower's ``n``-patch inputs."""
         return resolve_keep(keep, n)
+
+    def _make_tower(self, session: Session):
+        from .tower import TowerCut
+
+        return TowerCut(self, session)
 
     # ------------------------------------------------------------------ hooks
     def _on_top(self, module: nn.Module, args: tuple, kw: dict) -> None:
@@ -612,6 +615,7 @@ class Qwen2VLAdapter(VLMAdapter):
         "attention_map": "per-head map between merged visual tokens of a vision block, over the whole "
         "image (window mask ignored), in the LLM's token order",
         "text_embeddings": "the prompt's text-token input embeddings, zero-padded",
+        "tower_keep": "the merged tokens FlowCut kept inside the vision tower (2K per image), per image",
     }
     #: query rows per softmax chunk (a multiple of the 4 patches of a merged token), bounding memory
     query_chunk: ClassVar[int] = 2048
@@ -621,6 +625,34 @@ class Qwen2VLAdapter(VLMAdapter):
 
     def feature_attention_layer(self) -> int:
         return len(self.vision_layers()) - 1  # the merger reads the last block
+
+    def tower_target(self, keep: float | int, n: int) -> int:
+        """FlowCut's Qwen variant: ``2K`` merged tokens of an image (``visual.target_num = 2K``);
+        keeping everything keeps everything."""
+        k = resolve_keep(keep, n)
+        return n if k >= n else min(n, 2 * k)
+
+    def _make_tower(self, session: Session):
+        from .tower import QwenTowerCut
+
+        return QwenTowerCut(self, session)
+
+    def _scatter_tower_features(self, out) -> None:
+        self.tower_idx = self.tower.kept  # the merger's output is in its slots already (QwenTowerCut)
+        self.tower_kept = None  # per image lists instead (images differ in size)
+
+    def _prompt_groups(self) -> Groups:
+        groups = super()._prompt_groups()
+        if self.session.stage == "vision" and self.tower is not None:
+            groups.budgets = [len(t) for t in self.tower_idx]
+        return groups
+
+    def _signal_fns(self, x: torch.Tensor, valid: torch.Tensor) -> dict:
+        fns = super()._signal_fns(x, valid)
+        if self.tower is not None:
+            idx = self.tower_idx
+            fns["tower_keep"] = lambda b, pos, ids: torch.stack([idx[i] for i in ids]).to(pos.device)
+        return fns
 
     def _before_image_features(self, args: tuple, kw: dict) -> None:
         thw = kw.get("image_grid_thw", args[1] if len(args) > 1 else None)

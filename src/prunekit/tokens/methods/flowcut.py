@@ -37,10 +37,16 @@ Supported: LLaVA-1.5-style models (``LlavaForConditionalGeneration``, CLIP or DI
         with prune_tokens(next_model, "flowcut", keep=64, stage="llm"):  # 64 per image at layer 1
             next_model.generate(...)
 
-The llm stage also runs on LLaVA-1.5, Qwen2-VL and plain decoders (there it scores the prompt).
-The Qwen2-VL / 2.5-VL tower variant (pseudo-[CLS] = the mean query, pruning pre-merge patches
-inside blocks that run on ``cu_seqlens`` and windows) is not implemented: refused with a clear
-error (the tower stage cannot give ``tower_keep`` there).
+Qwen2-VL / Qwen2.5-VL (the official Qwen variant, :class:`~prunekit.models.tower.QwenTowerCut`):
+the tower keeps ``2K`` merged tokens per image, scored by a pseudo-[CLS] (the mean query of the
+image) times the value norms, with the same EMA and entropy-adaptive schedule over the blocks;
+each block runs on the survivors (its ``cu_seqlens``, Qwen2.5-VL's windows and the rotary
+embeddings cut with them); then the same nested llm stage cuts to ``K``. Departure: a merged
+token's 4 patches are kept or dropped together (the official code prunes single patches, so the
+2x2 merger then joins patches that are not neighbours; spec §8 quirk). The official Qwen llm-stage
+score sums the un-normalised ``rel + sem``; here the normalised form is used on every family.
+
+The llm stage also runs on LLaVA-1.5 and plain decoders (there it scores the prompt).
 
 Departures: the kept visual tokens keep their original position ids in the LLM (prunekit's vision
 stage; the official LLaVA path shortens the input, so its positions are contiguous); ``p log p``
