@@ -509,8 +509,8 @@ class LlavaNextAdapter(VLMAdapter):
             for s in sizes
         ]
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
-        # pack a (3+C)-channel "feature": newline flag, crop index (over the call), patch index in
-        # the crop, then one CLS score per signal key
+        # pack a (3+C)-channel "feature": newline flag, crop index (in the tower call), patch index
+        # in the crop, then one CLS score per signal key
         keys = list(self.cls_rows)
         per_crop = torch.zeros(sum(n_crops), side * side, 3 + len(keys), dtype=torch.float64)
         per_crop[..., 1] = torch.arange(sum(n_crops), dtype=torch.float64)[:, None]
@@ -525,7 +525,7 @@ class LlavaNextAdapter(VLMAdapter):
         )
         packed = packed if isinstance(packed, (list, tuple)) else torch.split(packed, self.counts)
         self.candidate_valid = [p[:, 0] == 0 for p in packed]
-        # each image's candidates: (crop index over all calls so far, patch index), for per-crop groups
+        # each image's candidates: (crop index in the tower call, patch index), for per-crop groups
         self.crop_of = [p[v, 1].long() for p, v in zip(packed, self.candidate_valid, strict=True)]
         self.patch_of = [p[v, 2].long() for p, v in zip(packed, self.candidate_valid, strict=True)]
         self.side = side
@@ -661,7 +661,7 @@ class Qwen2VLAdapter(VLMAdapter):
         m = self.core.visual.spatial_merge_size
         self.thw = thw.tolist()
         self.grids = [(h // m, w // m) if t == 1 else None for t, h, w in self.thw]
-        self.window_index = self._window_index(thw)
+        self.window_index = self._window_index(thw) if self.vision_asked else None  # maps only
 
     def _window_index(self, thw: torch.Tensor) -> torch.Tensor | None:
         """Position of each merged token in the blocks' order (None: raster order, Qwen2-VL)."""
