@@ -91,5 +91,5 @@ def test_signal_a_family_cannot_give_is_refused_with_the_reason():
     from tiny import qwen2_vl
 
     with pytest.raises(SignalUnavailableError, match=r"no \[CLS\]|attention_map"):
-        with prunekit.prune_tokens(qwen2_vl(), Recorder(kinds=("attention_map",)), keep=0.5):
+        with prunekit.prune_tokens(qwen2_vl(), Recorder(kinds=("cls_attention",)), keep=0.5):
             pass
