@@ -32,7 +32,8 @@ lower index (the official code adds random noise); the frames of a video must ha
 counts. Families: LLaVA-1.5 (the feature layer's map without [CLS]), and Qwen2-VL / Qwen2.5-VL,
 whose images in one prompt are the frames (the adapter's merged-token map of the last vision block,
 see :class:`~prunekit.models.vlm.Qwen2VLAdapter`; Qwen's own video input, ``pixel_values_videos``,
-is not a candidate yet). LLaVA-NeXT offers no map (a clear error).
+is not a candidate yet). LLaVA-NeXT is refused with the reason: its maps are per crop, and HoliTom
+groups a sample's frames.
 """
 
 from __future__ import annotations
