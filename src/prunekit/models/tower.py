@@ -135,6 +135,7 @@ class QwenTowerCut:
         self.full = set(getattr(visual, "fullatt_block_indexes", range(len(visual.blocks))))
         self.windowed = hasattr(visual, "fullatt_block_indexes")
         self.kept: list[torch.Tensor] = []  # per image: raster indices of the kept merged tokens
+        self.live = False  # inside an image tower call, before the merger
 
     def install(self) -> None:
         hooks = self.session.hooks
