@@ -210,16 +210,12 @@ class QwenTowerCut:
             if all(int(c) <= t for c, t in zip(counts, self.targets, strict=True)):
                 return
             with Timer() as t:
-                from transformers.models.qwen2_vl.modeling_qwen2_vl import rotate_half
+                from .vlm import qwen_qkv
 
                 h = args[0] if args else kw["hidden_states"]
-                cos, sin = kw["position_embeddings"]
-                P, heads = h.shape[0], attn.num_heads
-                qkv = attn.qkv(h).reshape(P, 3, heads, -1).permute(1, 2, 0, 3).float()  # (3, H, P, d)
-                c, s = cos[None].float(), sin[None].float()
-                q = qkv[0] * c + rotate_half(qkv[0]) * s
-                k = qkv[1] * c + rotate_half(qkv[1]) * s
-                vnorm = qkv[2].mean(dim=0).abs().sum(dim=-1)  # (P,)
+                P = h.shape[0]
+                q, k, v = qwen_qkv(attn, h, *kw["position_embeddings"])  # (H, P, d)
+                vnorm = v.mean(dim=0).abs().sum(dim=-1)  # (P,)
                 a = torch.empty(P, device=h.device)
                 start = 0
                 for n in (int(x) * self.unit for x in counts):  # per image (a loop over images)

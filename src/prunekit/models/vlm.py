@@ -260,7 +260,7 @@ class VLMAdapter(Adapter):
             slots[kept[j].to(f.device)] = f
             full.append(slots)
         out.pooler_output = full if isinstance(feats, (list, tuple)) else torch.stack(full)
-        self.tower_kept = kept
+        self.tower_idx = list(kept)  # per image: the kept patch indices (the signal tower_keep)
 
     def _image_scores(self, rows: torch.Tensor, args: tuple, kw: dict) -> torch.Tensor:
         """CLS rows ``(n_images, 1+N)`` -> scores aligned with each image's visual tokens."""
@@ -351,8 +351,8 @@ class VLMAdapter(Adapter):
                 else:
                     fns[key] = lambda b, pos, ids, m=maps: torch.stack([m[i] for i in ids]).to(pos.device)
         if self.tower is not None:
-            kept = self.tower_kept
-            fns["tower_keep"] = lambda b, pos, ids: kept[ids].to(pos.device)
+            idx = self.tower_idx
+            fns["tower_keep"] = lambda b, pos, ids: torch.stack([idx[i] for i in ids]).to(pos.device)
         if self.want_text:  # the prompt's text tokens of each group's sample, zero-padded: (S, T, D)
             media = torch.isin(self.ids, torch.tensor(self.media_token_ids(), device=self.ids.device))
             idx, ok = right_pack(valid & ~media)
@@ -496,7 +496,8 @@ class LlavaNextAdapter(VLMAdapter):
         return full.scatter_(1, kept[..., None].expand(-1, -1, out.shape[-1]), out)
 
     def _scatter_tower_features(self, out) -> None:
-        self.tower_kept = torch.cat(self.tower.kept)  # scattered per crop already (_scatter_crops)
+        """Scattered per crop already (:meth:`_scatter_crops`); the per-image survivors are found in
+        :meth:`_prompt_groups`, after the packing."""
 
     def _on_image_features(self, out, args: tuple, kw: dict) -> None:
         super()._on_image_features(out, args, kw)
@@ -544,8 +545,9 @@ class LlavaNextAdapter(VLMAdapter):
         groups = super()._prompt_groups()
         if self.session.stage == "vision" and self.tower is not None:
             # each image's candidates whose (crop, patch) the tower kept (and unpadding left)
-            table = torch.zeros(self.tower_kept.shape[0], self.tower.n_patches, dtype=torch.bool)
-            table.scatter_(1, self.tower_kept.cpu(), True)
+            kept = torch.cat(self.tower.kept).cpu()  # (n_crops, K)
+            table = torch.zeros(kept.shape[0], self.tower.n_patches, dtype=torch.bool)
+            table.scatter_(1, kept, True)
             self.tower_idx = [
                 table[c, p].nonzero().flatten() for c, p in zip(self.crop_of, self.patch_of, strict=True)
             ]
@@ -578,9 +580,6 @@ class LlavaNextAdapter(VLMAdapter):
 
     def _signal_fns(self, x: torch.Tensor, valid: torch.Tensor) -> dict:
         fns = super()._signal_fns(x, valid)
-        if self.tower is not None:
-            idx = self.tower_idx
-            fns["tower_keep"] = lambda b, pos, ids: torch.stack([idx[i] for i in ids]).to(pos.device)
         if not self._by_crop():
             return fns
         cg = self.crop_groups
@@ -639,20 +638,12 @@ class Qwen2VLAdapter(VLMAdapter):
 
     def _scatter_tower_features(self, out) -> None:
         self.tower_idx = self.tower.kept  # the merger's output is in its slots already (QwenTowerCut)
-        self.tower_kept = None  # per image lists instead (images differ in size)
 
     def _prompt_groups(self) -> Groups:
         groups = super()._prompt_groups()
         if self.session.stage == "vision" and self.tower is not None:
             groups.budgets = [len(t) for t in self.tower_idx]
         return groups
-
-    def _signal_fns(self, x: torch.Tensor, valid: torch.Tensor) -> dict:
-        fns = super()._signal_fns(x, valid)
-        if self.tower is not None:
-            idx = self.tower_idx
-            fns["tower_keep"] = lambda b, pos, ids: torch.stack([idx[i] for i in ids]).to(pos.device)
-        return fns
 
     def _before_image_features(self, args: tuple, kw: dict) -> None:
         thw = kw.get("image_grid_thw", args[1] if len(args) > 1 else None)
@@ -697,6 +688,18 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
         return window_index
 
 
+def qwen_qkv(
+    attn: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Qwen vision attention's ``q, k, v`` ``(H, P, d)`` float32 on its input ``h (P, D)``, rotary
+    embeddings applied to ``q`` and ``k`` (as the block's own forward)."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import rotate_half
+
+    qkv = attn.qkv(h).reshape(h.shape[0], 3, attn.num_heads, -1).permute(1, 2, 0, 3).float()
+    c, s = cos[None].float(), sin[None].float()
+    return qkv[0] * c + rotate_half(qkv[0]) * s, qkv[1] * c + rotate_half(qkv[1]) * s, qkv[2]
+
+
 def qwen_image_attention(
     attn: nn.Module,
     h: torch.Tensor,
@@ -713,13 +716,8 @@ def qwen_image_attention(
     Each image's full softmax (no window mask) is taken over its patches; merged rows are the mean of
     their 4 patch rows, merged columns the sum of their 4 patch columns.
     """
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import rotate_half
-
-    P, heads = h.shape[0], attn.num_heads
-    qkv = attn.qkv(h).reshape(P, 3, heads, -1).permute(1, 2, 0, 3)  # (3, H, P, d)
-    c, s = cos[None].float(), sin[None].float()
-    q = qkv[0].float() * c + rotate_half(qkv[0].float()) * s
-    k = qkv[1].float() * c + rotate_half(qkv[1].float()) * s
+    heads = attn.num_heads
+    q, k, _ = qwen_qkv(attn, h, cos, sin)  # (H, P, d)
     unit = 4  # patches per merged token (2x2 merge)
     out, start = [], 0
     for n in lengths:  # per image: a loop over images, not tokens
