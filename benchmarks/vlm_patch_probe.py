@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ import torch
 from prunekit.models.zoo import dinov2_small, smollm2
 from prunekit.zoo.llava_dino_smol import (
     CANVAS_PX,
+    V4,
     Recipe,
     _align_words,
     _Projector,
@@ -61,7 +63,7 @@ def main() -> None:
     targets = _word_targets(tok, embed)
     words = torch.cat([patch_words(s) for s in test])
     for align_ce in (0.0, 0.1):
-        recipe = Recipe(align_ce=align_ce)
+        recipe = replace(V4, align_ce=align_ce)  # class words only (no place component)
         proj = _Projector(f_train.shape[-1], lm.config.hidden_size, mean, std, recipe.seed)
         _align_words(proj, f_train, train, tok, embed, recipe, progress=False)
         with torch.no_grad():

@@ -10,9 +10,9 @@ enc, tok = zoo.minilm()              # BertModel
 from __future__ import annotations
 
 from ..models.zoo import dinov2_small, minilm, smollm2
-from .llava_dino_smol import IMAGE_TOKEN_ID, N_VISUAL, Recipe, llava_dino_smol, pixel_values, prompt_ids
+from .llava_dino_smol import IMAGE_TOKEN_ID, N_VISUAL, V4, Recipe, llava_dino_smol, pixel_values, prompt_ids
 
 __all__ = [
-    "IMAGE_TOKEN_ID", "N_VISUAL", "Recipe", "dinov2_small", "llava_dino_smol", "minilm", "pixel_values",
+    "IMAGE_TOKEN_ID", "N_VISUAL", "V4", "Recipe", "dinov2_small", "llava_dino_smol", "minilm", "pixel_values",
     "prompt_ids", "smollm2",
 ]  # fmt: skip

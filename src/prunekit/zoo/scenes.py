@@ -252,6 +252,23 @@ class SceneMaker:
         return Sample(np.stack(images), qas, layouts)
 
 
+def cycle_types(
+    maker: SceneMaker, n: int, kinds: tuple[str, ...] = QUESTION_TYPES
+) -> list[tuple[Sample, QA]]:
+    """``n`` (sample, question) pairs whose question types cycle through ``kinds`` (single-image
+    types), each on a fresh scene (or one-item image for ``single``) from ``maker``."""
+    out = []
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        while True:  # a layout may not allow the type ("left" needs two single classes in two columns)
+            s = maker.single() if kind == "single" else maker.scene(n_questions=6)
+            qa = next((q for q in s.qas if q.kind == kind), None)
+            if qa is not None:
+                out.append((s, qa))
+                break
+    return out
+
+
 def make_split(split: str, n: int, seed: int, *, singles: float = 0.15, n_questions: int = 4) -> list[Sample]:
     """``n`` single-image samples (grid scenes and a ``singles`` fraction of one-item images)."""
     maker = SceneMaker(split, seed)

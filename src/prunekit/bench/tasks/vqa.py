@@ -48,23 +48,14 @@ class FashionVQA(Task):
     decode_tokens = 4
 
     def _samples(self):
-        from ...zoo.scenes import QUESTION_TYPES, SceneMaker
+        from ...zoo.scenes import SceneMaker, cycle_types
 
         maker = SceneMaker("test", seed=10_000 + self.seed)  # held-out split, its own seed stream
-        out = []
         if self.variant == "multi":
             return [(s, s.qas[0]) for s in (maker.multi() for _ in range(self.limit))]
         if self.variant == "video":
             return [(s, s.qas[i % 2]) for i, s in enumerate(maker.video() for _ in range(self.limit))]
-        for i in range(self.limit):
-            kind = QUESTION_TYPES[i % len(QUESTION_TYPES)]
-            while True:
-                s = maker.single() if kind == "single" else maker.scene(n_questions=6)
-                qa = next((q for q in s.qas if q.kind == kind), None)
-                if qa is not None:
-                    out.append((s, qa))
-                    break
-        return out
+        return cycle_types(maker, self.limit)
 
     def prepare(self, loaded: Loaded) -> None:
         if self.prepared_for == loaded.name:
