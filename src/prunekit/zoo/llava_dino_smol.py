@@ -417,7 +417,7 @@ def _train_stage(name, proj, lm, tok, samples, feats, steps, opt, recipe, progre
         if recipe.align_weight:
             span = [slice(first_image[i % n], first_image[i % n + 1]) for i in idx]
             w = torch.cat([words[sl] for sl in span])
-            off = None if offsets is None else torch.cat([offsets[sl] for sl in span])
+            off = None if offsets is None else offsets[1][torch.cat([offsets[0][sl] for sl in span])]
             loss = loss + recipe.align_weight * _align_loss(vis.float(), w, targets, recipe, off)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -497,12 +497,14 @@ def _align_loss(
     return loss
 
 
-def _place_offsets(samples, tok, embed: nn.Module, recipe: Recipe) -> torch.Tensor | None:
-    """``(images, 256, d)`` place components of the alignment targets (None when ``align_position`` is 0)."""
+def _place_offsets(samples, tok, embed: nn.Module, recipe: Recipe):
+    """The place components of the alignment targets as ``(places, table)``: the ``(images, 256)``
+    indices of :func:`patch_places` and the ``(len(PLACES), d)`` scaled word means, so a batch
+    indexes ``table[places[...]]`` without an ``(images, 256, d)`` copy (None when
+    ``align_position`` is 0)."""
     if not recipe.align_position:
         return None
-    places = torch.cat([patch_places(s) for s in samples])
-    return recipe.align_position * _place_targets(tok, embed)[places]
+    return torch.cat([patch_places(s) for s in samples]), recipe.align_position * _place_targets(tok, embed)
 
 
 def _align_words(proj: nn.Module, feats: torch.Tensor, samples, tok, embed: nn.Module, recipe: Recipe,
@@ -519,7 +521,7 @@ def _align_words(proj: nn.Module, feats: torch.Tensor, samples, tok, embed: nn.M
         range(recipe.align_steps), desc="aligning tokens to words", unit="step", disable=not progress
     ):
         rows = torch.randint(0, x.shape[0], (4096,), generator=g)
-        off = None if offsets is None else offsets.reshape(-1, offsets.shape[-1])[rows]
+        off = None if offsets is None else offsets[1][offsets[0].reshape(-1)[rows]]
         loss = _align_loss(proj(x[rows]), labels[rows], target, recipe, off)
         opt.zero_grad(set_to_none=True)
         loss.backward()
