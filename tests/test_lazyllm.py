@@ -10,6 +10,7 @@ import torch
 
 import prunekit
 from invariants import assert_same, snapshot
+from prunekit.models.compat import cache_keyword, output_cache
 from reference import decoder_layers, greedy
 from tiny import DECODERS, text_inputs
 
@@ -52,14 +53,15 @@ def _drive(model, inp: dict, chunks: list[int]) -> tuple[torch.Tensor, torch.Ten
     full 2-D mask, and each call's output logits (prefill: the last row)."""
     ids, am = inp["input_ids"], inp["attention_mask"]
     out = model(input_ids=ids, attention_mask=am, position_ids=_positions(am), use_cache=True)
-    cache, logits = out.past_key_values, [out.logits[:, -1:]]
+    cache, logits = output_cache(out), [out.logits[:, -1:]]
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     for n in chunks:
         new = torch.cat([nxt, (nxt + 1 + torch.arange(n - 1)) % 200], dim=1)  # greedy first, then forced
         ids = torch.cat([ids, new], dim=1)
         am = torch.cat([am, torch.ones_like(new)], dim=1)
         pos = _positions(am)[:, -n:]
-        out = model(input_ids=new, attention_mask=am, position_ids=pos, past_key_values=cache, use_cache=True)
+        kw = {cache_keyword(): cache}
+        out = model(input_ids=new, attention_mask=am, position_ids=pos, use_cache=True, **kw)
         logits.append(out.logits)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     return ids, am, logits

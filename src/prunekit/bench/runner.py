@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..errors import PrunekitError
+from ..models.compat import output_cache
 from . import measure
 from .models import Loaded, load, resolve_dtype
 from .spec import RunSpec
@@ -172,7 +173,7 @@ def _measure(spec: RunSpec) -> dict:
         peak, how = measure.peak_memory(lambda o=opener: prefill(o), spec.device)
         mem[f"{who}_peak_bytes"], mem["how"] = peak, how
         result = prefill(opener)
-        mem[f"{who}_kv_bytes"] = measure.cache_bytes(getattr(result, "past_key_values", None))
+        mem[f"{who}_kv_bytes"] = measure.cache_bytes(output_cache(result))
     flops = {who: measure.count_flops(lambda o=opener: prefill(o))
              for who, opener in (("dense", dense_open), ("pruned", pruned_open))}  # fmt: skip
     nz, total = measure.params_kept(loaded.model)

@@ -33,6 +33,7 @@ from .. import registry
 from ..budget import validate_keep
 from ..errors import PrunekitError, UnsupportedModelError
 from ..models.base import HookSet, Timer
+from ..models.compat import cache_of
 from ..models.sequence import decoder_call, real_tokens
 from .context import KV_SIGNALS, KVContext, KVMethod
 from .signals import attention_sum, window_attention
@@ -80,8 +81,10 @@ def make_kv_method(method: str | KVMethod, options: dict) -> KVMethod:
 
 
 def _text_model(model: nn.Module) -> nn.Module:
+    from ..models.compat import check_transformers
     from ..models.decoder import DECODER_TYPES, _text_model
 
+    check_transformers()
     kv_types = (*DECODER_TYPES, "gemma3_text")
     mt = getattr(getattr(model, "config", None), "model_type", None)
     tm = _text_model(model)
@@ -215,7 +218,7 @@ class KVSession:
         )
 
     def _after_attention(self, attn: nn.Module, args: tuple, kw: dict, out):
-        cache = kw.get("past_key_values")
+        cache = cache_of(kw)
         if cache is None:
             return None
         i = attn.layer_idx

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..errors import PrunekitError, UnsupportedModelError
 from ..models.base import HookSet, Timer
+from ..models.compat import cache_of
 from ..models.sequence import decoder_call, real_tokens
 from ..tokens.schedule import group_counts
 from .engine import KVStats, _text_model, sliding_layers
@@ -181,7 +182,7 @@ class LazySession:
 
     def _last_token_attention(self, attn: nn.Module, kw: dict, seg: int) -> torch.Tensor:
         h, (cos, sin) = kw["hidden_states"], kw["position_embeddings"]
-        keys = kw["past_key_values"].layers[attn.layer_idx].keys  # (B, Hkv, K, hd)
+        keys = cache_of(kw).layers[attn.layer_idx].keys  # (B, Hkv, K, hd)
         spos, svalid = self._slots(seg)
         B, K = spos.shape
         if keys.shape[2] != K:

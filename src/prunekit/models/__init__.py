@@ -13,11 +13,13 @@ from .base import Adapter, HookSet, PruneStats, Session
 
 
 def _adapters() -> list[type[Adapter]]:
+    from .compat import check_transformers
     from .decoder import DecoderAdapter
     from .encoder import ENCODER_ADAPTERS
     from .ssm import MambaAdapter
     from .vlm import VLM_ADAPTERS
 
+    check_transformers()  # warns once outside the tested range
     # VLMs first: they contain a decoder and must not be taken for a plain one.
     return [*VLM_ADAPTERS, DecoderAdapter, *ENCODER_ADAPTERS, MambaAdapter]
 

@@ -26,6 +26,7 @@ from ..errors import PrunekitError, SignalUnavailableError, UnsupportedModelErro
 from ..tokens.schedule import group_counts, mean_tokens
 from .attention import causal_allowed, decoder_attention, decoder_logits, last_query_attention
 from .base import Adapter, Session, check_cut_layer, required_signals
+from .compat import cache_of
 from .heads import HeadCascade
 from .sequence import (
     Groups,
@@ -499,7 +500,7 @@ class LLMCut:
                     else torch.ones(B, 0, dtype=torch.bool, device=h.device)
                 )
                 key_valid = torch.cat([slot_valid, new], dim=1)
-                n_keys = kw["past_key_values"].get_seq_length(i) + h.shape[1]  # this layer's cache + new
+                n_keys = cache_of(kw).get_seq_length(i) + h.shape[1]  # this layer's cache + new
                 if key_valid.shape[1] != n_keys:  # no 2-D mask given: new tokens are all real
                     pad = torch.ones(B, n_keys - key_valid.shape[1], dtype=torch.bool, device=h.device)
                     key_valid = torch.cat([key_valid, pad], dim=1)

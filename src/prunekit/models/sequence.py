@@ -16,6 +16,7 @@ from ..budget import resolve_keep
 from ..errors import PrunekitError
 from ..tokens.context import TokenContext
 from .base import Session, Timer
+from .compat import cache_of
 
 
 def left_pack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +51,7 @@ def decoder_call(args: tuple, kw: dict) -> tuple[torch.Tensor, int, torch.Tensor
     x = kw.get("inputs_embeds")
     if x is None:
         x = kw.get("input_ids", args[0] if args else None)
-    pkv = kw.get("past_key_values")
+    pkv = cache_of(kw)
     am = kw.get("attention_mask")
     am2d = am if isinstance(am, torch.Tensor) and am.dim() == 2 else None
     return x, (pkv.get_seq_length() if pkv is not None else 0), am2d

@@ -33,6 +33,7 @@ from ..budget import resolve_keep
 from ..errors import PrunekitError, SignalUnavailableError
 from .attention import cls_query_attention, encoder_attention
 from .base import Adapter, Session, required_signals
+from .compat import cache_of
 from .decoder import LLMCut
 from .sequence import Groups, gather_tokens, left_pack, right_pack, select_in_groups
 
@@ -211,7 +212,7 @@ class VLMAdapter(Adapter):
     # ------------------------------------------------------------------ hooks
     def _on_top(self, module: nn.Module, args: tuple, kw: dict) -> None:
         ids = kw.get("input_ids", args[0] if args else None)
-        pkv = kw.get("past_key_values")
+        pkv = cache_of(kw)
         if pkv is None or pkv.get_seq_length() == 0:
             if ids is None:
                 raise PrunekitError(
@@ -367,7 +368,7 @@ class VLMAdapter(Adapter):
     def _on_language_model(self, module: nn.Module, args: tuple, kw: dict):
         x = kw.get("inputs_embeds")
         am = kw.get("attention_mask")
-        pkv = kw.get("past_key_values")
+        pkv = cache_of(kw)
         past = pkv.get_seq_length() if pkv is not None else 0
         if past == 0:
             if x is None or self.ids is None or x.shape[1] != self.ids.shape[1]:

@@ -328,6 +328,10 @@ def prune_weights(
     """
     from tqdm.auto import tqdm
 
+    from ..models.compat import check_transformers
+
+    check_transformers()
+
     from ..bench.measure import peak_memory
 
     m = _method(method, options)

