@@ -13,3 +13,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for prop, n in sorted(strategies.CASES.items()):
         terminalreporter.write_line(f"{prop}: {n}")
     terminalreporter.write_line(f"total: {sum(strategies.CASES.values())}")
+    for what, err in sorted(strategies.MAX_ERR.items()):
+        terminalreporter.write_line(f"largest error, {what}: {err:.2e}")

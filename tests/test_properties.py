@@ -29,6 +29,7 @@ from prunekit.errors import PrunekitError
 from reference import decoder_layers, greedy, masked_reference, masked_reference_cuts
 from strategies import (
     CASES,
+    MAX_ERR,
     decoders,
     encoders,
     examples,
@@ -73,6 +74,8 @@ def _packed_err(pruned: torch.Tensor, dense: torch.Tensor, am: torch.Tensor) -> 
 
 def _check(err: float, tol: float, what: str) -> None:
     print(f"{what}: max |diff| = {err:.2e} (tolerance {tol:.0e})")
+    key = f"{what.split(':')[-1].strip()} (tolerance {tol:.0e})"
+    MAX_ERR[key] = max(MAX_ERR.get(key, 0.0), err)
     assert err <= tol, f"{what}: max |diff| = {err:.2e} > tolerance {tol:.0e}"
 
 
@@ -95,13 +98,20 @@ def _refused_clearly(err: Exception, prompt) -> bool:
     decoders need left padding (the last position real in every row), BERT right padding; a
     method's default cut layer (e.g. FastV's official K = 2) does not exist in a 2-layer model; a
     progressive method cannot reach a mean ``keep`` below what its layers before the first cut
-    already see."""
+    already see (LazyLLM alike); OWL's layer sparsities (target +- lam) must stay in [0, 1)."""
     msg = str(err)
     if isinstance(err, PrunekitError) and "left padding" in msg:
         return prompt is not None and prompt.right_padded
     if isinstance(err, PrunekitError) and "needs right padding" in msg:  # BERT: [CLS] at index 0
         return prompt is not None and prompt.left_padded
-    clear = r"K must be an int in \[1, \d+\] for this|is unreachable with cuts at layers .* allowed keep"
+    clear = "|".join(
+        [
+            r"K must be an int in \[1, \d+\] for this",
+            r"is unreachable with cuts at layers .* allowed keep",
+            r"is below what pruning layers .* allow: .* or a larger keep",  # LazyLLM, the same
+            r"OWL with lam=.* gives layer sparsities outside \[0, 1\) .*; lower lam",
+        ]
+    )
     return isinstance(err, ValueError) and bool(re.search(clear, msg))
 
 
@@ -155,9 +165,10 @@ def test_llm_stage_keep_everything_is_dense(method, data):
         except (PrunekitError, ValueError) as e:
             return _expect_refusal(e, prompt, "keep-everything = dense")
     err = _packed_err(same, dense, inp["attention_mask"])
-    _check(err, TOL_DENSE, f"{method} keep={keep}: logits vs dense")
+    _check(err, TOL_DENSE, f"{method} keep={keep}: llm stage, logits vs dense")
     if gen is not None:
-        _check(_err(gen[1], dense_gen[1], torch.isfinite(dense_gen[1])), TOL_DENSE, "generate() logits")
+        err = _err(gen[1], dense_gen[1], torch.isfinite(dense_gen[1]))
+        _check(err, TOL_DENSE, "llm stage, generate() logits vs dense")
         assert torch.equal(gen[0], dense_gen[0])
     CASES["keep-everything = dense"] += 1
 
@@ -225,7 +236,8 @@ def test_llm_stage_generate_equals_the_masked_reference(method, data):
     cuts = list(zip(s.stats.cut_layers, s.stats.kept_masks, strict=True))  # one prefill: one set of cuts
     with torch.no_grad(), masked_reference_cuts(ref, cuts, inp["attention_mask"]):
         ref_tokens, ref_logits = greedy(ref, inp, STEPS)
-    _compare_generate(tokens, logits, ref_tokens, ref_logits, f"{method} keep={keep}: vs masked reference")
+    what = f"{method} keep={keep}: llm stage, generate() vs masked reference"
+    _compare_generate(tokens, logits, ref_tokens, ref_logits, what)
     CASES["masked reference"] += 1
 
 
@@ -261,7 +273,7 @@ def test_kv_keep_everything_is_dense(method, data):
         dense_t, dense_l = greedy(model, inp, STEPS)
         with prunekit.compress_kv(model, method, keep=keep, **opts):
             t, logits = greedy(model, inp, STEPS)
-    _check(_finite_err(logits, dense_l), TOL_DENSE, f"{method} keep={keep}: generate() logits vs dense")
+    _check(_finite_err(logits, dense_l), TOL_DENSE, f"{method} keep={keep}: kv, generate() logits vs dense")
     assert torch.equal(t, dense_t)
     CASES["keep-everything = dense"] += 1
 
@@ -281,16 +293,16 @@ def test_kv_restores_the_model(method, data):
         model(**inp)
         before = snapshot(model)
         dense = model(**inp).logits
-        try:
-            with prunekit.compress_kv(model, method, keep=keep, **opts):
-                greedy(model, inp, STEPS)
-        except (PrunekitError, ValueError) as e:
-            _expect_refusal(e, prompt, REFUSED_INSIDE)
-        refusals = (RuntimeError, ValueError, PrunekitError)
-        with pytest.raises(refusals, match=r"boom inside|left padding|unreachable"):
-            with prunekit.compress_kv(model, method, keep=keep, **opts):
-                with _boom_in(decoder_layers(model)[-1]):
-                    greedy(model, inp, STEPS)
+        for boom in (False, True):
+            try:
+                with prunekit.compress_kv(model, method, keep=keep, **opts):
+                    with _boom_in(decoder_layers(model)[-1]) if boom else nullcontext():
+                        greedy(model, inp, STEPS)
+            except (PrunekitError, ValueError) as e:
+                _expect_refusal(e, prompt, REFUSED_INSIDE)
+            except RuntimeError as e:
+                if not (boom and "boom inside" in str(e)):
+                    raise
         after = model(**inp).logits
     assert_same(before, snapshot(model))
     assert torch.equal(dense, after), "outputs changed after the with-block"
@@ -343,7 +355,8 @@ def test_kv_generate_equals_the_masked_reference(method, data):
         tokens, logits = greedy(model, inp, STEPS)
     with torch.no_grad(), kv_masked_reference(ref, prompt.length, s.stats.kept[0], rec):
         ref_tokens, ref_logits = greedy(ref, inp, STEPS)
-    _compare_generate(tokens, logits, ref_tokens, ref_logits, f"{method} keep={keep}: vs masked reference")
+    what = f"{method} keep={keep}: kv, generate() vs masked reference"
+    _compare_generate(tokens, logits, ref_tokens, ref_logits, what)
     CASES["masked reference"] += 1
 
 
@@ -392,8 +405,8 @@ def test_encoder_keep_everything_is_dense(method, data):
     # (None: every row of the output is real)
     out_real = s.output_mask.bool() if s.output_mask is not None else torch.ones_like(same_h[..., 0]).bool()
     assert torch.equal(out_real.sum(1), real.sum(1)), (out_real, real)
-    _check(_err(same, dense), TOL_DENSE, f"{method} keep={keep}: head output vs dense")
-    _check(_err(same_h[out_real], dense_h[real]), TOL_DENSE, "last hidden state (real tokens)")
+    _check(_err(same, dense), TOL_DENSE, f"{method} keep={keep}: encoder, head output vs dense")
+    _check(_err(same_h[out_real], dense_h[real]), TOL_DENSE, "encoder, last hidden state vs dense")
     CASES["keep-everything = dense"] += 1
 
 
@@ -436,7 +449,7 @@ def test_encoder_equals_the_masked_reference(method, data):
     for b in range(final.shape[0]):
         n_b = int(final[b].sum())
         err = _err(pruned[b, :n_b], ref[b, final[b]])
-        _check(err, TOL_DENSE, f"{method} keep={keep} row {b}: vs the masked reference")
+        _check(err, TOL_DENSE, f"{method} keep={keep} row {b}: encoder, hidden vs masked reference")
     lengths = [pruned.shape[1]] * final.shape[0] if s.output_mask is None else s.output_mask.sum(1).tolist()
     assert lengths == final.sum(1).tolist()
     CASES["masked reference"] += 1
@@ -469,7 +482,7 @@ def test_vision_stage_keep_everything_is_dense(method, data):
         with prunekit.prune_tokens(model, method, keep=keep, stage="vision", **opts):
             same = model(**inp).logits
     real = inp["attention_mask"].bool()
-    _check(_err(same, dense, real), TOL_DENSE, f"{method} keep={keep}: logits vs dense")
+    _check(_err(same, dense, real), TOL_DENSE, f"{method} keep={keep}: vision stage, logits vs dense")
     CASES["keep-everything = dense"] += 1
 
 
@@ -503,7 +516,8 @@ def test_vision_stage_generate_equals_the_masked_reference(method, data):
         tokens, logits = greedy(model, inp, STEPS)
     with torch.no_grad(), masked_reference(ref, s.stats.kept_masks[0], 0, inp["attention_mask"]):
         ref_tokens, ref_logits = greedy(ref, inp, STEPS)
-    _compare_generate(tokens, logits, ref_tokens, ref_logits, f"{method} keep={keep}: vs masked reference")
+    what = f"{method} keep={keep}: vision stage, generate() vs masked reference"
+    _compare_generate(tokens, logits, ref_tokens, ref_logits, what)
     CASES["masked reference"] += 1
 
 
@@ -531,7 +545,7 @@ def test_weights_sparsity_zero_is_dense(method, data):
     with prunekit.prune_weights(model, method, 0.0, calibration=cal, progress=False, **opts):
         with torch.no_grad():
             same = model(**inp).logits
-    _check(_err(same, dense), 0.0, f"{method} sparsity 0: logits vs dense")
+    _check(_err(same, dense), 0.0, f"{method} sparsity 0: weights, logits vs dense")
     CASES["keep-everything = dense"] += 1
 
 
@@ -550,12 +564,15 @@ def test_weights_restore_the_model(method, data):
         model(**inp)
         before = snapshot(model)
         dense = model(**inp).logits
-    with prunekit.prune_weights(model, method, sparsity, calibration=cal, progress=False):
-        pass
-    assert_same(before, snapshot(model))
-    with pytest.raises(RuntimeError, match="boom"):
+    try:
         with prunekit.prune_weights(model, method, sparsity, calibration=cal, progress=False):
-            raise RuntimeError("boom inside the block")
+            pass
+        assert_same(before, snapshot(model))
+        with pytest.raises(RuntimeError, match="boom"):
+            with prunekit.prune_weights(model, method, sparsity, calibration=cal, progress=False):
+                raise RuntimeError("boom inside the block")
+    except ValueError as e:  # refused before pruning anything
+        _expect_refusal(e, None, REFUSED_INSIDE)
     with torch.no_grad():
         after = model(**inp).logits
     assert_same(before, snapshot(model))
