@@ -1,4 +1,5 @@
-"""Snapshots proving a model is exactly what it was: hooks, attributes, parameters, modes."""
+"""Snapshots proving a model is exactly what it was: hooks, attributes, parameters, buffers (also
+the non-persistent ones, e.g. rotary tables), modes."""
 
 from __future__ import annotations
 
@@ -19,11 +20,21 @@ def snapshot(model: torch.nn.Module) -> dict:
         )
         attrs[name] = sorted(m.__dict__)
         modes[name] = m.training
+    return {
+        "hooks": hooks,
+        "attrs": attrs,
+        "modes": modes,
+        "params": _digest(model.state_dict().items()),
+        "buffers": _digest(model.named_buffers(remove_duplicate=False)),
+    }
+
+
+def _digest(named) -> str:
     h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
+    for name, p in sorted(named, key=lambda kv: kv[0]):
         h.update(name.encode())
         h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim too
-    return {"hooks": hooks, "attrs": attrs, "modes": modes, "params": h.hexdigest()}
+    return h.hexdigest()
 
 
 def assert_same(before: dict, after: dict) -> None:
@@ -35,3 +46,4 @@ def assert_same(before: dict, after: dict) -> None:
         }
         assert not diff, f"{key} changed: {list(diff.items())[:3]}"
     assert before["params"] == after["params"], "parameters changed"
+    assert before["buffers"] == after["buffers"], "buffers changed"

@@ -47,34 +47,35 @@ Q_IDS = dict(image_token_id=250, video_token_id=251, vision_start_token_id=252, 
 
 
 def _seeded(fn):
-    def build(attn: str = "sdpa", seed: int = 0):
+    def build(attn: str = "sdpa", seed: int = 0, **text):
+        """``text``: overrides of the language model's config (heads, depth, ...; see ``TXT``)."""
         torch.manual_seed(seed)
-        return fn(attn).eval()
+        return fn(attn, **text).eval()
 
     build.__name__ = fn.__name__
     return build
 
 
 @_seeded
-def llama(attn):
-    return LlamaForCausalLM(LlamaConfig(**TXT, attn_implementation=attn))
+def llama(attn, **text):
+    return LlamaForCausalLM(LlamaConfig(**{**TXT, **text}, attn_implementation=attn))
 
 
 @_seeded
-def qwen2(attn):
-    return Qwen2ForCausalLM(Qwen2Config(**TXT, attn_implementation=attn))
+def qwen2(attn, **text):
+    return Qwen2ForCausalLM(Qwen2Config(**{**TXT, **text}, attn_implementation=attn))
 
 
 @_seeded
-def mistral(attn):
-    return MistralForCausalLM(MistralConfig(**TXT, sliding_window=None, attn_implementation=attn))
+def mistral(attn, **text):
+    return MistralForCausalLM(MistralConfig(**{**TXT, **text}, sliding_window=None, attn_implementation=attn))
 
 
 @_seeded
-def llava(attn):
+def llava(attn, **text):
     cfg = LlavaConfig(
         vision_config=CLIPVisionConfig(**CLIP_V),
-        text_config=LlamaConfig(**TXT),
+        text_config=LlamaConfig(**{**TXT, **text}),
         image_token_id=IMG,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
@@ -84,10 +85,10 @@ def llava(attn):
 
 
 @_seeded
-def llava_next(attn):
+def llava_next(attn, **text):
     cfg = LlavaNextConfig(
         vision_config=CLIPVisionConfig(**CLIP_V),
-        text_config=LlamaConfig(**TXT),
+        text_config=LlamaConfig(**{**TXT, **text}),
         image_token_id=IMG,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
@@ -98,9 +99,9 @@ def llava_next(attn):
 
 
 @_seeded
-def qwen2_vl(attn):
+def qwen2_vl(attn, **text):
     cfg = Qwen2VLConfig(
-        text_config=QTXT,
+        text_config={**QTXT, **text},
         vision_config=dict(
             depth=2,
             embed_dim=32,
@@ -118,9 +119,9 @@ def qwen2_vl(attn):
 
 
 @_seeded
-def qwen2_5_vl(attn):
+def qwen2_5_vl(attn, **text):
     cfg = Qwen2_5_VLConfig(
-        text_config=QTXT,
+        text_config={**QTXT, **text},
         vision_config=dict(
             depth=2,
             hidden_size=32,

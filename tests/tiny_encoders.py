@@ -23,20 +23,28 @@ from transformers import (
 V = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4)
 
 
-def build(name: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+def build(name: str, attn: str = "sdpa", seed: int = 0, **config) -> torch.nn.Module:
+    """A tiny random encoder; ``config`` overrides its config (``V`` and the sizes below)."""
     torch.manual_seed(seed)
     if name == "vit":
-        cfg = ViTConfig(**V, intermediate_size=64, image_size=32, patch_size=8, num_labels=5)
+        cfg = ViTConfig(
+            **{**V, "intermediate_size": 64, "image_size": 32, "patch_size": 8, "num_labels": 5, **config}
+        )
         model = ViTForImageClassification(cfg)
     elif name == "deit":
-        cfg = DeiTConfig(**V, intermediate_size=64, image_size=32, patch_size=8, num_labels=5)
+        cfg = DeiTConfig(
+            **{**V, "intermediate_size": 64, "image_size": 32, "patch_size": 8, "num_labels": 5, **config}
+        )
         model = DeiTForImageClassificationWithTeacher(cfg)
     elif name == "dinov2":
-        model = Dinov2Model(Dinov2Config(**V, mlp_ratio=2, image_size=28, patch_size=7))
+        model = Dinov2Model(
+            Dinov2Config(**{**V, "mlp_ratio": 2, "image_size": 28, "patch_size": 7, **config})
+        )
     elif name == "clip_vision":
-        model = CLIPVisionModel(CLIPVisionConfig(**V, intermediate_size=64, image_size=28, patch_size=7))
+        cfg = CLIPVisionConfig(**{**V, "intermediate_size": 64, "image_size": 28, "patch_size": 7, **config})
+        model = CLIPVisionModel(cfg)
     elif name == "bert":
-        model = BertModel(BertConfig(**V, vocab_size=100, intermediate_size=64))
+        model = BertModel(BertConfig(**{**V, "vocab_size": 100, "intermediate_size": 64, **config}))
     else:
         raise KeyError(name)
     model.set_attn_implementation(attn)

@@ -29,7 +29,8 @@ BERT supports cut mode only (ToMe is refused with a clear error: its post-norm b
 masks are not handled by the merging forward). BERT with padding: the padding mask is read where
 the base ``BertModel`` receives it (so task heads that reshape it, e.g. multiple choice, work);
 padding is never a candidate, kept tokens are packed first and the rest masked as keys;
-``session.output_mask`` then holds the ``(B, T')`` mask of the output.
+``session.output_mask`` then holds the ``(B, T')`` mask of the output. Right padding only: a
+left-padded row moves [CLS] off index 0, so it is refused with a clear error.
 
 Heads that need every patch token back in its grid (``*ForMaskedImageModeling``) and BERT used as
 a causal decoder (``is_decoder=True``) are refused with a clear error.
@@ -182,6 +183,13 @@ class EncoderAdapter(Adapter):
             if am is None and at is not None and len(args) > at:
                 am = args[at]  # BertModel(input_ids, attention_mask)
             self.am2d = am if isinstance(am, torch.Tensor) and am.dim() == 2 else None
+            if self.am2d is not None and not bool(self.am2d[:, : self.protected].all()):
+                # left padding moves [CLS] off index 0: it would be a candidate, and the pooler
+                # would read whatever token is packed first
+                raise PrunekitError(
+                    f"{self.family}: token pruning needs right padding ([CLS] at index 0 of every row); "
+                    "a row starts with padding; set tokenizer.padding_side = 'right'"
+                )
 
         session.hooks.pre(base, on_base)
 
