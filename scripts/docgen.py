@@ -181,7 +181,9 @@ def method_page(info) -> str:
         "",
         f"**Paper:** {info.paper}",
         "",
-        f"{info.summary}." if info.summary and not info.summary.endswith(".") else info.summary,
+        (info.summary[:1].upper() + info.summary[1:] + ("" if info.summary.endswith(".") else "."))
+        if info.summary
+        else "",
         "",
         "| family | stages | trains | class |",
         "|---|---|---|---|",
@@ -308,7 +310,8 @@ def taxonomy_page() -> str:
         "This page places every prunekit method on those axes, and on one more that prunekit's "
         "families follow: **which** part of the computation is removed (tokens, weights, data). "
         "It is generated from the registry when the site is built, so a new method appears here by "
-        "itself (and a method of a family without a rule fails the build).",
+        "itself (and a method of a family without a rule fails the build). The table at the end "
+        "places every method.",
         "",
         "## Universal or specific speedup",
         "",
@@ -347,8 +350,7 @@ def taxonomy_page() -> str:
         "## Fusion with other compression",
         "",
         "SpAtten's progressive quantisation of the KV cache (`prunekit.kv.progressive_quantization`) "
-        "combines token pruning with quantisation; 2:4 checkpoints are exported in compressed-tensors' "
-        "layout for quantised serving stacks.",
+        "runs beside its token pruning. prunekit has no other fusion yet.",
         "",
         "## Every method",
         "",

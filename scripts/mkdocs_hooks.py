@@ -26,8 +26,11 @@ def _generated() -> dict[str, str]:
 
 def on_config(config):
     """Put the generated pages into the nav: `methods/index.md` and `results/index.md` become sections."""
-    methods = [{"All methods": "methods/index.md"}]
-    methods += [{m.name: f"methods/{m.name}.md"} for m in docgen.methods()]
+    methods: list = [{"All methods": "methods/index.md"}]
+    for family, title in docgen.FAMILY_TITLES.items():  # a section per family, in the registry's order
+        pages = [{m.name: f"methods/{m.name}.md"} for m in docgen.methods() if m.family == family]
+        if pages:
+            methods.append({title: pages})
     results = [{"All results": "results/index.md"}] + [
         {p.stem: f"results/{p.name}"} for p in sorted(docgen.RESULTS.glob("*.md"))
     ]

@@ -121,7 +121,10 @@ def test_markers_carry_a_reason_and_precede_a_block():
             if not line.strip().startswith("<!--") or ("no-test" not in line and "runnable" not in line):
                 continue
             m = MARKER.match(line.strip())
-            assert m, f"{page.name}:{n}: malformed marker {line!r}; use <!-- no-test: reason --> or <!-- runnable -->"
+            assert m, (
+                f"{page.name}:{n}: malformed marker {line!r}; "
+                "use <!-- no-test: reason --> or <!-- runnable -->"
+            )
             if m.group(1) == "no-test":
                 assert len(m.group(2)) >= 10, f"{page.name}:{n}: a no-test marker must say why: {line!r}"
             nxt = next((k for k in range(n, len(lines)) if lines[k].strip()), None)
@@ -132,7 +135,9 @@ def test_markers_carry_a_reason_and_precede_a_block():
 
 def test_no_test_marker_is_seen_by_the_block_parser(tmp_path):
     page = tmp_path / "x.md"
-    page.write_text("text\n\n<!-- no-test: needs the hub -->\n\n```python\nraise SystemExit\n```\n```bash\nls\n```\n")
+    page.write_text(
+        "text\n\n<!-- no-test: needs the hub -->\n\n```python\nraise SystemExit\n```\n```bash\nls\n```\n"
+    )
     got = blocks(page)
     assert [(b["lang"], b["marker"], b["reason"]) for b in got] == [
         ("python", "no-test", "needs the hub"),
