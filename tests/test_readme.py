@@ -5,6 +5,7 @@
   ``<!-- no-test: reason -->``; the reason is required.
 - Blocks of docs/*.md run when preceded by ``<!-- runnable -->`` (``slow``: they prune SmolLM2
   three times); the other blocks there are fragments that use the names of their page's text.
+- Every other ```python block of docs/*.md compiles.
 - Every ``prunekit ...`` line of a ```bash block parses with the CLI's own argparse parser.
 - Every relative link of README.md and docs/*.md points at a file that exists (or a page the docs
   build generates).
@@ -105,6 +106,17 @@ def test_readme_python_block_runs(block, tmp_path, monkeypatch, vlm_without_trai
 )
 def test_docs_runnable_block_runs(page, block, tmp_path, monkeypatch, vlm_without_training):
     _run(block["code"], f"{page.relative_to(ROOT)}:{block['line']}", tmp_path, monkeypatch)
+
+
+def test_every_python_block_in_the_docs_compiles():
+    """Fragments (blocks that use names from their page's text) are not run, but must be Python."""
+    n = 0
+    for page in _pages():
+        for b in blocks(page):
+            if b["lang"] == "python":
+                compile(b["code"], f"{page.name}:{b['line']}", "exec")
+                n += 1
+    assert n >= 15
 
 
 def test_readme_has_python_blocks_and_docs_have_runnable_ones():
