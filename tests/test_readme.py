@@ -2,7 +2,8 @@
 
 - Every ```python block of README.md runs top to bottom in a fresh namespace (in a temporary
   folder), on the packaged real models. A block that cannot run offline is preceded by
-  ``<!-- no-test: reason -->``; the reason is required.
+  ``<!-- no-test: reason -->``, one that takes minutes by ``<!-- slow: reason -->`` (it runs in
+  ``make test-slow``); the reason is required.
 - Blocks of docs/*.md run when preceded by ``<!-- runnable -->`` (``slow``: they prune SmolLM2
   three times); the other blocks there are fragments that use the names of their page's text.
 - Every other ```python block of docs/*.md compiles.
@@ -27,7 +28,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
-MARKER = re.compile(r"^<!--\s*(no-test|runnable)\b:?\s*(.*?)\s*-->$")
+MARKER = re.compile(r"^<!--\s*(no-test|slow|runnable)\b:?\s*(.*?)\s*-->$")
 
 
 def blocks(path: pathlib.Path) -> list[dict]:
@@ -93,7 +94,11 @@ def _run(code: str, where: str, tmp_path, monkeypatch) -> dict:
     return namespace
 
 
-@pytest.mark.parametrize("block", README_PY, ids=[f"README.md:{b['line']}" for b in README_PY])
+@pytest.mark.parametrize(
+    "block",
+    [pytest.param(b, marks=pytest.mark.slow) if b["marker"] == "slow" else b for b in README_PY],
+    ids=[f"README.md:{b['line']}" for b in README_PY],
+)
 def test_readme_python_block_runs(block, tmp_path, monkeypatch, vlm_without_training):
     if block["marker"] == "no-test":
         pytest.skip(f"marked no-test: {block['reason']}")
@@ -130,15 +135,15 @@ def test_markers_carry_a_reason_and_precede_a_block():
         lines = page.read_text().splitlines()
         marked = {b["line"] for b in blocks(page) if b["marker"]}
         for n, line in enumerate(lines, 1):
-            if not line.strip().startswith("<!--") or ("no-test" not in line and "runnable" not in line):
+            if not line.strip().startswith("<!--") or not re.search(r"no-test|slow|runnable", line):
                 continue
             m = MARKER.match(line.strip())
             assert m, (
                 f"{page.name}:{n}: malformed marker {line!r}; "
-                "use <!-- no-test: reason --> or <!-- runnable -->"
+                "use <!-- no-test: reason -->, <!-- slow: reason --> or <!-- runnable -->"
             )
-            if m.group(1) == "no-test":
-                assert len(m.group(2)) >= 10, f"{page.name}:{n}: a no-test marker must say why: {line!r}"
+            if m.group(1) in ("no-test", "slow"):
+                assert len(m.group(2)) >= 10, f"{page.name}:{n}: a {m.group(1)} marker must say why: {line!r}"
             nxt = next((k for k in range(n, len(lines)) if lines[k].strip()), None)
             assert nxt is not None and lines[nxt].startswith("```") and nxt + 1 in marked, (
                 f"{page.name}:{n}: marker not followed by a code block"
