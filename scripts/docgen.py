@@ -145,7 +145,7 @@ def departures(doc: str) -> list[str]:
     out = []
     for para in re.split(r"\n\s*\n", doc):
         items = re.split(r"\n(?=\s*[-*] )", para) if re.search(r"^\s*[-*] ", para, re.M) else [para]
-        out += [" ".join(i.split()) for i in items if DEPARTURE.search(i)]
+        out += [re.sub(r"^[-*] ", "", " ".join(i.split())) for i in items if DEPARTURE.search(i)]
     return out
 
 

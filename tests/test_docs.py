@@ -91,4 +91,4 @@ def test_method_page_details_hand_checked():
 
 def test_departures_pick_paragraphs_and_bullets():
     doc = "Intro.\n\n- follows the paper\n- unlike the official code, X\n\nOurs: a choice of ours.\n\nEnd."
-    assert docgen.departures(doc) == ["- unlike the official code, X", "Ours: a choice of ours."]
+    assert docgen.departures(doc) == ["unlike the official code, X", "Ours: a choice of ours."]
