@@ -267,36 +267,33 @@ def _criterion(info) -> str:
 
 
 def placement(info) -> dict[str, str]:
-    """Where ``info`` sits on the survey's axes. A family without a rule raises, so a new family
-    cannot be silently left out of the taxonomy (tests/test_docs.py builds every method's row)."""
+    """Where ``info`` sits on the survey's axes, in short labels. A family without a rule raises, so
+    a new family cannot be silently left out of the taxonomy (tests/test_docs.py places every method)."""
     f = info.family
     if f == "tokens":
-        where = {"vision": "visual", "llm": "prompt / visual in the LLM", "encoder": "ViT / encoder"}
-        which = "tokens (" + ", ".join(where[s] for s in info.stages) + ")"
-        speedup = "universal: shorter dense sequences"
-        when = "run time (per input, at inference)"
+        where = {"vision": "visual", "llm": "in the LLM", "encoder": "ViT / encoder"}
+        which = "tokens: " + ", ".join(where[s] for s in info.stages)
+        speedup, when = "universal", "run time"
     elif f == "kv":
-        which = "tokens (KV-cache entries)"
-        speedup = "universal: a smaller dense cache" + (
-            "; shorter prefill" if "prefill" in info.stages else " (decode memory and bandwidth)"
-        )
-        when = "run time (per input, after or during prefill)"
+        which = "tokens: KV cache"
+        speedup = "universal (cache and prefill)" if "prefill" in info.stages else "universal (cache)"
+        when = "run time"
     elif f == "weights":
-        which = "weights (Linear layers of the decoder)"
-        speedup = (
-            'specific: unstructured needs sparse kernels; semi-structured N:M (`pattern="2:4"`) '
-            "runs on 2:4 sparse kernels"
-        )
-        when = "after training (post-training, one shot, no retraining)"
+        which, speedup, when = "weights", "specific (unstructured, N:M)", "after training"
     elif f == "data":
-        which, speedup, when = "data (training examples)", "training cost", "before training"
+        which, speedup, when = "data", "training cost", "before training"
     else:
         raise ValueError(
             f"no taxonomy rule for family {f!r} (method {info.name!r}): add one in docgen.placement"
         )
     if info.trains:
-        when += "; its selector is trained after training, on the frozen model"
+        when += " (selector trained after training)"
     return {"which": which, "speedup": speedup, "when": when, "how": _criterion(info)}
+
+
+def _names(rows: dict[str, dict[str, str]], axis: str, test) -> str:
+    names = [f"[`{n}`](methods/{n}.md)" for n, p in rows.items() if test(p[axis])]
+    return ", ".join(names) if names else "none"
 
 
 def taxonomy_page() -> str:
@@ -310,42 +307,65 @@ def taxonomy_page() -> str:
         "This page places every prunekit method on those axes, and on one more that prunekit's "
         "families follow: **which** part of the computation is removed (tokens, weights, data). "
         "It is generated from the registry when the site is built, so a new method appears here by "
-        "itself (and a method of a family without a rule fails the build). The table at the end "
-        "places every method.",
+        "itself, and a method of a family without a rule fails the build.",
         "",
         "## Universal or specific speedup",
         "",
         "- **Universal** speedup runs faster on any hardware because the tensors get smaller: structured "
-        "pruning (heads, channels, layers) and every token method (the sequence gets shorter). prunekit's "
-        "token and KV-cache methods are here; structured weight pruning is coming.",
+        "pruning (heads, channels, layers), and token pruning, which shortens the sequence or the KV "
+        "cache. prunekit: " + _names(rows, "speedup", lambda s: s.startswith("universal")) + ". "
+        "Structured weight pruning is coming.",
         "- **Specific** speedup needs special software or hardware: unstructured sparsity (sparse kernels) "
-        "and semi-structured N:M sparsity (2:4 on NVIDIA sparse tensor cores; "
-        "`prunekit.weights.export.semi_structured`). prunekit's weight methods are here; on CPU their "
-        "result is a quality result only.",
+        "and semi-structured N:M sparsity (2:4 on NVIDIA sparse tensor cores, see "
+        "`prunekit.weights.export.semi_structured`); on CPU the result is a quality result only. "
+        "prunekit: " + _names(rows, "speedup", lambda s: s.startswith("specific")) + ".",
         "",
         "## When",
         "",
-        "- **Before training** (pruning at initialisation) and **during training**: none in prunekit, which "
-        "prunes pretrained models without retraining.",
-        "- **After training**: post-training weight pruning, calibrated on a little text and done once "
-        "(the survey's post-training pruning of LLMs).",
-        "- **Run time**: token and KV-cache methods decide per input, while the model runs; the model's "
-        "weights never change.",
+        "- **Before training** (pruning at initialisation): "
+        + _names(rows, "when", lambda s: s.startswith("before"))
+        + ". prunekit prunes pretrained models.",
+        "- **During training**: none; prunekit does not retrain.",
+        "- **After training** (the survey's post-training pruning, as for LLMs: calibrated on a little "
+        "text, done once): " + _names(rows, "when", lambda s: s.startswith("after")) + ".",
+        "- **Run time** (per input, while the model runs; its weights never change): "
+        + _names(rows, "when", lambda s: s.startswith("run time"))
+        + ". Of these, "
+        + _names(rows, "when", lambda s: "trained" in s)
+        + " uses a selector trained after training, on the frozen model.",
         "",
         "## How",
         "",
-        "- **Criterion**: a score computed from the model as it is: weight magnitude, magnitude times "
-        "activation norm, second-order saliency (SparseGPT's OBS), gradients; for tokens, attention "
-        "(from [CLS], the last token, the instruction), similarity and diversity, activation magnitude.",
-        "- **Learned**: a small module trained to decide (ATP-LLaVA's thresholds). prunekit trains it on "
-        "the frozen model.",
+        "- **Criterion**, a score computed from the model as it is. Attention (from [CLS], the last "
+        "token, the instruction, accumulated): " + _names(rows, "how", lambda s: "attention" in s) + ". "
+        "Similarity or diversity of the tokens: "
+        + _names(rows, "how", lambda s: "similarity" in s)
+        + ". Activation magnitude: "
+        + _names(rows, "how", lambda s: "activation magnitude" in s)
+        + ". Weight magnitude, alone or times the activation norm: "
+        + _names(rows, "how", lambda s: s.startswith("magnitude") or "magnitude x" in s)
+        + ". Second-order saliency (OBS) with a weight update: "
+        + _names(rows, "how", lambda s: "saliency" in s)
+        + ". Gradients: "
+        + _names(rows, "how", lambda s: "gradient" in s)
+        + ". A fixed rule or chance: "
+        + _names(rows, "how", lambda s: s.startswith("none"))
+        + ".",
+        "- **Learned**, a small module trained to decide: "
+        + _names(rows, "how", lambda s: "learned" in s)
+        + ".",
         "",
         "## Which",
         "",
-        "- **Tokens**: visual tokens of VLMs, prompt tokens of LLMs, tokens inside ViTs and encoders, "
-        "entries of the KV cache.",
-        "- **Weights**: the Linear layers of a decoder.",
-        "- **Data**: no method yet (the registry has the family).",
+        "- **Tokens**: visual tokens of VLMs, prompt tokens in an LLM, tokens inside ViTs and encoders: "
+        + _names(rows, "which", lambda s: s.startswith("tokens:") and "KV" not in s)
+        + "; entries of the KV cache: "
+        + _names(rows, "which", lambda s: "KV" in s)
+        + ".",
+        "- **Weights** (the Linear layers of a decoder): "
+        + _names(rows, "which", lambda s: s == "weights")
+        + ".",
+        "- **Data**: " + _names(rows, "which", lambda s: s == "data") + " (the registry has the family).",
         "",
         "## Fusion with other compression",
         "",

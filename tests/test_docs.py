@@ -53,14 +53,17 @@ def test_every_method_is_placed_in_the_taxonomy():
     for name, (_, which, speedup, when, how) in rows.items():
         assert which and speedup and when and how, name
     # hand-checked placements
-    assert rows["fastv"][4] == "attention" and rows["fastv"][1].startswith("tokens")
+    assert rows["fastv"][4] == "attention" and rows["fastv"][1] == "tokens: in the LLM"
     assert rows["divprune"][4] == "similarity / diversity"
     assert rows["random"][4] == "none: random (baseline)"
     assert rows["atp_llava"][4].startswith("learned")
     assert rows["magnitude"][4] == "magnitude" and rows["magnitude"][2].startswith("specific")
     assert "saliency" in rows["sparsegpt"][4] and "run time" in rows["snapkv"][3]
     assert rows["wanda"][3].startswith("after training") and rows["tome"][2].startswith("universal")
-    assert "shorter prefill" in rows["lazyllm"][2] and "shorter prefill" not in rows["h2o"][2]
+    assert "prefill" in rows["lazyllm"][2] and "prefill" not in rows["h2o"][2]
+    when = page.split("## When", 1)[1].split("## How", 1)[0]
+    run_time = when.split("**Run time**", 1)[1].split("\n")[0]
+    assert "`fastv`" in run_time and "`snapkv`" in run_time and "`wanda`" not in run_time
 
 
 def test_a_family_without_a_taxonomy_rule_fails():
