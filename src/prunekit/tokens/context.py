@@ -138,6 +138,9 @@ class TokenMethod:
     name: ClassVar[str] = ""
     #: the attention layer option, interpreted by the adapter per stage (see each method's docstring)
     layer: int | None = None
+    #: True where an option of the method sets the budget itself (ToMe's ``r``): ``prune_tokens``
+    #: then takes no ``keep``
+    own_budget: ClassVar[bool] = False
 
     def needs(self, stage: str) -> tuple[Signal, ...]:
         raise NotImplementedError

@@ -49,7 +49,7 @@ def choose_stage(method: TokenMethod, adapter_stages: tuple[str, ...], family: s
 def prune_tokens(
     model: nn.Module,
     method: str | TokenMethod,
-    keep: int | float,
+    keep: int | float | None = None,
     *,
     stage: str | None = None,
     **options: object,
@@ -60,6 +60,8 @@ def prune_tokens(
         model: a Hugging Face model of a supported family (see ``prunekit.models``).
         method: a registry name (``prunekit.methods()``) or a method object.
         keep: tokens kept per group (image, prompt, sequence): an ``int >= 1`` or a ratio in (0, 1].
+            Required, except where an option of the method sets the budget itself (ToMe's ``r``):
+            then it must be left out.
         stage: ``"vision"``, ``"llm"`` or ``"encoder"``; default: the method's first stage that
             the model offers.
         **options: the method's options (e.g. ``layer=2`` for FastV).
@@ -69,8 +71,17 @@ def prune_tokens(
     """
     from ..models import get_adapter
 
-    keep = validate_keep(keep)
     m = make_method(method, dict(options))
+    if getattr(m, "own_budget", False):
+        if keep is not None:
+            raise ValueError(
+                f"{m.name}: give either keep or the method's own budget option (e.g. ToMe's r), not both; "
+                f"got keep={keep!r}"
+            )
+    elif keep is None:
+        raise ValueError(f"{m.name}: keep is required: an int >= 1 (a count) or a float in (0, 1] (a ratio)")
+    else:
+        keep = validate_keep(keep)
     adapter = get_adapter(model)
     m = m.for_family(adapter.family, adapter.has_cls)
     stage = choose_stage(m, adapter.stages, adapter.family, stage)
