@@ -52,6 +52,7 @@ def prune_tokens(
     keep: int | float | None = None,
     *,
     stage: str | None = None,
+    score_dtype: str = "float32",
     **options: object,
 ) -> Iterator:
     """Prune tokens inside ``model`` for the duration of a ``with`` block.
@@ -64,6 +65,12 @@ def prune_tokens(
             then it must be left out.
         stage: ``"vision"``, ``"llm"`` or ``"encoder"``; default: the method's first stage that
             the model offers.
+        score_dtype: precision of the scores recomputed for the method: ``"float32"`` (default:
+            attention rows and maps recomputed from the layer's q/k in float32, DivPrune's distances
+            in float32) or ``"model"`` (in the model's dtype, as the official code of FastV,
+            FasterVLM and DivPrune scores: reproduces their selections in half precision, where
+            float32 scoring swaps tokens within a few ulp of the cut; see
+            :mod:`prunekit.models.attention`).
         **options: the method's options (e.g. ``layer=2`` for FastV).
 
     Yields a ``Session`` whose ``stats`` count tokens seen and kept and the time spent selecting.
@@ -71,6 +78,8 @@ def prune_tokens(
     """
     from ..models import get_adapter
 
+    if score_dtype not in ("float32", "model"):
+        raise ValueError(f"score_dtype must be 'float32' (the default) or 'model'; got {score_dtype!r}")
     m = make_method(method, dict(options))
     if getattr(m, "own_budget", False):
         if keep is not None:
@@ -89,6 +98,7 @@ def prune_tokens(
     from ..models.base import Session
 
     session = Session(adapter, stage, m, keep)
+    session.score_dtype = score_dtype
     try:
         adapter.attach(session)
         yield session
