@@ -273,3 +273,20 @@ def test_divprune_score_dtype_on_near_ties_official_bf16_vs_fp32():
         assert default == [fp32_divprune(x[b], 8) for b in range(2)], seed
         differ += model != default
     assert differ >= 10, f"only {differ} of 20 sets differ between bf16 and float32 scoring"
+
+
+def test_encoder_stage_cls_row_in_the_model_dtype_equals_bf16_eager():
+    from tiny_encoders import build, inputs
+
+    model = build("vit", attn="eager").to(torch.bfloat16)
+    x = inputs("vit", model)["pixel_values"].to(torch.bfloat16)
+    with torch.no_grad():
+        official = model(pixel_values=x, output_attentions=True).attentions[1].mean(1)[:, 0]  # bf16
+        rows = {}
+        for choice in ("model", "float32"):
+            with prunekit.prune_tokens(model, "fastervlm", keep=3, layer=2, score_dtype=choice) as s:
+                model(pixel_values=x)
+            rows[choice] = s.adapter.maps["cls_attention"]
+    assert torch.equal(rows["model"], official.float())
+    assert (rows["float32"] - official.float()).abs().max().item() < 1e-2  # same row, float32 rounding
+    assert not torch.equal(rows["model"], rows["float32"])

@@ -70,7 +70,10 @@ def prune_tokens(
             in float32) or ``"model"`` (in the model's dtype, as the official code of FastV,
             FasterVLM and DivPrune scores: reproduces their selections in half precision, where
             float32 scoring swaps tokens within a few ulp of the cut; see
-            :mod:`prunekit.models.attention`).
+            :mod:`prunekit.models.attention`). ``"model"`` covers the attention rows, maps and
+            logits recomputed at LLM layers and at CLIP / ViT-style vision and encoder layers, and
+            DivPrune's distances; other signals (Qwen vision maps, value and cumulative signals, a
+            method's own arithmetic on them) stay float32.
         **options: the method's options (e.g. ``layer=2`` for FastV).
 
     Yields a ``Session`` whose ``stats`` count tokens seen and kept and the time spent selecting.
