@@ -12,6 +12,9 @@ the probabilities it returns with ``output_attentions=True``, which is what the 
 FastV and FasterVLM scores with: ``q kᵀ`` and ``* scaling`` in the model dtype, softmax in float32
 rounded to the model dtype, head mean in the model dtype; the result is then upcast (exactly) to
 float32. In half precision the two orders differ by a few ulp, enough to swap tokens at the cut.
+Bit equality with the eager probabilities is tested on CPU. Only the needed query rows are
+recomputed; on a GPU the matmul kernel for one row may accumulate in another order than the one
+for the full map, so a rare 1-ulp difference can remain there (not measured: no GPU in the tests).
 """
 
 from __future__ import annotations
