@@ -11,9 +11,10 @@ Budget, two ways (give exactly one):
 
 - ``r=16`` (the paper's and official code's setting): a constant ``r`` per block, capped as the
   official code caps it at half the tokens left, ``r_l = min(r, (T_l - protected) // 2)``, so
-  ``prune_tokens(vit, "tome", r=16)`` reproduces the official run (ViT-B/16 with ``r = 16``,
-  ViT-L/16 with ``r = 8``, where the cap binds in the last blocks). A list gives one ``r`` per
-  block (the official list form; missing blocks merge nothing). ``keep`` is then not given
+  ``prune_tokens(vit, "tome", r=16)`` reproduces the official run (ViT-B/16 with ``r = 16``:
+  ``[16] * 11 + [10]``; ViT-L/16 with ``r = 8``: ``[8] * 23 + [6]``, at 224 px the cap binds in the
+  last block). A list gives one ``r`` per block (the official list form; missing blocks merge
+  nothing). ``keep`` is then not given
   (``keep=None``): the number of tokens left is whatever the capped schedule leaves, and
   ``stats`` report it. Giving both ``r`` and ``keep`` is an error.
 - ``keep`` (prunekit's budget, the default way): the number (or ratio) of mergeable tokens left
