@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+import prunekit
 from prunekit.tokens.merge import bipartite_soft_matching, merge_source, merge_wavg
 from prunekit.tokens.methods.tome import ToMe
+from reference import tome_official_forward
+from tiny_encoders import build, inputs
 
 
 def test_r_zero_is_identity():
@@ -101,3 +105,49 @@ def test_unmerge_maps_every_original_token_to_the_token_holding_it():
         assert bool(covers.diagonal(dim1=1, dim2=2).eq(1).all())  # every token's row covers itself
         assert bool(covers[:, :protected].sum(-1).eq(1).all())  # protected tokens cover only themselves
         assert covers.sum(-1).max().item() > 1  # ...while merged ones cover several
+
+
+def test_constant_r_schedule_is_the_official_capped_one_by_hand():
+    # 196 mergeable (ViT-B/16 at 224), r = 16 over 12 blocks: 196 - 16*11 = 20 left before the last
+    # block, which may merge only 20 // 2 = 10: the official schedule [16]*11 + [10] (8 tokens left)
+    assert ToMe(r=16).merge_schedule(196, 12, None) == [16] * 11 + [10]
+    # ViT-L/16 at 224, r = 8 over 24 blocks: 196 - 8*22 = 20, then min(8, 10) = 8, then min(8, 6) = 6
+    assert ToMe(r=8).merge_schedule(196, 24, None) == [8] * 23 + [6]
+    assert ToMe(r=5).merge_schedule(16, 4, None) == [5, 5, 3, 1]  # 16 -> 11 -> 6 -> 3 -> 2
+    assert ToMe(r=[3, 0, 9]).merge_schedule(16, 4, None) == [3, 0, 6, 0]  # list form: per block, then 0
+    for bad in (-1, 1.5, True, [], [2, -1], "8"):
+        with pytest.raises(ValueError, match="ToMe r must be an int >= 0"):
+            ToMe(r=bad)
+
+
+@pytest.mark.parametrize("fam", ["vit", "deit"])
+def test_constant_r_equals_an_independent_official_tome_forward(fam):
+    """prunekit with ``r`` vs the official algorithm re-written in ``tests/reference.py`` (its own
+    matching, merge order, eager attention with log-size bias) on the same tiny model: per-block
+    token counts follow the hand-computed capped schedule, and the outputs agree."""
+    model = build(fam)  # 16 patches + CLS (+ distillation token), 4 blocks
+    x = inputs(fam, model)["pixel_values"]
+    base = getattr(model, fam)
+    p = 2 if fam == "deit" else 1
+    with torch.no_grad():
+        ref, counts = tome_official_forward(base, base.embeddings(x), r=5, dist=fam == "deit")
+        with prunekit.prune_tokens(model, "tome", r=5) as s:
+            hs = base(pixel_values=x, output_hidden_states=True).hidden_states
+    assert counts == [p + n for n in (16, 11, 6, 3, 2)]  # r_l = min(5, left // 2) = 5, 5, 3, 1
+    assert [h.shape[1] for h in hs] == counts
+    err = (hs[-1] - ref).abs().max().item()
+    assert err < 1e-5, f"{fam}: ToMe r=5 differs from the official algorithm by {err:.2e} (tol 1e-5)"
+    assert s.stats.tokens_in == 2 * 16 and s.stats.tokens_kept == 2 * 2
+
+
+def test_keep_and_r_are_exclusive_and_one_is_required():
+    model = build("vit")
+    with pytest.raises(ValueError, match="not both"):
+        with prunekit.prune_tokens(model, "tome", keep=0.5, r=4):
+            pass
+    with pytest.raises(ValueError, match="keep is required"):
+        with prunekit.prune_tokens(model, "tome"):
+            pass
+    with pytest.raises(ValueError, match="keep is required"):
+        with prunekit.prune_tokens(model, "random", layer=2):
+            pass

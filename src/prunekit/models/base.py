@@ -147,6 +147,8 @@ class Session:
 
     def __init__(self, adapter: Adapter, stage: str, method: TokenMethod, keep: int | float) -> None:
         self.adapter, self.stage, self.method, self.keep = adapter, stage, method, keep
+        #: precision of recomputed scores: "float32" (default) or "model" (see prunekit.models.attention)
+        self.score_dtype = "float32"
         self.hooks = HookSet()
         self.stats = PruneStats()
         #: ``(B, T')`` validity of the output tokens when pruning left ragged rows (BERT with

@@ -21,10 +21,16 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..budget import resolve_keep
 from ..errors import PrunekitError, SignalUnavailableError, UnsupportedModelError
 from ..tokens.schedule import group_counts, mean_tokens
-from .attention import causal_allowed, decoder_attention, decoder_logits, last_query_attention
+from .attention import (
+    causal_allowed,
+    decoder_attention,
+    decoder_logits,
+    last_query_attention,
+    probabilities,
+    score_dtype,
+)
 from .base import Adapter, Session, check_cut_layer, required_signals
 from .compat import cache_of
 from .heads import HeadCascade
@@ -234,19 +240,20 @@ class LLMCut:
     ) -> None:
         """Attention signals from ``attn``'s q/k on ``h`` (its normed input) over the current sequence."""
         valid = self.cur_valid
+        dt = score_dtype(self.session.score_dtype, h)  # None: float32
         if {"attention_map", "instruction_attention", "attention_logits"} & set(kinds):
-            logits = decoder_logits(attn, h, pe)  # (B, H, L, L)
+            logits = decoder_logits(attn, h, pe, dtype=dt)  # (B, H, L, L)
             L = logits.shape[-1]
             logits = logits.masked_fill(~causal_allowed(L, L, valid, h.device), float("-inf"))
             if "attention_logits" in kinds:
-                self.rows["attention_logits"] = logits.mean(dim=1)  # (B, L, L); hidden stays -inf
-            A = logits.softmax(dim=-1)
+                self.rows["attention_logits"] = logits.mean(dim=1).float()  # (B, L, L); hidden stays -inf
+            A = probabilities(logits, dt)
             if "attention_map" in kinds:
-                self.rows["attention_map"] = A
+                self.rows["attention_map"] = A.float()
             if "instruction_attention" in kinds:
-                self.rows["instruction_attention"] = A.mean(dim=1)  # (B, L, L)
+                self.rows["instruction_attention"] = A.mean(dim=1).float()  # (B, L, L)
         if "last_token_attention" in kinds:
-            self.rows["last_token_attention"] = last_query_attention(attn, h, pe, valid)  # (B, L)
+            self.rows["last_token_attention"] = last_query_attention(attn, h, pe, valid, dt)  # (B, L)
         if {"value_attention", "value_norm"} & set(kinds):
             B, L = h.shape[:2]
             hd = attn.head_dim
@@ -322,7 +329,7 @@ class LLMCut:
     def _budgets(self, groups: Groups, cut: int) -> list[int]:
         keep = self.session.keep
         if not self.progressive:
-            return [resolve_keep(keep, len(p)) for p in groups.positions]
+            return [self.session.method.keep_count(keep, len(p)) for p in groups.positions]
         n_layers = len(self.layers)
         return [group_counts(self.session.method, n0, keep, n_layers)[cut] if n0 else 0 for n0 in self.n0]
 

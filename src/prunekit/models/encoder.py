@@ -50,7 +50,7 @@ from ..errors import PrunekitError, SignalUnavailableError, UnsupportedModelErro
 from ..tokens.context import TokenMethod
 from ..tokens.merge import bipartite_soft_matching, merge_wavg
 from ..tokens.schedule import group_counts, mean_tokens
-from .attention import cls_query_attention, encoder_attention
+from .attention import cls_query_attention, encoder_attention, score_dtype
 from .base import Adapter, Session, Timer, block_cuts, required_signals
 from .heads import HeadCascade
 from .sequence import (
@@ -280,13 +280,14 @@ class EncoderAdapter(Adapter):
             h = call_arg(args, kw, 0, "hidden_states")  # the attention's input (normed in pre-norm blocks)
             _, q, k, heads, scale = self.attention_parts(self.layers[K - 1])
             valid = self._valid(h)
+            dt = score_dtype(self.session.score_dtype, h)
             if any(kind in self.signal_kinds for kind in _MAP_KINDS):
-                A = encoder_attention(q, k, h, heads, scale, key_valid=valid)  # (B, H, T, T)
+                A = encoder_attention(q, k, h, heads, scale, key_valid=valid, dtype=dt).float()  # (B,H,T,T)
                 for kind in _MAP_KINDS:
                     if kind in self.signal_kinds:
                         self.maps[kind] = A
             if "cls_attention" in self.signal_kinds:
-                cls_row = cls_query_attention(q, k, h, heads, scale, key_valid=valid)  # (B, T)
+                cls_row = cls_query_attention(q, k, h, heads, scale, key_valid=valid, dtype=dt)  # (B, T)
                 self.maps["cls_attention"] = cls_row
             if "keys" in self.signal_kinds:
                 B, T, _ = h.shape

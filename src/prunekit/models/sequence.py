@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..budget import resolve_keep
 from ..errors import PrunekitError
 from ..tokens.context import TokenContext
 from .base import Session, Timer
@@ -202,7 +201,7 @@ def select_in_groups(
     """
     method = session.method
     sizes = [len(p) for p in groups.positions]
-    budgets = groups.budgets or [resolve_keep(session.keep, n) for n in sizes]
+    budgets = groups.budgets or [method.keep_count(session.keep, n) for n in sizes]
     grids = groups.grids or [None] * len(sizes)
     seconds = 0.0
     for n, k, grid in sorted(
@@ -222,6 +221,7 @@ def select_in_groups(
                 model=family,
                 layer=layer,
                 grid=grid,
+                score_dtype=getattr(session, "score_dtype", "float32"),
             )
             sel = method.select(ctx, k)
         keep = sel.keep.to(pos.device)

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..budget import resolve_keep
 from ..errors import PrunekitError, SignalUnavailableError
-from .attention import cls_query_attention, encoder_attention
+from .attention import cls_query_attention, encoder_attention, score_dtype
 from .base import Adapter, Session, required_signals
 from .compat import cache_of
 from .decoder import LLMCut
@@ -103,12 +103,31 @@ class VLMAdapter(Adapter):
         a = layer.attention
         return a, a.q_proj, a.k_proj, a.num_attention_heads, a.scaling
 
-    def feature_attention_layer(self) -> int:
-        """Index of the vision layer whose output the VLM takes (``vision_feature_layer``)."""
+    def feature_attention_layer(self, pairing: str = "output") -> int:
+        """The vision layer whose attention goes with the VLM's features (``vision_feature_layer`` p).
+
+        ``"output"``: the layer whose output the VLM takes (``hidden_states[p]`` is the output of
+        layer ``p - 1``). ``"official"``: ``attentions[p]``, as FasterVLM's official code indexes it:
+        the same layer for a negative p (LLaVA's -2), the next one (whose input the features are)
+        for a positive p.
+        """
         vfl = self.model.config.vision_feature_layer
         vfl = vfl[-1] if isinstance(vfl, (list, tuple)) else vfl
         n = len(self.vision_layers())
-        return (vfl % (n + 1)) - 1  # hidden_states[i] is the output of layer i-1
+        if pairing == "official":
+            if not -n <= vfl < n:
+                raise SignalUnavailableError(
+                    f"{self.family}: attentions[vision_feature_layer={vfl}] does not exist for a {n}-layer "
+                    f"vision tower (allowed: {-n} to {n - 1}); use pairing='output'"
+                )
+            return vfl % n
+        index = vfl % (n + 1)  # into hidden_states: the embeddings, then each layer's output
+        if index == 0:
+            raise SignalUnavailableError(
+                f"{self.family}: vision_feature_layer={vfl} takes the embeddings, which no attention layer "
+                "outputs; use pairing='official' (layer 0's attention, as the official code) or give layer"
+            )
+        return index - 1
 
     # ------------------------------------------------------------------ attach
     def attach(self, session: Session) -> None:
@@ -178,7 +197,8 @@ class VLMAdapter(Adapter):
                         f"{session.method.name}: vision layer {sig.layer} is out of range for this "
                         f"{n}-layer vision tower; allowed: {-n} to {n - 1}"
                     )
-                layer = self.feature_attention_layer() if sig.layer is None else sig.layer % n
+                pairing = getattr(session.method, "pairing", "output")
+                layer = self.feature_attention_layer(pairing) if sig.layer is None else sig.layer % n
                 by_layer.setdefault(layer, []).append(sig)
             self.vision_asked = by_layer
             for layer, sigs in by_layer.items():
@@ -228,13 +248,14 @@ class VLMAdapter(Adapter):
         q, k, heads, scale = qk
         kinds = {s.kind for s in sigs}
         keys = [str(s) for s in sigs]
+        dt = score_dtype(self.session.score_dtype, h)
         if "cls_attention" in kinds:
-            row = cls_query_attention(q, k, h, heads, scale)  # (n_crops, 1+N)
+            row = cls_query_attention(q, k, h, heads, scale, dtype=dt)  # (n_crops, 1+N)
             for key in keys:
                 if key.startswith("cls_attention"):
                     self.cls_rows.setdefault(key, []).append(row)
         if "attention_map" in kinds:
-            A = encoder_attention(q, k, h, heads, scale)  # (n_img, H, 1+N, 1+N)
+            A = encoder_attention(q, k, h, heads, scale, dtype=dt).float()  # (n_img, H, 1+N, 1+N)
             skip = 1 if self.model.config.vision_feature_select_strategy == "default" else 0
             A = A[:, :, skip:, skip:]
             for key in keys:
@@ -623,7 +644,7 @@ class Qwen2VLAdapter(VLMAdapter):
     def vision_layers(self) -> nn.ModuleList:
         return self.core.visual.blocks
 
-    def feature_attention_layer(self) -> int:
+    def feature_attention_layer(self, pairing: str = "output") -> int:
         return len(self.vision_layers()) - 1  # the merger reads the last block
 
     def tower_target(self, keep: float | int, n: int) -> int:

@@ -59,6 +59,9 @@ class TokenContext:
     model: str = ""  # adapter family, for error messages
     #: the decoder layer whose input is being cut (llm stage), else None
     layer: int | None = None
+    #: ``prune_tokens(..., score_dtype=...)``: "float32" (default) or "model" — a method that computes
+    #: scores from the tokens itself (DivPrune's distances) does so in ``tokens.dtype`` with "model"
+    score_dtype: str = "float32"
 
     @property
     def num_groups(self) -> int:
@@ -138,9 +141,19 @@ class TokenMethod:
     name: ClassVar[str] = ""
     #: the attention layer option, interpreted by the adapter per stage (see each method's docstring)
     layer: int | None = None
+    #: True where an option of the method sets the budget itself (ToMe's ``r``): ``prune_tokens``
+    #: then takes no ``keep``
+    own_budget: ClassVar[bool] = False
 
     def needs(self, stage: str) -> tuple[Signal, ...]:
         raise NotImplementedError
+
+    def keep_count(self, keep: int | float | None, n: int) -> int:
+        """Candidates kept of a group's ``n`` for the session's ``keep`` (``None`` where the method
+        sets its own budget, :attr:`own_budget`). Default: :func:`~prunekit.budget.resolve_keep`."""
+        from ..budget import resolve_keep
+
+        return resolve_keep(keep, n)
 
     def score(self, ctx: TokenContext) -> torch.Tensor:
         """``(G, N)`` importance, higher is kept first."""

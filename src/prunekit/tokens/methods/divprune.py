@@ -12,6 +12,16 @@ model dtype), and selected tokens are excluded with ``-inf`` so exact duplicates
 picked twice. Ties go to the lower index (``argmax``). The image span is located from the
 placeholder tokens, not a hard-coded prompt length.
 
+Precision: in half precision the fp32 distances and the official model-dtype ones differ by a few
+ulp, and the greedy path, a chain of argmaxes over many near-ties, then differs almost always
+(official runs in bf16: no greedy path identical). ``prune_tokens(..., score_dtype="model")``
+reproduces the official computation: ``x / ‖x‖`` and ``1 - x̂ x̂ᵀ`` in the model dtype, and the first
+pick by the official rule, the second smallest of each column of the distance matrix (the
+smallest is normally the token itself, whose distance to itself is not exactly 0 in half
+precision), instead of the nearest *other* token. Only the ``-inf`` exclusion of chosen tokens
+stays (the official code could re-pick a chosen token only where every remaining distance to the
+set is at most a chosen token's rounding error). Default ``"float32"``.
+
 Vectorised: the ``(G, N, N)`` distance matrix once, then ``K`` greedy steps each vectorised over
 groups and candidates (the greedy order is inherently sequential).
 """
@@ -26,8 +36,13 @@ from ...registry import register
 from ..context import Selection, Signal, TokenContext, TokenMethod
 
 
-def cosine_distance(x: torch.Tensor) -> torch.Tensor:
-    """``(G, N, D) -> (G, N, N)`` pairwise ``1 - cos``, in fp32."""
+def cosine_distance(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``(G, N, D) -> (G, N, N)`` pairwise ``1 - cos``, in fp32; with ``dtype``, in that dtype as the
+    official DivPrune code computes it (``x / x.norm()``, no epsilon)."""
+    if dtype is not None:
+        x = x.to(dtype)
+        x = x / x.norm(dim=-1, keepdim=True)
+        return 1.0 - x @ x.transpose(-1, -2)
     x = torch.nn.functional.normalize(x.float(), dim=-1)
     return 1.0 - x @ x.transpose(-1, -2)
 
@@ -38,21 +53,27 @@ def greedy_diverse(
     objective: str = "kcenter",
     bonus: torch.Tensor | None = None,
     lam: float = 0.0,
+    first: str = "nearest",
 ) -> torch.Tensor:
     """Greedy choice of ``k`` of ``N`` items from ``(G, N, N)`` distances -> ``(G, k)`` ascending.
 
     Each pick maximises ``lam * bonus + (1 - lam) * spread`` over the unchosen items, where
     ``spread`` is the min (``"kcenter"``: max-min / farthest point, DivPrune) or the sum
     (``"maxsum"``) of the distances to the chosen set; the first pick uses the distance to the
-    nearest other item. ``bonus`` ``(G, N)`` is optional (e.g. CATP's text alignment). Ties go to
+    nearest other item (``first="second"``: the second smallest of each column of ``dist``, the
+    official DivPrune rule, the same where an item's distance to itself is the smallest, as in
+    exact arithmetic). ``bonus`` ``(G, N)`` is optional (e.g. CATP's text alignment). Ties go to
     the lower index; chosen items are excluded with ``-inf``, so duplicates are never picked twice.
     """
     G, N, _ = dist.shape
     k = min(k, N)
-    eye = torch.eye(N, dtype=torch.bool, device=dist.device)
-    nearest = dist.masked_fill(eye, float("inf")).amin(dim=-1)  # (G, N) distance to the nearest other token
     if N == 1:
-        nearest = torch.zeros(G, 1, device=dist.device)
+        nearest = torch.zeros(G, 1, dtype=dist.dtype, device=dist.device)
+    elif first == "second":
+        nearest = dist.topk(2, dim=-2, largest=False).values[:, 1]  # (G, N) per column
+    else:
+        eye = torch.eye(N, dtype=torch.bool, device=dist.device)
+        nearest = dist.masked_fill(eye, float("inf")).amin(dim=-1)  # (G, N) to the nearest other token
     extra = 0.0 if bonus is None else lam * bonus
     w = 1.0 - lam if bonus is not None else 1.0
     rows = torch.arange(G, device=dist.device)
@@ -91,6 +112,9 @@ class DivPrune(TokenMethod):
         return (Signal("tokens"),)
 
     def select(self, ctx: TokenContext, k: int) -> Selection:
+        if ctx.score_dtype == "model":  # the official computation, in the model's dtype
+            dist = cosine_distance(ctx.tokens, ctx.tokens.dtype)
+            return Selection(greedy_diverse(dist, k, "kcenter", first="second"))
         return Selection(max_min_diverse(cosine_distance(ctx.tokens), k))
 
     def select_scored(
