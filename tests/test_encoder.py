@@ -232,6 +232,13 @@ def test_encoder_errors():
     with pytest.raises(UnsupportedModelError, match="stage"):
         with prunekit.prune_tokens(vit, "fastv", keep=0.5):
             pass
+    with pytest.raises(UnsupportedModelError) as e:
+        with prunekit.prune_tokens(bert, "divprune", keep=0.5, stage="vision"):
+            pass
+    assert str(e.value) == (
+        "bert (BertModel) has no token stage 'vision' (visual tokens between the vision tower and the "
+        "LLM): an encoder alone has no visual tokens between a tower and an LLM; it offers ['encoder']"
+    )
     mim = ViTForMaskedImageModeling(vit.config).eval()
     with pytest.raises(UnsupportedModelError, match="image grid"):
         with prunekit.prune_tokens(mim, "random", keep=0.5, layer=2):

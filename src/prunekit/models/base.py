@@ -214,10 +214,11 @@ class Adapter:
 
     def check_stage(self, stage: str) -> None:
         if stage not in self.stages:
-            why = self.missing_stage_reason.get(stage, "")
+            what = STAGE_HELP.get(stage)
+            why = self.missing_stage_reason.get(stage)
             raise UnsupportedModelError(
-                f"{self.family} ({type(self.model).__name__}) has no token stage {stage!r} "
-                f"{STAGE_HELP.get(stage, '')}{': ' + why if why else ''}; it offers {list(self.stages)}"
+                f"{self.family} ({type(self.model).__name__}) has no token stage {stage!r}"
+                f"{f' ({what})' if what else ''}{f': {why}' if why else ''}; it offers {list(self.stages)}"
             )
 
     def describe(self) -> dict[str, Any]:

@@ -561,12 +561,27 @@ class DecoderAdapter(Adapter):
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """``(qualified name, layers)`` of the decoder stack of a causal LM, or of the language model
-    inside a VLM: the first module with ``embed_tokens`` and a ``layers`` ModuleList."""
-    for name, module in model.named_modules():
-        layers = getattr(module, "layers", None)
-        if isinstance(layers, nn.ModuleList) and hasattr(module, "embed_tokens"):
-            return (f"{name}.layers" if name else "layers"), layers
-    raise UnsupportedModelError(
-        f"{type(model).__name__}: no decoder stack found (a module with embed_tokens and a layers "
-        "ModuleList); weight pruning with calibration supports causal LMs and the LMs inside VLMs"
+    inside a VLM: the first module with ``embed_tokens`` and a ``layers`` ModuleList.
+
+    :class:`UnsupportedModelError` (naming the supported families) for any other model."""
+    if isinstance(model, nn.Module):
+        for name, module in model.named_modules():
+            layers = getattr(module, "layers", None)
+            if isinstance(layers, nn.ModuleList) and hasattr(module, "embed_tokens"):
+                return (f"{name}.layers" if name else "layers"), layers
+    from .vlm import VLM_ADAPTERS
+
+    what = (
+        f"{type(model).__name__} (model_type {getattr(getattr(model, 'config', None), 'model_type', None)!r})"
+        if isinstance(model, nn.Module)
+        else f"a {type(model).__name__}, not a torch.nn.Module"
     )
+    raise UnsupportedModelError(
+        f"weight pruning supports causal LMs ({', '.join(WEIGHT_DECODER_TYPES)}) and the language model "
+        f"inside a VLM ({', '.join(sorted({a.family for a in VLM_ADAPTERS}))}); got {what}"
+    )
+
+
+#: the causal-LM families weight pruning is tested on (any decoder stack with ``embed_tokens``
+#: and a ``layers`` ModuleList is found the same way)
+WEIGHT_DECODER_TYPES = (*DECODER_TYPES, "gemma3_text")
