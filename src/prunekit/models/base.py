@@ -103,9 +103,22 @@ class HookSet:
         self._attrs.clear()
 
 
+def fmt_count(x: float) -> str:
+    """``1,024`` for whole numbers, ``12.5`` otherwise (progressive methods count a mean)."""
+    return f"{x:,.0f}" if float(x).is_integer() else f"{x:,.1f}"
+
+
+def fmt_seconds(s: float) -> str:
+    return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
+
+
 @dataclass
 class PruneStats:
-    """What one pruning session did, accumulated over the forward calls that pruned."""
+    """What one pruning session did, accumulated over the forward calls that pruned.
+
+    ``print(stats)`` (and ``repr``) is a few-line summary: method and stage, candidates kept of
+    seen, positions kept at each cut layer, selection time. The full record stays in the
+    attributes (``kept_masks``, ``cut_layers``, ``head_masks``)."""
 
     calls: int = 0
     tokens_in: int = 0  # candidate tokens seen (summed over groups and calls)
@@ -124,11 +137,40 @@ class PruneStats:
     def kept_fraction(self) -> float:
         return self.tokens_kept / self.tokens_in if self.tokens_in else 1.0
 
+    #: the method's registry name and the stage it ran at (for the summary)
+    method: str = ""
+    stage: str = ""
+
     def record(self, n_in: int, n_kept: int, seconds: float) -> None:
         self.calls += 1
         self.tokens_in += n_in
         self.tokens_kept += n_kept
         self.select_seconds += seconds
+
+    def __repr__(self) -> str:
+        what = f"{self.method or 'token pruning'}" + (f" at stage {self.stage}" if self.stage else "")
+        calls = f"{self.calls} call{'s' * (self.calls != 1)}"
+        lines = [
+            f"PruneStats: {what}, {calls}",
+            f"  candidate tokens kept: {fmt_count(self.tokens_kept)} of {fmt_count(self.tokens_in)} "
+            f"({self.kept_fraction:.1%})",
+        ]
+        if self.cut_layers and len(self.cut_layers) == len(self.kept_masks):
+            per: dict[int, list[int]] = {}
+            for K, m in zip(self.cut_layers, self.kept_masks, strict=True):
+                c = per.setdefault(K, [0, 0])
+                c[0] += int(m.sum())
+                c[1] += m.numel()
+            cuts = "; ".join(f"from layer {K}: {fmt_count(k)} of {fmt_count(n)}" for K, (k, n) in per.items())
+            lines.append(f"  sequence positions kept, {cuts}")
+        if self.head_masks:
+            heads = ", ".join(f"layer {i}: {int(m.sum())} of {m.numel()}" for i, m in self.head_masks[-4:])
+            lines.append(f"  heads alive (last cuts, summed over rows): {heads}")
+        lines.append(f"  selection time: {fmt_seconds(self.select_seconds)}")
+        lines.append(f"  full record: .kept_masks ({len(self.kept_masks)} masks), .cut_layers, .head_masks")
+        return "\n".join(lines)
+
+    __str__ = __repr__
 
 
 class Timer:
@@ -148,7 +190,7 @@ class Session:
     def __init__(self, adapter: Adapter, stage: str, method: TokenMethod, keep: int | float) -> None:
         self.adapter, self.stage, self.method, self.keep = adapter, stage, method, keep
         self.hooks = HookSet()
-        self.stats = PruneStats()
+        self.stats = PruneStats(method=getattr(method, "name", ""), stage=stage)
         #: ``(B, T')`` validity of the output tokens when pruning left ragged rows (BERT with
         #: padding); ``None`` when every output position is a real token
         self.output_mask: torch.Tensor | None = None

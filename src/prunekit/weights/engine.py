@@ -109,6 +109,12 @@ class WeightReport:
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
 
+    def __repr__(self) -> str:
+        return (
+            f"WeightReport({self}; per Linear: .linears ({len(self.linears)}), "
+            "per layer: .layer_sparsity, as JSON: .to_json())"
+        )
+
     def __str__(self) -> str:
         mem = (
             f", peak +{self.peak_memory_bytes / 2**20:.0f} MB"
