@@ -173,6 +173,22 @@ def test_keep_everything_is_dense_and_model_restored(fam, method, stage, options
     assert_same(before, snapshot(model))
 
 
+@pytest.mark.parametrize(
+    ("fam", "method", "stage"), [("llama", "fastv", "llm"), ("llava", "divprune", "vision")]
+)
+def test_session_attention_mask_matches_the_logits(fam, method, stage):
+    """The output sequence is shorter than the prompt: ``session.attention_mask`` has its shape,
+    one 1 per kept real token (left-packed: the last column is the last prompt token)."""
+    model = build(fam, "sdpa")
+    inp = inputs_for(fam, model, batch=2)
+    with torch.no_grad(), prunekit.prune_tokens(model, method, keep=0.5, stage=stage) as s:
+        logits = model(**inp).logits
+    m = s.attention_mask
+    assert logits.shape[1] < inp["attention_mask"].shape[1] and m.shape == logits.shape[:2]
+    assert m.sum(1).tolist() == s.stats.kept_masks[-1].sum(1).tolist()
+    assert bool(m[:, -1].all())
+
+
 def test_model_mode_restored_in_training_mode():
     model = build("llama", "sdpa").train()
     model(**text_inputs(1))

@@ -185,7 +185,25 @@ class Timer:
 
 
 class Session:
-    """The live state of one ``prune_tokens`` block: its hooks and its statistics."""
+    """The live state of one ``prune_tokens`` block: its hooks and its statistics.
+
+    After a forward that pruned, ``attention_mask`` is the ``(B, L_out)`` long mask of the
+    **output's** sequence (1: a real token that was kept, 0: a padding slot), e.g. to mean-pool
+    an encoder's ``last_hidden_state``, which is shorter than the mask the user passed in::
+
+        with prunekit.prune_tokens(bert, "divprune", keep=0.5) as s:
+            h = bert(**batch).last_hidden_state              # (B, L_out, D)
+        m = s.attention_mask[..., None].to(h.dtype)
+        pooled = (h * m).sum(1) / m.sum(1)
+
+    Rows are packed: an encoder's kept tokens first (CLS at 0), a decoder's last (left padding).
+    It describes the last forward that pruned (under ``generate()``, the prefill), and is
+    ``None`` before one. ``token_sizes`` (``(B, L_out)`` float, merging methods that track it:
+    ToMe) counts the input tokens each output token stands for (summing to the input length);
+    weighting by it, ``(h * sizes[..., None]).sum(1) / sizes.sum(1, keepdim=True)``, pools as
+    ToMe's proportional attention weighs tokens; a plain mean counts a merged token once.
+    ``None`` for cut methods, whose tokens each stand for themselves.
+    """
 
     def __init__(self, adapter: Adapter, stage: str, method: TokenMethod, keep: int | float) -> None:
         self.adapter, self.stage, self.method, self.keep = adapter, stage, method, keep
@@ -194,6 +212,10 @@ class Session:
         #: ``(B, T')`` validity of the output tokens when pruning left ragged rows (BERT with
         #: padding); ``None`` when every output position is a real token
         self.output_mask: torch.Tensor | None = None
+        #: ``(B, L_out)`` long: the output's real kept tokens (1) and padding slots (0), last forward
+        self.attention_mask: torch.Tensor | None = None
+        #: ``(B, L_out)``: input tokens per output token (ToMe merging), else ``None``
+        self.token_sizes: torch.Tensor | None = None
 
     def remove(self) -> None:
         self.hooks.remove()

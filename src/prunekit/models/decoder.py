@@ -374,6 +374,7 @@ class LLMCut:
         local, slot_valid = left_pack(keep_mask)  # (B, L'), (B, L')
         self.kidx = local if self.kidx is None else self.kidx.gather(1, local)
         self.slot_valid = slot_valid
+        self.session.attention_mask = slot_valid.long()  # the output's (logits') sequence
         kept = torch.zeros_like(self.valid).scatter_(1, self.kidx, slot_valid)  # original coordinates
         stats = self.session.stats
         stats.kept_masks.append(kept.cpu())
