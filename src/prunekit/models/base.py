@@ -149,7 +149,7 @@ class PruneStats:
 
     def __repr__(self) -> str:
         what = f"{self.method or 'token pruning'}" + (f" at stage {self.stage}" if self.stage else "")
-        calls = f"{self.calls} call{'s' * (self.calls != 1)}"
+        calls = f"{self.calls} selection{'s' * (self.calls != 1)}"
         lines = [
             f"PruneStats: {what}, {calls}",
             f"  candidate tokens kept: {fmt_count(self.tokens_kept)} of {fmt_count(self.tokens_in)} "
@@ -209,6 +209,8 @@ class Session:
         self.adapter, self.stage, self.method, self.keep = adapter, stage, method, keep
         self.hooks = HookSet()
         self.stats = PruneStats(method=getattr(method, "name", ""), stage=stage)
+        #: 1-D token ids never dropped (``prune_tokens(protect=)``), or ``None``
+        self.protect: torch.Tensor | None = None
         #: ``(B, T')`` validity of the output tokens when pruning left ragged rows (BERT with
         #: padding); ``None`` when every output position is a real token
         self.output_mask: torch.Tensor | None = None
@@ -235,6 +237,8 @@ class Adapter:
     stage_signals: ClassVar[Mapping[str, Mapping[str, str]]] = {}
     #: whether the vision tower has a [CLS] token (``cls_attention`` at the vision stage)
     has_cls: ClassVar[bool] = True
+    #: whether its llm stage can protect token ids from a text prompt (``prune_tokens(protect=)``)
+    protects: ClassVar[bool] = False
 
     @classmethod
     def offered(cls, stage: str) -> Mapping[str, str]:

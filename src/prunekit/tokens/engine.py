@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from .. import registry
@@ -45,6 +46,52 @@ def choose_stage(method: TokenMethod, adapter_stages: tuple[str, ...], family: s
     )
 
 
+def special_ids(model: nn.Module) -> list[int]:
+    """The special token ids a model's config (and generation config) names: BOS, EOS, padding.
+    On chat models these are often the chat-template markers (SmolLM2: ``<|im_start|>`` is BOS,
+    ``<|im_end|>`` EOS); a tokenizer's ``all_special_ids`` is the fuller list."""
+    ids: set[int] = set()
+    for cfg in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+        cfgs = [cfg, getattr(cfg, "text_config", None)] if cfg is not None else []
+        for c in cfgs:
+            for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                v = getattr(c, name, None)
+                for t in v if isinstance(v, list | tuple) else [v]:
+                    if isinstance(t, int) and not isinstance(t, bool) and t >= 0:
+                        ids.add(t)
+    return sorted(ids)
+
+
+def protected_ids(model: nn.Module, protect: object) -> torch.Tensor | None:
+    """``prune_tokens(protect=...)`` as a 1-D tensor of token ids, or ``None``."""
+    if protect is None or protect is False:
+        return None
+    if isinstance(protect, str):
+        if protect != "special":
+            raise ValueError(
+                f"protect={protect!r}: allowed are None, 'special', a tokenizer, or token ids (ints)"
+            )
+        ids = special_ids(model)
+        if not ids:
+            raise ValueError(
+                f"protect='special': the config of {type(model).__name__} names no special token ids; "
+                "pass the tokenizer (protect=tokenizer) or the ids"
+            )
+    elif hasattr(protect, "all_special_ids"):  # a Hugging Face tokenizer
+        ids = list(protect.all_special_ids)
+    else:
+        try:
+            ids = list(protect)  # type: ignore[call-overload]
+        except TypeError:
+            ids = None
+        if ids is None or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError(
+                "protect must be None, 'special' (the config's BOS/EOS/padding ids), a tokenizer (its "
+                f"all_special_ids) or a non-empty list of token ids; got {protect!r}"
+            )
+    return torch.tensor(sorted(set(ids)), dtype=torch.long)
+
+
 @contextmanager
 def prune_tokens(
     model: nn.Module,
@@ -52,6 +99,7 @@ def prune_tokens(
     keep: int | float,
     *,
     stage: str | None = None,
+    protect: object = None,
     **options: object,
 ) -> Iterator:
     """Prune tokens inside ``model`` for the duration of a ``with`` block.
@@ -62,6 +110,13 @@ def prune_tokens(
         keep: tokens kept per group (image, prompt, sequence): an ``int >= 1`` or a ratio in (0, 1].
         stage: ``"vision"``, ``"llm"`` or ``"encoder"``; default: the method's first stage that
             the model offers.
+        protect: token ids a text-only decoder's llm stage never drops (chat-template markers,
+            BOS): ``"special"`` (the BOS/EOS/padding ids the model's config names), a tokenizer
+            (its ``all_special_ids``), or a list of ids; default ``None``, nothing protected.
+            Protected tokens **count against the budget**: ``keep=0.5`` still keeps half the
+            prompt, the protected ones first, the rest chosen by the method among the other
+            tokens (if the protected ones exceed the budget, they are all kept and nothing else).
+            Single-cut methods only; measured in ``benchmarks/protect_special.py``.
         **options: the method's options (e.g. ``layer=2`` for FastV).
 
     Yields a ``Session`` whose ``stats`` count tokens seen and kept and the time spent selecting.
@@ -75,9 +130,16 @@ def prune_tokens(
     m = m.for_family(adapter.family, adapter.has_cls)
     stage = choose_stage(m, adapter.stages, adapter.family, stage)
     adapter.check_stage(stage)
+    ids = protected_ids(model, protect)
+    if ids is not None and not (adapter.protects and stage == "llm"):
+        raise UnsupportedModelError(
+            f"protect= applies to the prompt tokens of a text-only decoder at the llm stage; "
+            f"{adapter.family} at stage {stage!r} has no such candidates"
+        )
     from ..models.base import Session
 
     session = Session(adapter, stage, m, keep)
+    session.protect = ids
     try:
         adapter.attach(session)
         yield session
