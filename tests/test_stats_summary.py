@@ -54,7 +54,7 @@ def test_token_stats_summary_is_short_and_has_the_counts():
     text = str(s.stats)
     assert text == repr(s.stats)
     short(text)
-    assert "fastv at stage llm, 1 call" in text
+    assert "fastv at stage llm, 1 selection" in text
     assert "500 of 1,000 (50.0%)" in text  # candidates
     assert "from layer 2: 501 of 1,001" in text  # the last token stays
     assert s.stats.kept_masks[0].shape == (1, L)
