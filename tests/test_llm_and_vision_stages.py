@@ -222,7 +222,8 @@ def test_fastv_keeps_top_last_token_attention_of_layer_k_minus_1(fam):
     k = 5
     expected = set(pos[row[pos].topk(k).indices].tolist())
     reset(model)
-    with torch.no_grad(), prunekit.prune_tokens(model, "fastv", keep=k, layer=2) as s:
+    # protect=None: every prompt token a candidate, BOS included (the default protects it)
+    with torch.no_grad(), prunekit.prune_tokens(model, "fastv", keep=k, layer=2, protect=None) as s:
         model(**inp)
     kept = s.stats.kept_masks[0][0]
     assert set(pos[kept[pos]].tolist()) == expected
@@ -275,6 +276,12 @@ def test_protect_forms_and_errors():
     with pytest.raises(UnsupportedModelError, match="single-cut"):
         with prunekit.prune_tokens(model, "pyramiddrop", keep=0.5, protect=[1]):
             pass
+    # the default: the config's special ids on a text-only decoder with a single cut, else nothing
+    with prunekit.prune_tokens(model, "fastv", keep=0.5) as s:
+        assert s.protect.tolist() == [0, 1, 2]
+    for other, method in ((model, "pyramiddrop"), (build("llava", "sdpa"), "fastv")):
+        with prunekit.prune_tokens(other, method, keep=0.5) as s:
+            assert s.protect is None
 
 
 @pytest.mark.parametrize("fam", ["llama", "qwen2_vl"])
