@@ -99,6 +99,47 @@ def test_cut_equals_masked_reference(fam, method):
     assert (s.output_mask is not None) == (fam == "bert")  # only BERT's padded batch leaves ragged rows
 
 
+@pytest.mark.parametrize("method", ["fastervlm", "divprune", "random"])
+def test_mean_pooling_with_the_session_mask_equals_the_masked_reference(method):
+    """BERT, a padded batch: the output is shorter than the user's mask; ``session.attention_mask``
+    pools it, and equals pooling the kept tokens of an independent masked reference."""
+    model = build("bert", attn="eager")
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 100, (3, 16), generator=g)
+    am = (torch.arange(16)[None] < torch.tensor([16, 11, 7])[:, None]).long()  # rows padded differently
+    inp = dict(input_ids=ids, attention_mask=am)
+    with torch.no_grad(), prunekit.prune_tokens(model, method, keep=0.4, layer=2) as s:
+        h = model(**inp).last_hidden_state
+    assert h.shape[1] < am.shape[1]  # pooling with the user's own mask cannot work
+    m = s.attention_mask
+    assert m.shape == h.shape[:2] and m.dtype == torch.long
+    pooled = (h * m[..., None]).sum(1) / m.sum(1, keepdim=True)
+    kept = s.stats.kept_masks[0]  # (B, 16) input positions kept, padding excluded
+    ref = masked_reference_hidden(model, "bert", inp, kept, K=2)
+    expected = torch.stack([ref[b, kept[b]].mean(0) for b in range(3)])
+    err = (pooled - expected).abs().max().item()
+    assert err < 1e-5, f"pooled with session.attention_mask differs from the reference by {err:.2e}"
+    # by hand: CLS + 0.4 of the 15, 10, 6 candidates (6.0, 4.0, 2.4: no rounding tie)
+    assert m.sum(1).tolist() == [1 + 6, 1 + 4, 1 + 2]
+
+
+def test_session_mask_after_spatten_and_token_sizes_after_tome():
+    bert, vit = build("bert"), build("vit")
+    inp = inputs("bert", bert, batch=2)
+    with torch.no_grad(), prunekit.prune_tokens(bert, "spatten", keep=0.5) as s:
+        h = bert(**inp).last_hidden_state
+    assert s.attention_mask.shape == h.shape[:2] and s.token_sizes is None
+    assert s.attention_mask.sum(1).tolist() == s.stats.kept_masks[-1].sum(1).tolist()
+    x = inputs("vit", vit, batch=2)
+    with torch.no_grad(), prunekit.prune_tokens(vit, "tome", keep=0.5) as s:
+        h = vit(**x, output_hidden_states=True).hidden_states[-1]
+    n_in = 1 + (32 // 8) ** 2  # CLS + a 4x4 patch grid
+    assert h.shape[1] < n_in and s.token_sizes.shape == h.shape[:2]
+    assert torch.equal(s.attention_mask, torch.ones(h.shape[:2], dtype=torch.long))
+    assert s.token_sizes.sum(1).tolist() == [n_in, n_in]  # every input token counted once
+    assert s.token_sizes[:, 0].tolist() == [1.0, 1.0]  # CLS is never merged
+
+
 @pytest.mark.parametrize("fam", ENCODERS)
 def test_recomputed_cls_row_and_fastervlm_selection_match_eager(fam):
     model = build(fam, attn="eager")
@@ -232,6 +273,13 @@ def test_encoder_errors():
     with pytest.raises(UnsupportedModelError, match="stage"):
         with prunekit.prune_tokens(vit, "fastv", keep=0.5):
             pass
+    with pytest.raises(UnsupportedModelError) as e:
+        with prunekit.prune_tokens(bert, "divprune", keep=0.5, stage="vision"):
+            pass
+    assert str(e.value) == (
+        "bert (BertModel) has no token stage 'vision' (visual tokens between the vision tower and the "
+        "LLM): an encoder alone has no visual tokens between a tower and an LLM; it offers ['encoder']"
+    )
     mim = ViTForMaskedImageModeling(vit.config).eval()
     with pytest.raises(UnsupportedModelError, match="image grid"):
         with prunekit.prune_tokens(mim, "random", keep=0.5, layer=2):

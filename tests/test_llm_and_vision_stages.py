@@ -173,6 +173,22 @@ def test_keep_everything_is_dense_and_model_restored(fam, method, stage, options
     assert_same(before, snapshot(model))
 
 
+@pytest.mark.parametrize(
+    ("fam", "method", "stage"), [("llama", "fastv", "llm"), ("llava", "divprune", "vision")]
+)
+def test_session_attention_mask_matches_the_logits(fam, method, stage):
+    """The output sequence is shorter than the prompt: ``session.attention_mask`` has its shape,
+    one 1 per kept real token (left-packed: the last column is the last prompt token)."""
+    model = build(fam, "sdpa")
+    inp = inputs_for(fam, model, batch=2)
+    with torch.no_grad(), prunekit.prune_tokens(model, method, keep=0.5, stage=stage) as s:
+        logits = model(**inp).logits
+    m = s.attention_mask
+    assert logits.shape[1] < inp["attention_mask"].shape[1] and m.shape == logits.shape[:2]
+    assert m.sum(1).tolist() == s.stats.kept_masks[-1].sum(1).tolist()
+    assert bool(m[:, -1].all())
+
+
 def test_model_mode_restored_in_training_mode():
     model = build("llama", "sdpa").train()
     model(**text_inputs(1))
@@ -206,11 +222,66 @@ def test_fastv_keeps_top_last_token_attention_of_layer_k_minus_1(fam):
     k = 5
     expected = set(pos[row[pos].topk(k).indices].tolist())
     reset(model)
-    with torch.no_grad(), prunekit.prune_tokens(model, "fastv", keep=k, layer=2) as s:
+    # protect=None: every prompt token a candidate, BOS included (the default protects it)
+    with torch.no_grad(), prunekit.prune_tokens(model, "fastv", keep=k, layer=2, protect=None) as s:
         model(**inp)
     kept = s.stats.kept_masks[0][0]
     assert set(pos[kept[pos]].tolist()) == expected
     assert bool(kept[~cand].all()), "non-candidate tokens must all be kept"
+
+
+@pytest.mark.parametrize("keep", [6, 0.4, 2])
+def test_protected_tokens_are_kept_and_count_against_the_budget(keep):
+    """``protect=``: the protected prompt tokens are all kept; the rest of the same budget goes to
+    the top of HF's eager last-token row among the other candidates (independent computation).
+    With a budget below the protected count, only the protected tokens stay."""
+    model = build("llama", "eager")
+    inp = text_inputs(1)
+    ids = inp["input_ids"][0]  # 20 tokens: 19 candidates
+    protect = [int(ids[3]), int(ids[11]), int(ids[12])]
+    prot = torch.isin(ids, torch.tensor(protect))
+    prot[-1] = False  # the last token is no candidate anyway
+    row = eager_last_row(model, inp, layer=1)[0]
+    cand = torch.ones_like(prot)
+    cand[-1] = False
+    k = keep if isinstance(keep, int) else round(keep * 19)  # 7.6 -> 8: no rounding tie
+    others = (cand & ~prot).nonzero().flatten()
+    top = others[row[others].topk(max(0, k - int(prot.sum()))).indices]
+    expected = set(prot.nonzero().flatten().tolist()) | set(top.tolist())
+    with torch.no_grad(), prunekit.prune_tokens(model, "fastv", keep=keep, layer=2, protect=protect) as s:
+        model(**inp)
+    kept = s.stats.kept_masks[0][0]
+    assert set(cand.nonzero().flatten()[kept[cand]].tolist()) == expected
+    assert len(expected) == max(k, int(prot.sum()))
+    assert (s.stats.tokens_in, s.stats.tokens_kept) == (19, len(expected))
+
+
+def test_protect_forms_and_errors():
+    from prunekit.tokens.engine import protected_ids
+
+    model = build("llama", "sdpa")  # tiny config: BOS 1, EOS 2, padding 0
+    assert protected_ids(model, "special").tolist() == [0, 1, 2]
+
+    class Tok:
+        all_special_ids = (7, 5, 7)
+
+    assert protected_ids(model, Tok()).tolist() == [5, 7]
+    assert protected_ids(model, (9, 4)).tolist() == [4, 9] and protected_ids(model, None) is None
+    for bad in ("specials", [1.5], [], 3):
+        with pytest.raises(ValueError, match="protect"):
+            protected_ids(model, bad)
+    with pytest.raises(UnsupportedModelError, match="text-only decoder"):
+        with prunekit.prune_tokens(build("llava", "sdpa"), "fastv", keep=0.5, protect=[1]):
+            pass
+    with pytest.raises(UnsupportedModelError, match="single-cut"):
+        with prunekit.prune_tokens(model, "pyramiddrop", keep=0.5, protect=[1]):
+            pass
+    # the default: the config's special ids on a text-only decoder with a single cut, else nothing
+    with prunekit.prune_tokens(model, "fastv", keep=0.5) as s:
+        assert s.protect.tolist() == [0, 1, 2]
+    for other, method in ((model, "pyramiddrop"), (build("llava", "sdpa"), "fastv")):
+        with prunekit.prune_tokens(other, method, keep=0.5) as s:
+            assert s.protect is None
 
 
 @pytest.mark.parametrize("fam", ["llama", "qwen2_vl"])

@@ -56,7 +56,7 @@ def test_attention_map_at_llm_stage_equals_eager_causal_map():
         eager = model(**inp, output_attentions=True).attentions[1][0]  # (H, L, L)
     rec = Recorder(layer=2, kinds=("attention_map", "last_token_attention"))
     model.set_attn_implementation("sdpa")
-    with torch.no_grad(), prunekit.prune_tokens(model, rec, keep=0.5):
+    with torch.no_grad(), prunekit.prune_tokens(model, rec, keep=0.5, protect=None):  # BOS a candidate too
         model(**inp)
     got = rec.seen[0]["attention_map"][0]  # candidates = all but the last token
     err = (got - eager[:, :-1, :-1]).abs().max().item()

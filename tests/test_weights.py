@@ -184,6 +184,73 @@ def test_wanda_masks_follow_the_pruned_previous_layer():
     pr.restore()
 
 
+def _dense_wanda_masks(model, seqs, prefix="model.layers.0."):
+    """Wanda masks of decoder layer 0's Linears computed independently: input norms gathered by
+    hooks on the dense model run on each sequence alone, then each row drops its half lowest."""
+    lins = {n: m for n, m in model.named_modules() if n.startswith(prefix) and isinstance(m, torch.nn.Linear)}
+    sq = {n: torch.zeros(m.in_features) for n, m in lins.items()}
+
+    def hook(name):
+        def fn(mod, args, out):
+            sq[name] += args[0].detach().reshape(-1, args[0].shape[-1]).float().pow(2).sum(0)
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in lins.items()]
+    with torch.no_grad():
+        for q in seqs:
+            model(input_ids=torch.as_tensor(q)[None])
+    for h in handles:
+        h.remove()
+    masks = {}
+    for n, m in lins.items():
+        score = m.weight.detach().abs().float() * sq[n].sqrt()[None, :]
+        drop = torch.sort(score, dim=1, stable=True).indices[:, : m.in_features // 2]
+        masks[n] = torch.ones_like(score, dtype=torch.bool).scatter_(1, drop, False)
+    return masks
+
+
+def test_ragged_token_id_lists_calibrate_each_sequence_alone():
+    """A ragged list of 1-D id tensors (and the same as lists of ints): layer 0's Wanda masks equal
+    the ones computed from each sequence's own dense inputs; an equal-length list equals the
+    ``(N, L)`` tensor it stacks to."""
+    model = decoder()
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(3, 256, (n,), generator=g) for n in (24, 9, 31)]
+    expected = _dense_wanda_masks(model, seqs)
+    for cal in (seqs, [q.tolist() for q in seqs]):
+        with prunekit.prune_weights(
+            model, "wanda", 0.5, calibration=cal, targets=["layers.0."], progress=False
+        ) as pr:
+            assert pr.report.calibration_tokens == 24 + 9 + 31
+            assert pr.masks.keys() == expected.keys()
+            for name, mask in pr.masks.items():
+                assert torch.equal(mask, expected[name]), name
+    same = [q[:9] for q in seqs]
+    with prunekit.prune_weights(model, "wanda", 0.5, calibration=same, progress=False) as a:
+        as_list = {k: v.clone() for k, v in a.masks.items()}
+    with prunekit.prune_weights(model, "wanda", 0.5, calibration=torch.stack(same), progress=False) as b:
+        assert all(torch.equal(as_list[k], v) for k, v in b.masks.items())
+
+
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [
+        ([1.0, 2.0], "got a list of float"),
+        ([torch.tensor([1, 2]), "some text"], "got a list of Tensor, str"),
+        ([torch.zeros(5)], r"calibration\[0\] is a tensor of shape \(5,\) dtype torch.float32"),
+        ([torch.tensor([4])], r"calibration\[0\] has 1 token"),
+        (7, "got int"),
+        (torch.arange(5), r"\(N, L\) integer tensor; got shape \(5,\)"),
+    ],
+)
+def test_bad_calibration_is_refused_naming_what_was_given(bad, says):
+    with pytest.raises(CalibrationError, match=says) as e:
+        prunekit.prune_weights(decoder(), "wanda", 0.5, calibration=bad, tokenizer=object(), progress=False)
+    if "got" in says and "shape" not in says:
+        assert "list of 1-D LongTensors or of lists of ints" in str(e.value)  # the accepted forms
+
+
 def test_each_layer_type_is_calibrated_with_its_own_mask_and_rope():
     """Gemma-3 passes sliding-window and full-attention layers different masks and RoPE tables:
     every layer's Wanda masks must come from the inputs the model's own forward gives its Linears
@@ -344,8 +411,9 @@ def test_clear_errors():
         prunekit.prune_weights(model, "wanda", calibration=CAL, blocksize=3)
     with pytest.raises(ValueError, match="OWL"):
         prunekit.prune_weights(model, "owl", pattern="2:4", calibration=CAL)
-    with pytest.raises(CalibrationError, match="tokenizer"):
+    with pytest.raises(CalibrationError, match="tokenizer") as e:
         prunekit.prune_weights(model, "wanda")
+    assert "list of 1-D LongTensors" in str(e.value)  # says the id forms that need no tokenizer
     with pytest.raises(CalibrationError, match="empty"):
         prunekit.prune_weights(model, "wanda", calibration=["  "], tokenizer=object())
     with pytest.raises(ValueError, match="no Linear"):
@@ -358,8 +426,11 @@ def test_clear_errors():
     pr.restore()
     from tiny_encoders import build
 
-    with pytest.raises(UnsupportedModelError, match="decoder stack"):
-        prunekit.prune_weights(build("bert"), "magnitude")
+    for bad, got in ((build("bert"), "got BertModel (model_type 'bert')"), ((model, None), "got a tuple")):
+        with pytest.raises(UnsupportedModelError, match="weight pruning supports causal LMs") as e:
+            prunekit.prune_weights(bad, "magnitude")
+        for family in ("llama", "qwen2", "mistral", "llava", "qwen2_vl", got):
+            assert family in str(e.value)
 
 
 def test_calibration_windows_are_seeded():

@@ -32,7 +32,7 @@ from torch import nn
 from .. import registry
 from ..budget import validate_keep
 from ..errors import PrunekitError, UnsupportedModelError
-from ..models.base import HookSet, Timer
+from ..models.base import HookSet, Timer, fmt_count, fmt_seconds
 from ..models.compat import cache_of
 from ..models.sequence import decoder_call, real_tokens
 from .context import KV_SIGNALS, KVContext, KVMethod
@@ -44,7 +44,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class KVStats:
-    """What one ``compress_kv`` session did."""
+    """What one ``compress_kv`` session did.
+
+    ``print(stats)`` (and ``repr``) is a few-line summary: method, cache entries kept of seen,
+    per-layer spread, evictions while decoding, time. The kept positions of every prefill and
+    layer stay in ``kept``."""
 
     calls: int = 0  # prefills compressed
     entries_in: int = 0  # prompt cache entries seen (rows x layers x KV heads x real tokens)
@@ -54,10 +58,42 @@ class KVStats:
     #: per prefill, per layer: original positions ``(B, Hkv, K)`` and validity of the kept slots
     #: (None for a sliding-window layer, which is left alone)
     kept: list[list[tuple[torch.Tensor, torch.Tensor] | None]] = field(default_factory=list)
+    #: the method's registry name (for the summary)
+    method: str = ""
 
     @property
     def kept_fraction(self) -> float:
         return self.entries_kept / self.entries_in if self.entries_in else 1.0
+
+    def _lines(self) -> list[str]:
+        calls = f"{self.calls} prefill{'s' * (self.calls != 1)} compressed"
+        lines = [
+            f"{type(self).__name__}: {self.method or 'KV compression'}, {calls}",
+            f"  cache entries kept: {fmt_count(self.entries_kept)} of {fmt_count(self.entries_in)} "
+            f"({self.kept_fraction:.1%}; rows x layers x KV heads x prompt tokens)",
+        ]
+        last = [x for x in self.kept[-1] if x is not None] if self.kept else []
+        if last:
+            per = [int(ok.sum()) for _, ok in last]  # entries kept per compressed layer
+            spread = f"{per[0]:,}" if min(per) == max(per) else f"{min(per):,} to {max(per):,}"
+            left = len(self.kept[-1]) - len(last)
+            lines.append(
+                f"  last prefill: {spread} entries kept per layer (rows x KV heads), "
+                f"{len(last)} layers compressed"
+                + (f", {left} sliding-window layers left alone" if left else "")
+            )
+        return lines
+
+    def __repr__(self) -> str:
+        lines = self._lines()
+        if self.evicted_in_decode:
+            lines.append(f"  evicted while decoding: {self.evicted_in_decode:,}")
+        lines.append(f"  compression time: {fmt_seconds(self.compress_seconds)}")
+        if self.kept:
+            lines.append("  full record: .kept (per prefill, per layer: kept positions and their validity)")
+        return "\n".join(lines)
+
+    __str__ = __repr__
 
     @property
     def select_seconds(self) -> float:
@@ -120,7 +156,7 @@ class KVSession:
         self.sliding = sliding_layers(self.text_model)
         self.keep_model_mask = any(self.sliding)
         self.hooks = HookSet()
-        self.stats = KVStats()
+        self.stats = KVStats(method=method.name)
         unknown = sorted(set(method.needs()) - set(KV_SIGNALS))
         if unknown:
             raise PrunekitError(

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import PrunekitError, UnsupportedModelError
-from ..models.base import HookSet, Timer
+from ..models.base import HookSet, Timer, fmt_seconds
 from ..models.compat import cache_of
 from ..models.sequence import decoder_call, real_tokens
 from ..tokens.schedule import group_counts
@@ -40,7 +40,7 @@ from .engine import KVStats, _text_model, sliding_layers
 from .signals import rotated_queries
 
 
-@dataclass
+@dataclass(repr=False)  # the summary of KVStats, with the revivals
 class LazyStats(KVStats):
     """What one LazyLLM session did: ``entries_kept`` counts the prompt KV entries computed (by the
     prefills, plus revivals while decoding); ``compress_seconds`` the scoring, selection, gathers
@@ -53,6 +53,17 @@ class LazyStats(KVStats):
     def prefill_kept_fraction(self) -> float:
         """The budget's own measure: prompt KV entries the prefills computed, of a dense prefill's."""
         return self.entries_kept_prefill / self.entries_in if self.entries_in else 1.0
+
+    def __repr__(self) -> str:
+        lines = [
+            *self._lines(),
+            f"  by the prefills: {self.entries_kept_prefill:,} ({self.prefill_kept_fraction:.1%}); "
+            f"revived while decoding: {self.revived:,}",
+            f"  selection time: {fmt_seconds(self.compress_seconds)}",
+        ]
+        return "\n".join(lines)
+
+    __str__ = __repr__
 
 
 def _arg(args: tuple, kw: dict, name: str):
@@ -91,7 +102,7 @@ class LazySession:
         sliding = getattr(cfg, "use_sliding_window", True)
         self.window = getattr(cfg, "sliding_window", None) if sliding else None
         self.hooks = HookSet()
-        self.stats = LazyStats()
+        self.stats = LazyStats(method=method.name)
         self.on = False
 
     # ------------------------------------------------------------------ install

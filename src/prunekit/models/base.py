@@ -103,9 +103,22 @@ class HookSet:
         self._attrs.clear()
 
 
+def fmt_count(x: float) -> str:
+    """``1,024`` for whole numbers, ``12.5`` otherwise (progressive methods count a mean)."""
+    return f"{x:,.0f}" if float(x).is_integer() else f"{x:,.1f}"
+
+
+def fmt_seconds(s: float) -> str:
+    return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
+
+
 @dataclass
 class PruneStats:
-    """What one pruning session did, accumulated over the forward calls that pruned."""
+    """What one pruning session did, accumulated over the forward calls that pruned.
+
+    ``print(stats)`` (and ``repr``) is a few-line summary: method and stage, candidates kept of
+    seen, positions kept at each cut layer, selection time. The full record stays in the
+    attributes (``kept_masks``, ``cut_layers``, ``head_masks``)."""
 
     calls: int = 0
     tokens_in: int = 0  # candidate tokens seen (summed over groups and calls)
@@ -124,11 +137,40 @@ class PruneStats:
     def kept_fraction(self) -> float:
         return self.tokens_kept / self.tokens_in if self.tokens_in else 1.0
 
+    #: the method's registry name and the stage it ran at (for the summary)
+    method: str = ""
+    stage: str = ""
+
     def record(self, n_in: int, n_kept: int, seconds: float) -> None:
         self.calls += 1
         self.tokens_in += n_in
         self.tokens_kept += n_kept
         self.select_seconds += seconds
+
+    def __repr__(self) -> str:
+        what = f"{self.method or 'token pruning'}" + (f" at stage {self.stage}" if self.stage else "")
+        calls = f"{self.calls} selection{'s' * (self.calls != 1)}"
+        lines = [
+            f"PruneStats: {what}, {calls}",
+            f"  candidate tokens kept: {fmt_count(self.tokens_kept)} of {fmt_count(self.tokens_in)} "
+            f"({self.kept_fraction:.1%})",
+        ]
+        if self.cut_layers and len(self.cut_layers) == len(self.kept_masks):
+            per: dict[int, list[int]] = {}
+            for K, m in zip(self.cut_layers, self.kept_masks, strict=True):
+                c = per.setdefault(K, [0, 0])
+                c[0] += int(m.sum())
+                c[1] += m.numel()
+            cuts = "; ".join(f"from layer {K}: {fmt_count(k)} of {fmt_count(n)}" for K, (k, n) in per.items())
+            lines.append(f"  sequence positions kept, {cuts}")
+        if self.head_masks:
+            heads = ", ".join(f"layer {i}: {int(m.sum())} of {m.numel()}" for i, m in self.head_masks[-4:])
+            lines.append(f"  heads alive (last cuts, summed over rows): {heads}")
+        lines.append(f"  selection time: {fmt_seconds(self.select_seconds)}")
+        lines.append(f"  full record: .kept_masks ({len(self.kept_masks)} masks), .cut_layers, .head_masks")
+        return "\n".join(lines)
+
+    __str__ = __repr__
 
 
 class Timer:
@@ -143,17 +185,41 @@ class Timer:
 
 
 class Session:
-    """The live state of one ``prune_tokens`` block: its hooks and its statistics."""
+    """The live state of one ``prune_tokens`` block: its hooks and its statistics.
+
+    After a forward that pruned, ``attention_mask`` is the ``(B, L_out)`` long mask of the
+    **output's** sequence (1: a real token that was kept, 0: a padding slot), e.g. to mean-pool
+    an encoder's ``last_hidden_state``, which is shorter than the mask the user passed in::
+
+        with prunekit.prune_tokens(bert, "divprune", keep=0.5) as s:
+            h = bert(**batch).last_hidden_state              # (B, L_out, D)
+        m = s.attention_mask[..., None].to(h.dtype)
+        pooled = (h * m).sum(1) / m.sum(1)
+
+    Rows are packed: an encoder's kept tokens first (CLS at 0), a decoder's last (left padding).
+    It describes the last forward that pruned (under ``generate()``, the prefill), and is
+    ``None`` before one. ``token_sizes`` (``(B, L_out)`` float, merging methods that track it:
+    ToMe) counts the input tokens each output token stands for (summing to the input length);
+    weighting by it, ``(h * sizes[..., None]).sum(1) / sizes.sum(1, keepdim=True)``, pools as
+    ToMe's proportional attention weighs tokens; a plain mean counts a merged token once.
+    ``None`` for cut methods, whose tokens each stand for themselves.
+    """
 
     def __init__(self, adapter: Adapter, stage: str, method: TokenMethod, keep: int | float) -> None:
         self.adapter, self.stage, self.method, self.keep = adapter, stage, method, keep
         #: precision of recomputed scores: "float32" (default) or "model" (see prunekit.models.attention)
         self.score_dtype = "float32"
         self.hooks = HookSet()
-        self.stats = PruneStats()
+        self.stats = PruneStats(method=getattr(method, "name", ""), stage=stage)
+        #: 1-D token ids never dropped (``prune_tokens(protect=)``), or ``None``
+        self.protect: torch.Tensor | None = None
         #: ``(B, T')`` validity of the output tokens when pruning left ragged rows (BERT with
         #: padding); ``None`` when every output position is a real token
         self.output_mask: torch.Tensor | None = None
+        #: ``(B, L_out)`` long: the output's real kept tokens (1) and padding slots (0), last forward
+        self.attention_mask: torch.Tensor | None = None
+        #: ``(B, L_out)``: input tokens per output token (ToMe merging), else ``None``
+        self.token_sizes: torch.Tensor | None = None
 
     def remove(self) -> None:
         self.hooks.remove()
@@ -173,6 +239,8 @@ class Adapter:
     stage_signals: ClassVar[Mapping[str, Mapping[str, str]]] = {}
     #: whether the vision tower has a [CLS] token (``cls_attention`` at the vision stage)
     has_cls: ClassVar[bool] = True
+    #: whether its llm stage can protect token ids from a text prompt (``prune_tokens(protect=)``)
+    protects: ClassVar[bool] = False
 
     @classmethod
     def offered(cls, stage: str) -> Mapping[str, str]:
@@ -216,10 +284,11 @@ class Adapter:
 
     def check_stage(self, stage: str) -> None:
         if stage not in self.stages:
-            why = self.missing_stage_reason.get(stage, "")
+            what = STAGE_HELP.get(stage)
+            why = self.missing_stage_reason.get(stage)
             raise UnsupportedModelError(
-                f"{self.family} ({type(self.model).__name__}) has no token stage {stage!r} "
-                f"{STAGE_HELP.get(stage, '')}{': ' + why if why else ''}; it offers {list(self.stages)}"
+                f"{self.family} ({type(self.model).__name__}) has no token stage {stage!r}"
+                f"{f' ({what})' if what else ''}{f': {why}' if why else ''}; it offers {list(self.stages)}"
             )
 
     def describe(self) -> dict[str, Any]:

@@ -110,8 +110,11 @@ class LLMCut:
         family: str,
         vision_scores: Callable[[], torch.Tensor | None] | None = None,
         offered: Mapping[str, str] = LLM_SIGNALS,
+        protect: torch.Tensor | None = None,
     ) -> None:
         self.session, self.text_model = session, text_model
+        #: token ids that are never candidates but count against the budget (``prune_tokens(protect=)``)
+        self.protect = protect
         self.vision_scores = vision_scores
         self.layers = text_model.layers
         self.candidates, self.family = candidates, family
@@ -121,6 +124,11 @@ class LLMCut:
         self.progressive = cuts is not None
         self.cuts = tuple(check_cut_layer(K, n, "LLM") for K in (cuts if self.progressive else (layer,)))
         self.K = self.cuts[0]
+        if protect is not None and self.progressive:
+            raise UnsupportedModelError(
+                f"protect= is supported for single-cut llm methods (e.g. fastv); {method.name!r} cuts at "
+                f"several layers {list(self.cuts)}"
+            )
         needs = required_signals(method, "llm", family, offered)
         self.kinds = set(needs) - {"tokens", "hidden"}
         self.signal_layers: dict[int, list[str]] = {}  # single cut: layer -> attention kinds there
@@ -198,6 +206,8 @@ class LLMCut:
         if self.heads is not None:
             self.heads.reset()
         self.n0: list[int] = []
+        self.n_protected: list[int] | None = None  # per group: protected tokens among its prompt
+        self.protected: torch.Tensor | None = None  # (B, L) bool: the prompt's protected tokens
         self.select_seconds = 0.0
 
     @property
@@ -216,6 +226,13 @@ class LLMCut:
                     f"prompt of {L} tokens exceeds the sliding window {self.window}: not supported"
                 )
             self.valid = valid
+            if self.protect is not None:
+                if x.dim() != 2 or x.is_floating_point():
+                    raise PrunekitError(
+                        "protect= needs the prompt's input_ids to find the protected tokens; this call "
+                        "passed inputs_embeds"
+                    )
+                self.protected = torch.isin(x, self.protect.to(x.device)) & valid
             if self.ttv_start is not None:
                 self.ttv = torch.zeros(B, L, device=x.device)
             if self.cumulative:
@@ -299,7 +316,15 @@ class LLMCut:
         """Candidate groups in the current sequence, each group's instruction positions, and the
         per-slot group id (-1: not a candidate)."""
         if self.gid is None:  # first cut: candidates of the full sequence
-            groups = self.candidates(self.valid)
+            if self.protected is None:
+                groups = self.candidates(self.valid)
+            else:  # protected tokens are no candidates; each group's count of them lowers its budget
+                groups = self.candidates(self.valid & ~self.protected)
+                every = self.candidates(self.valid)
+                self.n_protected = [
+                    int(self.protected[b, pos].sum())
+                    for b, pos in zip(every.sample, every.positions, strict=True)
+                ]
             self.gid = torch.full(self.valid.shape, -1, dtype=torch.long, device=self.valid.device)
             self.rank0 = torch.full_like(self.gid, -1)  # each candidate's index within its group
             for g, (b, pos) in enumerate(zip(groups.sample, groups.positions, strict=True)):
@@ -329,7 +354,13 @@ class LLMCut:
     def _budgets(self, groups: Groups, cut: int) -> list[int]:
         keep = self.session.keep
         if not self.progressive:
-            return [self.session.method.keep_count(keep, len(p)) for p in groups.positions]
+            count = self.session.method.keep_count
+            if self.n_protected is not None:  # the budget of the whole prompt, protected tokens first
+                return [
+                    max(0, count(keep, len(p) + q) - q)
+                    for p, q in zip(groups.positions, self.n_protected, strict=True)
+                ]
+            return [count(keep, len(p)) for p in groups.positions]
         n_layers = len(self.layers)
         return [group_counts(self.session.method, n0, keep, n_layers)[cut] if n0 else 0 for n0 in self.n0]
 
@@ -379,9 +410,13 @@ class LLMCut:
             layer=self.cuts[cut],
             record=not self.progressive,
         )
+        if self.n_protected is not None:  # protected tokens are seen and kept: the stats count them
+            self.session.stats.tokens_in += sum(self.n_protected)
+            self.session.stats.tokens_kept += sum(self.n_protected)
         local, slot_valid = left_pack(keep_mask)  # (B, L'), (B, L')
         self.kidx = local if self.kidx is None else self.kidx.gather(1, local)
         self.slot_valid = slot_valid
+        self.session.attention_mask = slot_valid.long()  # the output's (logits') sequence
         kept = torch.zeros_like(self.valid).scatter_(1, self.kidx, slot_valid)  # original coordinates
         stats = self.session.stats
         stats.kept_masks.append(kept.cpu())
@@ -540,10 +575,12 @@ def _text_model(model: nn.Module) -> nn.Module | None:
 class DecoderAdapter(Adapter):
     """Llama / Qwen2 / Mistral (and Mixtral, Qwen3) decoders: stage ``llm``.
 
-    On a text-only model the candidates are the prompt tokens before the last one.
+    On a text-only model the candidates are the prompt tokens before the last one, less any
+    protected tokens (``prune_tokens(..., protect=...)``).
     """
 
     family = "decoder (Llama/Qwen2/Mistral)"
+    protects = True
     stages = ("llm",)
     stage_signals: ClassVar[Mapping[str, Mapping[str, str]]] = {"llm": LLM_SIGNALS}
     missing_stage_reason: ClassVar[Mapping[str, str]] = {
@@ -564,17 +601,32 @@ class DecoderAdapter(Adapter):
         m = session.method
         K = m.default_cut(len(tm.layers)) if m.layer is None else m.layer
         session.hooks.setattr(self.model, "_prunekit_llm_cut", True)
-        LLMCut(session, tm, K, text_candidates, self.family).install()
+        LLMCut(session, tm, K, text_candidates, self.family, protect=session.protect).install()
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """``(qualified name, layers)`` of the decoder stack of a causal LM, or of the language model
-    inside a VLM: the first module with ``embed_tokens`` and a ``layers`` ModuleList."""
-    for name, module in model.named_modules():
-        layers = getattr(module, "layers", None)
-        if isinstance(layers, nn.ModuleList) and hasattr(module, "embed_tokens"):
-            return (f"{name}.layers" if name else "layers"), layers
-    raise UnsupportedModelError(
-        f"{type(model).__name__}: no decoder stack found (a module with embed_tokens and a layers "
-        "ModuleList); weight pruning with calibration supports causal LMs and the LMs inside VLMs"
+    inside a VLM: the first module with ``embed_tokens`` and a ``layers`` ModuleList.
+
+    :class:`UnsupportedModelError` (naming the supported families) for any other model."""
+    if isinstance(model, nn.Module):
+        for name, module in model.named_modules():
+            layers = getattr(module, "layers", None)
+            if isinstance(layers, nn.ModuleList) and hasattr(module, "embed_tokens"):
+                return (f"{name}.layers" if name else "layers"), layers
+    from .vlm import VLM_ADAPTERS
+
+    what = (
+        f"{type(model).__name__} (model_type {getattr(getattr(model, 'config', None), 'model_type', None)!r})"
+        if isinstance(model, nn.Module)
+        else f"a {type(model).__name__}, not a torch.nn.Module"
     )
+    raise UnsupportedModelError(
+        f"weight pruning supports causal LMs ({', '.join(WEIGHT_DECODER_TYPES)}) and the language model "
+        f"inside a VLM ({', '.join(sorted({a.family for a in VLM_ADAPTERS}))}); got {what}"
+    )
+
+
+#: the causal-LM families weight pruning is tested on (any decoder stack with ``embed_tokens``
+#: and a ``layers`` ModuleList is found the same way)
+WEIGHT_DECODER_TYPES = (*DECODER_TYPES, "gemma3_text")

@@ -29,8 +29,10 @@ BERT supports cut mode only (ToMe is refused with a clear error: its post-norm b
 masks are not handled by the merging forward). BERT with padding: the padding mask is read where
 the base ``BertModel`` receives it (so task heads that reshape it, e.g. multiple choice, work);
 padding is never a candidate, kept tokens are packed first and the rest masked as keys;
-``session.output_mask`` then holds the ``(B, T')`` mask of the output. Right padding only: a
-left-padded row moves [CLS] off index 0, so it is refused with a clear error.
+``session.output_mask`` then holds the ``(B, T')`` mask of the output. ``session.attention_mask``
+is that mask for every forward (all ones without padding): the mask to pool the shorter output
+with; after ToMe, ``session.token_sizes`` counts the input tokens each output token stands for.
+Right padding only: a left-padded row moves [CLS] off index 0, so it is refused with a clear error.
 
 Heads that need every patch token back in its grid (``*ForMaskedImageModeling``) and BERT used as
 a causal decoder (``is_decoder=True``) are refused with a clear error.
@@ -359,6 +361,7 @@ class EncoderAdapter(Adapter):
             self.heads.cut(cut)
         self.mask = key_mask(slot_valid, x.dtype)  # ragged rows: the unused slots hidden as keys
         self.session.output_mask = None if self.mask is None else slot_valid.long()
+        self.session.attention_mask = slot_valid.long()  # the output's mask, padding slots 0
         if self.progressive and cut == len(self.cuts) - 1:
             self._record_progressive()
         return x
@@ -434,6 +437,8 @@ class EncoderAdapter(Adapter):
             self.keys = None  # used: do not hold it past the block
             if i == last:
                 session.stats.record(B * self.tokens_in, B * (x.shape[1] - p), self.seconds)
+                session.attention_mask = torch.ones(B, x.shape[1], dtype=torch.long, device=x.device)
+                session.token_sizes = self.size[..., 0].detach()
             return x
 
         return forward

@@ -212,6 +212,11 @@ def select_in_groups(
         members = [g for g in range(len(sizes)) if (sizes[g], budgets[g], grids[g]) == (n, k, grid)]
         b = torch.tensor([groups.sample[g] for g in members], device=keep_mask.device)
         pos = torch.stack([groups.positions[g] for g in members]).to(keep_mask.device)  # (S, n)
+        if k <= 0:  # a budget the protected tokens used up: every candidate goes, the method is not run
+            keep_mask[b[:, None].expand_as(pos), pos] = False
+            if record:
+                session.stats.record(len(members) * n, 0, 0.0)
+            continue
         ids = [groups.ids[g] for g in members]
         with Timer() as t:
             ctx = TokenContext(

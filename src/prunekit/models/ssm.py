@@ -166,6 +166,7 @@ class MambaAdapter(Adapter):
         stats.kept_masks.append(kept.cpu())
         stats.cut_layers.append(self.cuts[cut])
         self.mask = slot_valid.long()
+        self.session.attention_mask = self.mask  # the output's sequence: kept tokens 1
         if self.progressive and cut == len(self.cuts) - 1:
             counts = torch.stack(self.kept_counts, dim=1).tolist()
             depth = len(self.layers)

