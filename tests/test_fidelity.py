@@ -55,7 +55,7 @@ def test_fastv_drop_ratio_end_to_end_keeps_the_official_count_of_the_top_tokens(
     with torch.no_grad():
         row = model(**inp, output_attentions=True).attentions[1].mean(1)[0, -1]  # layer K-1 = 1
     for options, n_kept in (({"drop_ratio": 0.7}, 5), ({"keep": 0.3}, 4)):
-        with torch.no_grad(), prunekit.prune_tokens(model, "fastv", layer=2, **options) as s:
+        with torch.no_grad(), prunekit.prune_tokens(model, "fastv", layer=2, protect=None, **options) as s:
             model(**inp)
         kept = s.stats.kept_masks[0][0]
         assert set(kept[:15].nonzero().flatten().tolist()) == top_lower_index_first(row[:15], n_kept)
@@ -156,7 +156,10 @@ def test_fastv_score_dtype_model_equals_bf16_eager_and_default_equals_fp32(monke
     got = {}
     for choice in ("model", "float32"):
         seen = spy(monkeypatch, FastV, "score")
-        with torch.no_grad(), prunekit.prune_tokens(model, "fastv", keep=8, layer=2, score_dtype=choice) as s:
+        with (
+            torch.no_grad(),
+            prunekit.prune_tokens(model, "fastv", keep=8, layer=2, score_dtype=choice, protect=None) as s,
+        ):
             model(**inp)
         got[choice] = seen[-1].signal("last_token_attention")[0]
         if choice == "model":

@@ -31,8 +31,12 @@ is then exactly the official ``round(N * (1 - R))`` (at least 1, where the offic
 none), with ``N`` the group's candidates (an image's visual tokens). ``keep`` and ``drop_ratio``
 are exclusive. (The original, non-HF code takes the count ``ATTENTION_RANK`` directly: ``keep=int``.)
 
-Deviation from the official code, by design: every batch row is pruned with its own scores (the
-official code uses batch row 0 for all).
+Deviations from the official code, by design: every batch row is pruned with its own scores (the
+official code uses batch row 0 for all). On a text-only LLM (not the paper's setting), the model's
+special tokens (chat-template markers, BOS) are kept by default and count against the budget
+(``prune_tokens(..., protect="auto")``, ours: on SmolLM2 chat prompts at keep 0.5 it halves the KL
+to dense, ``benchmarks/results/protect_special.md``); ``protect=None`` ranks every prompt token as
+the official code would. A VLM's candidates are its visual tokens, never special tokens.
 """
 
 from __future__ import annotations
