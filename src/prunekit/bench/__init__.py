@@ -7,11 +7,18 @@
 writes ``results/bench/results.jsonl`` (one JSON line per run; runs already there are skipped),
 ``report.md`` and ``pareto_<model>_<task>.png``. See ``prunekit bench --help`` for the CLI and
 ``Sweep`` for the YAML fields.
+
+``prunekit.bench`` is both this package (``prunekit.bench.Sweep``, ``from prunekit.bench import
+DEFAULT``) and the function :func:`bench`: calling the module calls the function. ``import prunekit``
+alone is enough; the package is imported on first use of ``prunekit.bench``.
 """
 
 from __future__ import annotations
 
+import inspect
 import pathlib
+import sys
+import types
 
 from .report import write_report
 from .runner import read_results, run_one, run_sweep
@@ -86,3 +93,14 @@ __all__ = [
     "DEFAULT", "QUICK", "TASKS", "RunSpec", "Sweep", "bench", "load_config", "make_task", "read_results",
     "run_one", "run_sweep", "task_table", "write_report",
 ]  # fmt: skip
+
+
+class _CallableModule(types.ModuleType):
+    """The type of the ``prunekit.bench`` module: a module that is also :func:`bench`."""
+
+    def __call__(self, *args, **kwargs) -> list[dict]:
+        return bench(*args, **kwargs)
+
+
+__signature__ = inspect.signature(bench)  # what help() and IDEs show for ``prunekit.bench(...)``
+sys.modules[__name__].__class__ = _CallableModule
