@@ -58,7 +58,7 @@ def bench(
     seed: int = 0,
     dtype: str = "auto",
     device: str = "cpu",
-    repeats: int = 5,
+    repeats: int | None = None,
     out: str = "results/bench",
     ray_address: str | None = None,
     progress: bool = True,
@@ -68,6 +68,8 @@ def bench(
 
     Either give ``config`` (a YAML/JSON path or a :class:`Sweep`), or the lists themselves.
     Returns every ``ok`` row of the results file that belongs to this sweep (resumed ones included).
+    ``repeats``: timed repeats per variant after a warm-up; ``None`` is 5, or ``limit // 10`` (at
+    least 1) for a ``limit`` under 50 (:func:`~prunekit.bench.spec.auto_repeats`).
     """
     if config is not None:
         sweep = config if isinstance(config, Sweep) else load_config(config)
