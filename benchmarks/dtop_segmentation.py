@@ -25,8 +25,8 @@ import time
 
 import torch
 
-from prunekit.models.zoo import dinov2_small, image_batch
 from prunekit.tokens.dtop import DToP, block_flops
+from prunekit.zoo import dinov2_small, image_batch
 from prunekit.zoo.segmentation import (
     confusion,
     fit_heads_in_loop,

@@ -111,8 +111,8 @@ def peer(out: pathlib.Path, repeats: int) -> None:
 def make_ids(out: pathlib.Path, n_tokens: int) -> None:
     from safetensors.torch import save_file
 
+    from prunekit import zoo
     from prunekit.assets import cache_dir, wiki_text
-    from prunekit.models import zoo
 
     _, tok = zoo.smollm2(torch.float32)  # converts and caches the checkpoint on first use
     ids = torch.tensor(tok(wiki_text(), add_special_tokens=False).input_ids[:n_tokens])[None]

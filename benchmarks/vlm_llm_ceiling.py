@@ -26,7 +26,7 @@ import math
 import torch
 
 from prunekit.bench.tasks.vqa import FashionVQA, score_answers
-from prunekit.models.zoo import smollm2
+from prunekit.zoo import smollm2
 from prunekit.zoo.llava_dino_smol import IMAGE_TOKEN_ID, _question, _word_targets, patch_words, prompt_ids
 from prunekit.zoo.scenes import CLASSES, POSITIONS
 

@@ -18,7 +18,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from prunekit.models.zoo import dinov2_small, smollm2
+from prunekit.zoo import dinov2_small, smollm2
 from prunekit.zoo.llava_dino_smol import (
     CANVAS_PX,
     V4,

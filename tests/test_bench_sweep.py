@@ -178,3 +178,72 @@ def test_the_same_sweep_on_a_local_ray_instance(tmp_path):
     for a, b in zip(sorted(local, key=key), sorted(remote, key=key), strict=True):
         assert b["status"] == "ok" and b["quality"] == pytest.approx(a["quality"], abs=1e-5)
     assert write_report(tmp_path / "ray.jsonl").exists()
+
+
+# ------------------------------------------------------------------ small runs stay small
+@pytest.mark.parametrize(
+    ("limit", "expected"), [(None, 5), (100, 5), (50, 5), (49, 4), (20, 2), (4, 1), (1, 1)]
+)
+def test_repeats_default_to_five_and_shrink_with_a_small_limit(limit, expected):
+    from prunekit.bench.spec import auto_repeats
+
+    assert auto_repeats(limit) == expected
+    runs = Sweep(models=["tiny-llama"], tasks=["arc_easy"], methods=["random"], limit=limit).runs()
+    assert {r.repeats for r in runs} == {expected}
+    given = Sweep(
+        models=["tiny-llama"], tasks=["arc_easy"], methods=["random"], limit=limit, repeats=3
+    ).runs()
+    assert {r.repeats for r in given} == {3}  # a number the user gives is kept
+
+
+def test_per_task_limits_set_per_task_repeats():
+    runs = Sweep(models=["tiny-llama"], tasks=["arc_easy", "wikitext"], limits={"arc_easy": 4}).runs()
+    assert {(r.task, r.limit, r.repeats) for r in runs} == {("arc_easy", 4, 1), ("wikitext", None, 5)}
+
+
+def test_the_lm_timing_batch_is_capped_by_the_limit():
+    from contextlib import nullcontext
+
+    from prunekit.bench.models import load
+    from prunekit.bench.tasks import make_task
+
+    loaded = load("tiny-llama")
+    for limit, batch in ((2, 2), (100, 8)):  # arc_easy: 4 choices a question, so 8 pairs from 2+ questions
+        task = make_task("arc_easy", limit=limit)
+        task.prepare(loaded)
+        out = task.timing(loaded)["prefill"](nullcontext)
+        assert out.logits.shape[0] == batch == task.timed_batch
+
+
+def _captured_sweep(monkeypatch, tmp_path, argv):
+    import prunekit.bench as B
+
+    seen = []
+
+    def fake_report(results, out):
+        (out / "report.md").write_text("report\n")
+        return out / "report.md"
+
+    monkeypatch.setattr(B, "run_sweep", lambda specs, results, ray_address=None: seen.extend(specs) or [])
+    monkeypatch.setattr(B, "write_report", fake_report)
+    tmp_path.mkdir(exist_ok=True)
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    return seen
+
+
+def test_cli_limit_caps_the_repeats_unless_given(monkeypatch, tmp_path):
+    base = ["bench", "--model", "tiny-llama", "--task", "arc_easy", "--methods", "random"]
+    assert {s.repeats for s in _captured_sweep(monkeypatch, tmp_path, [*base, "--limit", "4"])} == {1}
+    assert {s.repeats for s in _captured_sweep(monkeypatch, tmp_path, base)} == {5}
+    given = _captured_sweep(monkeypatch, tmp_path, [*base, "--limit", "4", "--repeats", "3"])
+    assert {s.repeats for s in given} == {3}
+
+
+def test_demo_takes_a_limit(monkeypatch, tmp_path):
+    from prunekit.bench import DEFAULT
+
+    specs = _captured_sweep(monkeypatch, tmp_path, ["demo", "--limit", "4"])
+    assert {s.model for s in specs} == set(DEFAULT.models) and len(specs) == len(DEFAULT.runs())
+    assert {(s.limit, s.repeats) for s in specs} == {(4, 1)}  # the default sweep's 3 repeats capped too
+    specs = _captured_sweep(monkeypatch, tmp_path, ["demo"])
+    assert {s.repeats for s in specs} == {3} and {s.limit for s in specs} == {100, 256, None}

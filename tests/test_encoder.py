@@ -378,7 +378,7 @@ def test_tome_merging_exact_duplicates_equals_dense_only_with_proportional_atten
 @pytest.fixture(scope="module")
 def dinov2_small():
     try:
-        from prunekit.models import zoo
+        from prunekit import zoo
     except ImportError:
         zoo = None
     if zoo is not None and hasattr(zoo, "dinov2_small"):

@@ -11,7 +11,7 @@ import prunekit
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from prunekit.models import zoo
+    from prunekit import zoo
 
     model, tok = zoo.smollm2(dtype=torch.float32)
     tok.padding_side = "left"

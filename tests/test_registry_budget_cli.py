@@ -69,19 +69,115 @@ def test_unknown_method_lists_close_matches():
     assert prunekit.registry.get("FastV").name == "fastv"
 
 
-def test_cli_methods_table_and_json(capsys):
-    assert main(["methods"]) == 0
+def test_unknown_names_are_matched_within_the_family_the_call_takes():
+    from prunekit.registry import instantiate
+
+    with pytest.raises(UnknownMethodError) as e:
+        instantiate("wandaa", "weights", {}, "prune_weights")
+    msg = str(e.value)
+    weights = [m.name for m in prunekit.methods("weights")]
+    assert msg.startswith("unknown weights method 'wandaa'. Did you mean 'wanda'")
+    assert "random" not in msg and f"Known weights methods: {', '.join(weights)}." in msg
+    with pytest.raises(UnknownMethodError) as e:
+        prunekit.registry.get("fastvv", "kv")  # the token method is not offered for a kv call
+    assert "'fastv'" not in str(e.value) and "Known kv methods: " in str(e.value)
+    with pytest.raises(
+        ValueError, match=r"'fastv' is a tokens method; prune_weights takes weights methods: gblm"
+    ):
+        instantiate("fastv", "weights", {}, "prune_weights")
+    with pytest.raises(UnknownMethodError, match="There are no data methods yet"):
+        prunekit.registry.get("x", "data")
+
+
+def test_cli_prune_suggests_weight_methods_before_loading_anything(capsys):
+    assert main(["prune", "no-such-model", "--method", "wandaa", "--out", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown weights method 'wandaa'. Did you mean 'wanda'?" in err and "random" not in err
+
+
+def _methods_table(capsys, *argv):
+    assert main(["methods", *argv]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split()[:3] == ["name", "family", "stages"]
-    body = {line.split()[0] for line in out[2:]}
-    assert {m.name for m in prunekit.methods()} == body
+    rows = out[2 : out.index("")]  # header, rule, rows, blank line, hint
+    return out, {line.split()[0]: line.split()[1:] for line in rows}
+
+
+def test_cli_methods_table_and_json(capsys):
+    out, rows = _methods_table(capsys)
+    assert out[0].split() == ["name", "family", "stages", "trains", "paper"]
+    assert {m.name for m in prunekit.methods()} == set(rows)
+    for m in prunekit.methods():
+        assert rows[m.name][:3] == [m.family, ",".join(m.stages), "yes" if m.trains else "no"]
     assert main(["methods", "--json"]) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert {r["name"] for r in rows} == body
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {r["name"] for r in lines} == set(rows)
+
+
+@pytest.mark.parametrize(
+    "argv", [[], ["--matrix"], ["--family", "kv"], ["--stage", "llm"], ["--family", "data"]]
+)
+def test_cli_methods_fits_100_columns_and_wide_shows_everything(capsys, argv):
+    assert main(["methods", *argv]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out and max(len(line) for line in out) <= 100
+    if argv:
+        return
+    assert any(line.endswith("…") for line in out)  # long titles are cut...
+    assert main(["methods", "--wide"]) == 0
+    wide = capsys.readouterr().out
+    for m in prunekit.methods():  # ...and --wide shows them in full, with the signals
+        assert m.paper in wide and ",".join(m.signals) in wide
+
+
+@pytest.mark.parametrize("family", ["tokens", "kv", "weights"])
+def test_cli_methods_family_filter(capsys, family):
+    _, rows = _methods_table(capsys, "--family", family)
+    assert set(rows) == {m.name for m in prunekit.registry._REGISTRY.values() if m.family == family}
+
+
+@pytest.mark.parametrize("stage", ["vision", "llm", "encoder", "decode", "after-training"])
+def test_cli_methods_stage_filter(capsys, stage):
+    _, rows = _methods_table(capsys, "--stage", stage)
+    assert set(rows) == {m.name for m in prunekit.registry._REGISTRY.values() if stage in m.stages}
+    for family in ("tokens", "kv"):  # both filters: the methods of the family at that stage
+        want = {
+            m.name for m in prunekit.registry._REGISTRY.values() if stage in m.stages and m.family == family
+        }
+        if want:
+            assert set(_methods_table(capsys, "--family", family, "--stage", stage)[1]) == want
+
+
+@pytest.mark.parametrize("family", ["data", "decode"])
+def test_cli_methods_of_an_empty_family_say_so(capsys, family):
+    assert main(["methods", "--family", family]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"no {family} methods yet") and "name  " not in out and "---" not in out
+    assert main(["methods", "--stage", "nowhere"]) == 2
+    assert "unknown stage 'nowhere'; allowed: [" in capsys.readouterr().err
+
+
+def test_cli_info_lists_every_option_with_its_default(capsys):
+    import dataclasses
+
+    for m in prunekit.methods():
+        assert main(["info", m.name]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"{m.name}: a {m.family} method") and m.summary.split()[0] in out
+        table = out.split("\n  option")[1].splitlines()[2:]  # after the header and the rule
+        opts = {line.split()[0]: line.split()[1:] for line in table if line.startswith("  ")}
+        fields = [f for f in dataclasses.fields(m.factory) if f.init]
+        assert list(opts) == [f.name for f in fields], m.name
+        for f in fields:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            assert " ".join(opts[f.name]).startswith(repr(default)), (m.name, f.name)
+    assert main(["info", "fastv"]) == 0
+    out = capsys.readouterr().out
+    assert "\n  layer   2        int\n" in out  # FastV's K = 2, the paper's default
+    assert "signals  last_token_attention@llm-layer K-1" in out and "stages   llm" in out
 
 
 def test_cli_info_and_errors_exit_2_with_a_message(capsys):
-    assert main(["info", "divprune"]) == 0
+    assert main(["info", "divprune", "--full"]) == 0
     out = capsys.readouterr().out
     assert "Max–Min Diversity" in out and "vision, encoder" in out
     assert main(["info", "tomee"]) == 2
@@ -95,10 +191,10 @@ def test_cli_info_and_errors_exit_2_with_a_message(capsys):
 
 
 def test_cli_methods_matrix(capsys):
-    assert main(["methods", "--matrix"]) == 0
+    assert main(["methods", "--matrix", "--wide"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:3] == ["method", "llava", "llava_next"]
-    rows = {line.split()[0]: line.split()[1:] for line in out[2:] if line and not line.startswith("cells")}
+    rows = {line.split()[0]: line.split()[1:] for line in out[2 : out.index("")]}
     assert set(rows) == {m.name for m in prunekit.methods("tokens")}
     assert rows["fastervlm"][:4] == ["vision", "vision", "-", "-"]  # Qwen2-VL's tower has no [CLS]
     assert main(["methods", "--matrix", "--json"]) == 0
@@ -107,6 +203,13 @@ def test_cli_methods_matrix(capsys):
     assert by_name["fastv"]["decoder (Llama/Qwen2/Mistral)"] == "llm"
     assert by_name["hiprune"]["qwen2_vl"] == "vision"  # merged-token maps
     assert by_name["holitom"]["llava_next"] is None  # per-crop maps, and HoliTom groups by sample
+
+    assert main(["methods", "--matrix"]) == 0  # 100 columns: two-line headers, three-letter cells
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split()[:3] == ["method", "llava", "next"]
+    assert {line.split()[0]: line.split()[1:] for line in out[3 : out.index("")]}["fastervlm"][:4] == [
+        "vis", "vis", "-", "-"
+    ]  # fmt: skip
 
 
 def test_readme_lists_every_method():

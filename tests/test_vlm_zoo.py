@@ -41,7 +41,7 @@ def vlm():
 
 
 def test_assembled_llava_holds_the_real_parts_and_answers(vlm):
-    from prunekit.models.zoo import dinov2_small, smollm2
+    from prunekit.zoo import dinov2_small, smollm2
 
     model, tok = vlm
     assert type(model).__name__ == "LlavaForConditionalGeneration"
@@ -139,7 +139,7 @@ def test_projector_training_is_deterministic():
 def test_lora_adapters_train_and_merge_into_the_assembled_llm():
     """``lora_rank > 0`` trains low-rank updates of the LLM's linear layers beside the projector;
     the assembled model's weights are the real ones plus ``B @ A``, and nothing else changes."""
-    from prunekit.models.zoo import smollm2
+    from prunekit.zoo import smollm2
 
     r = Recipe(n_singles=2, single_steps=2, n_train=2, n_questions=2, align_steps=1, steps=2, batch=1,
                lr=1e-2, warmup=1, lora_rank=2, lora_lr=1e-2,
@@ -214,7 +214,7 @@ def test_patch_places_name_each_patch_by_the_cell_under_its_centre():
 
 
 def test_place_targets_are_the_mean_embeddings_of_the_position_words():
-    from prunekit.models.zoo import smollm2
+    from prunekit.zoo import smollm2
 
     lm, tok = smollm2(torch.float32)
     embed = lm.get_input_embeddings()

@@ -4,6 +4,9 @@ side by side for quality, latency and memory.
 >>> import prunekit
 >>> with prunekit.prune_tokens(model, "fastv", keep=0.5, layer=2) as session:
 ...     out = model.generate(**inputs)
+
+``prunekit.bench(...)`` (the bench, callable and a module) and ``prunekit.zoo`` (the packaged
+models) are imported on first use, so ``import prunekit`` does not load them.
 """
 
 from __future__ import annotations
@@ -34,3 +37,17 @@ __all__ = [
     "resolve_keep",
     "validate_keep",
 ]
+
+_LAZY = ("bench", "zoo")  # submodules imported on first attribute access (PEP 562)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)  # also sets it as this package's attribute
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -7,74 +7,178 @@ import argparse
 import inspect
 import json
 import sys
+import textwrap
 
 from . import __version__
 
+#: the terminal width the default tables fit (``--wide`` drops the limit)
+WIDTH = 100
+
+#: what each family without methods yet will hold (DESIGN.md, "the second half")
+PLANNED = {
+    "data": "training-data pruning, sample selection",
+    "decode": "draft-tree pruning for speculative decoding",
+}
+
+
+REPEATS_HELP = (
+    "timed repeats per variant after a warm-up (default 5; for --limit under 50: limit // 10, min 1)"
+)
+LIMIT_HELP = "examples per task (a seeded subsample); a small limit also times a smaller batch, fewer times"
+
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    """Left-aligned columns two spaces apart; a header cell may hold several lines (``"a\nb"``)."""
+    heads = [str(h).split("\n") for h in header]
+    depth = max(len(h) for h in heads)
+    heads = [[""] * (depth - len(h)) + h for h in heads]  # bottom-aligned
+    widths = [max(len(x) for x in [*heads[i], *(str(r[i]) for r in rows)]) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+    head = [line([h[d] for h in heads]) for d in range(depth)]
+    return "\n".join([*head, line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _clip(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters, an ellipsis marking the cut."""
+    return text if len(text) <= width else text[: max(width - 1, 0)].rstrip() + "…"
+
+
+def _fit(rows: list[list[str]], header: list[str], col: int, width: int = WIDTH) -> str:
+    """The table with column ``col`` cut (with an ellipsis) so that every line fits ``width``."""
+    others = sum(max(len(str(x)) for x in [header[i], *(r[i] for r in rows)]) + 2
+                 for i in range(len(header)) if i != col)  # fmt: skip
+    room = max(width - others, len(header[col]))
+    return _table([[*r[:col], _clip(str(r[col]), room), *r[col + 1 :]] for r in rows], header)
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from .registry import methods
+    from .registry import FAMILIES, methods
 
-    infos = methods(args.family)
+    if args.family is not None and args.family not in FAMILIES:
+        raise ValueError(f"unknown method family {args.family!r}; allowed: {list(FAMILIES)}")
+    everything = methods()
+    stages = sorted({s for m in everything for s in m.stages})
+    if args.stage is not None and args.stage not in stages:
+        raise ValueError(f"unknown stage {args.stage!r}; allowed: {stages}")
+    infos = [m for m in methods(args.family) if args.stage is None or args.stage in m.stages]
+    if not infos:
+        if args.family is not None and not methods(args.family):
+            with_methods = sorted({m.family for m in everything})
+            plan = f" (planned: {PLANNED[args.family]})" if args.family in PLANNED else ""
+            print(f"no {args.family} methods yet{plan}\nfamilies with methods: {', '.join(with_methods)}")
+        else:
+            where = " and ".join(x for x in (args.family and f"family {args.family}",
+                                             args.stage and f"stage {args.stage}") if x)  # fmt: skip
+            print(f"no methods with {where}")
+        return 0
     if args.matrix:
         from .models import support_matrix
 
         matrix = support_matrix([m.name for m in infos if m.family == "tokens"])
+        if not matrix:
+            print("no token methods match: --matrix lists token methods x model families")
+            return 0
         if args.json:
             for name, row in matrix.items():
                 print(json.dumps({"name": name, "support": {f: st for f, (st, _) in row.items()}}))
             return 0
         families = list(next(iter(matrix.values()), {}))
         short = [f.split(" ")[0] for f in families]
-        rows = [[name, *[row[f][0] or "-" for f in families]] for name, row in matrix.items()]
+        code = (lambda st: st) if args.wide else (lambda st: {"vision": "vis", "encoder": "enc"}.get(st, st))
+        rows = [
+            [name, *[code(row[f][0]) if row[f][0] else "-" for f in families]] for name, row in matrix.items()
+        ]
+        if not args.wide:  # two-line headers (llava / next) and three-letter cells fit 100 columns
+            short = [h.rpartition("_")[0] + "\n" + h.rpartition("_")[2] if "_" in h else h for h in short]
         print(_table(rows, ["method", *short]))
         print(
-            "\ncells: the stage the method runs at on that family; '-': not supported "
-            "(`prunekit info METHOD` says why)"
+            "\ncells: the stage the method runs at on that family; '-': not supported (`prunekit info METHOD`"
         )
+        print("says why)" + ("" if args.wide else "; vis: vision tower, enc: encoder, llm: language model"))
         return 0
     if args.json:
         for m in infos:
             print(json.dumps(m.row()))
         return 0
-    rows = [
-        [
-            m.name,
-            m.family,
-            ",".join(m.stages),
-            ",".join(m.signals) or "-",
-            "yes" if m.trains else "no",
-            m.paper,
-        ]
-        for m in infos
-    ]
-    print(_table(rows, ["name", "family", "stages", "signals", "trains", "paper"]))
+    if args.wide:
+        yes = {True: "yes", False: "no"}
+        rows = [[m.name, m.family, ",".join(m.stages), ",".join(m.signals) or "-", yes[m.trains], m.paper]
+                for m in infos]  # fmt: skip
+        print(_table(rows, ["name", "family", "stages", "signals", "trains", "paper"]))
+        return 0
+    rows = [[m.name, m.family, ",".join(m.stages), "yes" if m.trains else "no", m.paper] for m in infos]
+    print(_fit(rows, ["name", "family", "stages", "trains", "paper"], col=4))
+    print("\n`prunekit methods --wide`: signals and full titles; `prunekit info NAME`: options and defaults")
     return 0
+
+
+def _options(cls: type) -> list[list[str]]:
+    """``[name, default, type]`` of each option of a method class (its dataclass ``__init__`` fields)."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(cls):
+        return []
+    out = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "(required)"
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        out.append([f.name, default, kind])
+    return out
+
+
+def _first_paragraph(doc: str) -> str:
+    return inspect.cleandoc(doc).split("\n\n", 1)[0].strip() if doc else ""
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .registry import get
 
     m = get(args.method)
-    for key, value in m.row().items():
-        print(f"{key:8} {', '.join(value) if isinstance(value, list) else value}")
+
+    def field(key: str, value: str) -> None:
+        print(textwrap.fill(value, WIDTH, initial_indent=f"{key:8} ", subsequent_indent=" " * 9))
+
+    print(f"{m.name}: a {m.family} method")
+    field("paper", m.paper)
+    field("stages", ", ".join(m.stages))
+    field("signals", ", ".join(m.signals) or "-")
+    field("trains", "yes" if m.trains else "no")
     if m.summary:
-        print(f"{'summary':8} {m.summary}")
+        field("summary", m.summary)
     if m.family == "tokens":
         from .models import support_matrix
 
         for fam, (stage, why) in support_matrix([m.name])[m.name].items():
-            print(f"{'runs on':8} {fam}: {stage or 'no: ' + why}")
-    doc = (m.factory.__module__ and __import__(m.factory.__module__, fromlist=["_"]).__doc__) or ""
-    print("\n" + doc.strip())
+            field("runs on", f"{fam}: {stage or 'no: ' + why}")
+    module_doc = (m.factory.__module__ and __import__(m.factory.__module__, fromlist=["_"]).__doc__) or ""
     own = m.factory.__dict__.get("__doc__") or ""
-    if own.strip() and not own.strip().startswith(m.factory.__name__ + "("):  # not a dataclass's repr
-        print("\n" + inspect.cleandoc(own))
+    if own.strip().startswith(m.factory.__name__ + "("):  # a dataclass's generated signature, not prose
+        own = ""
+    if args.full:
+        print("\n" + inspect.cleandoc(module_doc) if module_doc.strip() else "")
+        if own.strip():
+            print("\n" + inspect.cleandoc(own))
+    else:
+        print("\n" + _first_paragraph(own or module_doc))
+    opts = _options(m.factory)
+    api = {"tokens": "prune_tokens", "kv": "compress_kv", "weights": "prune_weights"}.get(m.family)
+    where = f" (keyword arguments of prunekit.{api}, or --option KEY=VALUE)" if api else ""
+    if opts:
+        print(f"\noptions{where}:")
+        print("\n".join("  " + ln for ln in _table(opts, ["option", "default", "type"]).splitlines()))
+    else:
+        print("\noptions: none")
+    if not args.full:
+        print(
+            f"\n`prunekit info {m.name} --full`: the whole docstring (paper, departures from official code)"
+        )
     return 0
 
 
@@ -96,6 +200,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import pathlib
 
     from . import bench as B
+    from .bench.spec import auto_repeats
 
     if args.list:
         rows = [[t["task"], t["model_kind"], t["metric"], str(t["default_limit"]), t["summary"]]
@@ -134,6 +239,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     changes = {k: v for k, v in overrides.items() if v is not None}
     if "limit" in changes:
         changes["limits"] = {}
+        if args.repeats is None and sweep.repeats is not None:  # a small --limit times less, too
+            changes["repeats"] = min(sweep.repeats, auto_repeats(args.limit))
     sweep = dataclasses.replace(sweep, **changes)
     out = pathlib.Path(args.out)
     results = out / "results.jsonl"
@@ -156,11 +263,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     """Prune a model's weights, make it permanent and save it as a Hugging Face checkpoint."""
     import pathlib
 
+    from . import registry
     from .bench.models import load
     from .weights import prune_weights
     from .weights.export import save_pruned
 
     options = dict(_option(o) for o in args.option)
+    registry.instantiate(args.method, "weights", options, "prunekit prune")  # bad names fail before loading
     calibration = None
     if args.calibration:
         path = pathlib.Path(args.calibration)
@@ -196,15 +305,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prunekit", description="Pruning for transformers without retraining.")
     p.add_argument("--version", action="version", version=f"prunekit {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    m = sub.add_parser("methods", help="list every method of the registry")
+    m = sub.add_parser(
+        "methods",
+        help="list every method of the registry",
+        description=f"The methods of the registry, one per line, fitting {WIDTH} columns (long titles cut; "
+        "--wide for the signals and full titles).",
+    )
     m.add_argument("--family", help="only this family (tokens, kv, weights, data, decode)")
+    m.add_argument("--stage", help="only methods that run at this stage (e.g. vision, llm, encoder, decode)")
+    m.add_argument("--wide", action="store_true", help="every column (signals too), nothing cut")
     m.add_argument("--json", action="store_true", help="one JSON line per method")
     m.add_argument(
         "--matrix", action="store_true", help="token methods x model families: the stage each runs at"
     )
     m.set_defaults(fn=cmd_methods)
-    i = sub.add_parser("info", help="one method: its paper, stages, signals and docstring")
+    i = sub.add_parser(
+        "info", help="one method: paper, stages, signals, a summary, and its options with their defaults"
+    )
     i.add_argument("method")
+    i.add_argument("--full", action="store_true", help="the whole docstring, not its first paragraph")
     i.set_defaults(fn=cmd_info)
     b = sub.add_parser(
         "bench",
@@ -229,11 +348,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="method option for every method that accepts it, e.g. layer=3 (repeatable)",
     )
     b.add_argument("--config", help="a YAML (or JSON) sweep file with the same fields")
-    b.add_argument("--limit", type=int, help="examples per task (a seeded subsample)")
+    b.add_argument(
+        "--limit",
+        type=int,
+        help="examples per task (a seeded subsample); also caps the timing batch and repeats",
+    )
     b.add_argument("--seed", type=int)
     b.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     b.add_argument("--device", help="cpu (default) or cuda[:N] (CUDA-event timing, max_memory_allocated)")
-    b.add_argument("--repeats", type=int, help="timed repeats per variant after a warm-up")
+    b.add_argument("--repeats", type=int, help=REPEATS_HELP)
     b.add_argument("--out", default="results/bench", help="output folder (default: %(default)s)")
     b.add_argument(
         "--ray",
@@ -266,10 +389,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="method option, e.g. allocation=owl or blocksize=64 (repeatable)")  # fmt: skip
     w.add_argument("--json", action="store_true", help="print the full report as one JSON line")
     w.set_defaults(fn=cmd_prune)
-    d = sub.add_parser("demo", help="alias of `prunekit bench` with no arguments (the default sweep)")
-    d.add_argument("--out", default="results/bench")
+    d = sub.add_parser(
+        "demo",
+        help="alias of `prunekit bench` with no arguments (the default sweep)",
+        description="The default sweep (SmolLM2-135M, DINOv2-S, MiniLM; every token method of the bench; "
+        "keep 0.5 and 0.25). --limit 4 is a quick look at real models, --quick the same on tiny random ones.",
+    )
+    d.add_argument("--out", default="results/bench", help="output folder (default: %(default)s)")
     d.add_argument("--quick", action="store_true", help="tiny random models (seconds)")
-    d.set_defaults(fn=lambda a: cmd_bench(b.parse_args(["--out", a.out, *(["--quick"] if a.quick else [])])))
+    d.add_argument(
+        "--limit", type=int, help="examples per task (a seeded subsample); also fewer timed repeats"
+    )
+    d.add_argument("--repeats", type=int, help=REPEATS_HELP)
+
+    def demo(a: argparse.Namespace) -> int:
+        argv = ["--out", a.out, *(["--quick"] if a.quick else [])]
+        argv += [*(["--limit", str(a.limit)] if a.limit is not None else [])]
+        argv += [*(["--repeats", str(a.repeats)] if a.repeats is not None else [])]
+        return cmd_bench(b.parse_args(argv))
+
+    d.set_defaults(fn=demo)
     return p
 
 

@@ -121,15 +121,23 @@ def methods(family: str | None = None) -> list[MethodInfo]:
     return [m for m in rows if family is None or m.family == family]
 
 
-def get(name: str) -> MethodInfo:
-    """The method registered as ``name`` (case-insensitive); unknown names list close matches."""
+def get(name: str, family: str | None = None) -> MethodInfo:
+    """The method registered as ``name`` (case-insensitive). An unknown name raises
+    :class:`UnknownMethodError` with the close matches among ``family``'s methods (all methods when
+    ``family`` is ``None``) and lists those methods. A known name of another family is returned:
+    :func:`instantiate` says which family it is."""
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"unknown method family {family!r}; allowed: {list(FAMILIES)}")
     _load()
     key = name.strip().lower() if isinstance(name, str) else name
     if key in _REGISTRY:
         return _REGISTRY[key]
-    close = difflib.get_close_matches(str(key), list(_REGISTRY), n=3, cutoff=0.5)
+    pool = sorted(m.name for m in _REGISTRY.values() if family is None or m.family == family)
+    what = "method" if family is None else f"{family} method"
+    close = difflib.get_close_matches(str(key), pool, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-    raise UnknownMethodError(f"unknown method {name!r}.{hint} Known methods: {', '.join(sorted(_REGISTRY))}.")
+    known = f"Known {what}s: {', '.join(pool)}." if pool else f"There are no {what}s yet."
+    raise UnknownMethodError(f"unknown {what} {name!r}.{hint} {known}")
 
 
 def instantiate(name: str, family: str, options: dict, caller: str) -> object:
@@ -137,9 +145,12 @@ def instantiate(name: str, family: str, options: dict, caller: str) -> object:
     (``caller`` names the API in the error) and every option one of the method's fields."""
     import dataclasses
 
-    info = get(name)
+    info = get(name, family)
     if info.family != family:
-        raise ValueError(f"method {info.name!r} is a {info.family} method; {caller} takes {family} methods")
+        names = ", ".join(m.name for m in methods(family)) or "none yet"
+        raise ValueError(
+            f"method {info.name!r} is a {info.family} method; {caller} takes {family} methods: {names}"
+        )
     cls = info.factory
     allowed = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
     unknown = sorted(set(options) - set(allowed))

@@ -7,11 +7,18 @@
 writes ``results/bench/results.jsonl`` (one JSON line per run; runs already there are skipped),
 ``report.md`` and ``pareto_<model>_<task>.png``. See ``prunekit bench --help`` for the CLI and
 ``Sweep`` for the YAML fields.
+
+``prunekit.bench`` is both this package (``prunekit.bench.Sweep``, ``from prunekit.bench import
+DEFAULT``) and the function :func:`bench`: calling the module calls the function. ``import prunekit``
+alone is enough; the package is imported on first use of ``prunekit.bench``.
 """
 
 from __future__ import annotations
 
+import inspect
 import pathlib
+import sys
+import types
 
 from .report import write_report
 from .runner import read_results, run_one, run_sweep
@@ -51,7 +58,7 @@ def bench(
     seed: int = 0,
     dtype: str = "auto",
     device: str = "cpu",
-    repeats: int = 5,
+    repeats: int | None = None,
     out: str = "results/bench",
     ray_address: str | None = None,
     progress: bool = True,
@@ -61,6 +68,8 @@ def bench(
 
     Either give ``config`` (a YAML/JSON path or a :class:`Sweep`), or the lists themselves.
     Returns every ``ok`` row of the results file that belongs to this sweep (resumed ones included).
+    ``repeats``: timed repeats per variant after a warm-up; ``None`` is 5, or ``limit // 10`` (at
+    least 1) for a ``limit`` under 50 (:func:`~prunekit.bench.spec.auto_repeats`).
     """
     if config is not None:
         sweep = config if isinstance(config, Sweep) else load_config(config)
@@ -86,3 +95,14 @@ __all__ = [
     "DEFAULT", "QUICK", "TASKS", "RunSpec", "Sweep", "bench", "load_config", "make_task", "read_results",
     "run_one", "run_sweep", "task_table", "write_report",
 ]  # fmt: skip
+
+
+class _CallableModule(types.ModuleType):
+    """The type of the ``prunekit.bench`` module: a module that is also :func:`bench`."""
+
+    def __call__(self, *args, **kwargs) -> list[dict]:
+        return bench(*args, **kwargs)
+
+
+__signature__ = inspect.signature(bench)  # what help() and IDEs show for ``prunekit.bench(...)``
+sys.modules[__name__].__class__ = _CallableModule

@@ -26,28 +26,28 @@ class Loaded:
 
 
 def _smollm2(dtype: torch.dtype) -> Loaded:
-    from ..models import zoo
+    from .. import zoo
 
     model, tok = zoo.smollm2(dtype=dtype)
     return Loaded("smollm2", "lm", model, tok)
 
 
 def _gemma3(dtype: torch.dtype) -> Loaded:
-    """Gemma-3-270M base (optional asset; see ``prunekit.models.zoo.gemma3``)."""
-    from ..models import zoo
+    """Gemma-3-270M base (optional asset; see ``prunekit.zoo.gemma3``)."""
+    from .. import zoo
 
     model, tok = zoo.gemma3(dtype=dtype)
     return Loaded("gemma3-270m", "lm", model, tok)
 
 
 def _dinov2(dtype: torch.dtype) -> Loaded:
-    from ..models import zoo
+    from .. import zoo
 
     return Loaded("dinov2-s", "vit", zoo.dinov2_small(dtype=dtype))
 
 
 def _minilm(dtype: torch.dtype) -> Loaded:
-    from ..models import zoo
+    from .. import zoo
 
     model, tok = zoo.minilm()
     return Loaded("minilm", "text-encoder", model.to(dtype), tok)
@@ -65,7 +65,7 @@ def _tiny_llama(dtype: torch.dtype) -> Loaded:
     """A 2-layer random Llama with SmolLM2's tokenizer: mechanics only, its quality means nothing."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ..models import zoo
+    from .. import zoo
 
     _, tok = zoo.smollm2()
     torch.manual_seed(0)
@@ -81,7 +81,7 @@ def _tiny_llava(dtype: torch.dtype) -> Loaded:
     """The real-parts VLM's layout (LLaVA, DINOv2 tower, Llama LM, SmolLM2 tokenizer), tiny and random."""
     from transformers import Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from ..models import zoo
+    from .. import zoo
     from ..zoo.llava_dino_smol import IMAGE_TOKEN_ID, N_VISUAL
 
     _, tok = zoo.smollm2()
@@ -125,7 +125,7 @@ def _tiny_bert(dtype: torch.dtype) -> Loaded:
     """A 2-layer random BERT with MiniLM's tokenizer: mechanics only."""
     from transformers import BertConfig, BertModel
 
-    from ..models import zoo
+    from .. import zoo
 
     _, tok = zoo.minilm()
     torch.manual_seed(0)

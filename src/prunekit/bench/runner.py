@@ -159,23 +159,27 @@ def _measure(spec: RunSpec) -> dict:
         fns = {"dense_short": lambda: short(dense_open), "dense_long": lambda: long_(dense_open)}
         if not is_dense:
             fns |= {"pruned_short": lambda: short(pruned_open), "pruned_long": lambda: long_(pruned_open)}
-        g = measure.interleaved_latency(fns, repeats=max(2, spec.repeats // 2), device=spec.device)
+        reps = max(2, spec.repeats // 2) if spec.repeats > 1 else 1
+        g = measure.interleaved_latency(fns, repeats=reps, device=spec.device)
         m = {k: measure.median(v) for k, v in g.items()}
         if is_dense:
             m |= {"pruned_short": m["dense_short"], "pruned_long": m["dense_long"]}
-        new = task.timing_batch * task.decode_tokens
+        new = getattr(task, "timed_batch", task.timing_batch) * task.decode_tokens  # sequences really timed
         for who in ("dense", "pruned"):
             dt = m[f"{who}_long"] - m[f"{who}_short"]
             cost[f"{'' if who == 'pruned' else 'dense_'}decode_tps"] = _finite(new / dt) if dt > 0 else None
 
-    mem = {}
-    for who, opener in (("dense", dense_open), ("pruned", pruned_open)):
+    mem, flops = {}, {}
+    variants = (("dense", dense_open),) if is_dense else (("dense", dense_open), ("pruned", pruned_open))
+    for who, opener in variants:
         peak, how = measure.peak_memory(lambda o=opener: prefill(o), spec.device)
         mem[f"{who}_peak_bytes"], mem["how"] = peak, how
         result = prefill(opener)
         mem[f"{who}_kv_bytes"] = measure.cache_bytes(output_cache(result))
-    flops = {who: measure.count_flops(lambda o=opener: prefill(o))
-             for who, opener in (("dense", dense_open), ("pruned", pruned_open))}  # fmt: skip
+        flops[who] = measure.count_flops(lambda o=opener: prefill(o))
+    if is_dense:  # the dense run's "pruned" side is dense itself: measured once
+        mem |= {"pruned_peak_bytes": mem["dense_peak_bytes"], "pruned_kv_bytes": mem["dense_kv_bytes"]}
+        flops["pruned"] = flops["dense"]
     nz, total = measure.params_kept(loaded.model)
     return {
         "metric": task.primary,

@@ -17,6 +17,12 @@ BUILTIN_KIND = {"smollm2": "lm", "tiny-llama": "lm", "dinov2-s": "vit", "tiny-vi
                 "tiny-llava": "vlm"}  # fmt: skip
 
 
+def auto_repeats(limit: int | None) -> int:
+    """Timed repeats per variant (after one warm-up) when a sweep gives none: 5, or ``limit // 10``
+    (at least 1) for a ``limit`` under 50, so that a few-example look at a model stays quick."""
+    return 5 if limit is None or limit >= 50 else max(1, limit // 10)
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One (model, task, method, budget) run. Everything that changes its numbers is a field."""
@@ -64,7 +70,7 @@ class Sweep:
     seed: int = 0
     dtype: str = "auto"
     device: str = "cpu"
-    repeats: int = 5
+    repeats: int | None = None  # None: auto_repeats(limit) per task (5, fewer for limits under 50)
     limits: dict = field(default_factory=dict)  # per-task limit, overriding ``limit``
 
     def validate(self) -> None:
@@ -83,8 +89,9 @@ class Sweep:
             raise ValueError(f"limits given for task(s) {unknown} not in the sweep's tasks {self.tasks}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]'; got {self.device!r}")
-        if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
-            raise ValueError(f"repeats must be an int >= 1; got {self.repeats!r}")
+        r = self.repeats
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+            raise ValueError(f"repeats must be an int >= 1 (or None: 5, fewer for small limits); got {r!r}")
         for m in self.models:
             if m not in BUILTIN and "/" not in m:
                 raise ValueError(f"unknown model {m!r}; built-in: {sorted(BUILTIN)}, or a hub id 'org/name'")
@@ -119,8 +126,11 @@ class Sweep:
             for task in self.tasks:
                 if kind is not None and TASKS[task].kind != kind:
                     continue
-                common = dict(limit=self.limits.get(task, self.limit), seed=self.seed, dtype=self.dtype,
-                              device=self.device, repeats=self.repeats)  # fmt: skip
+                limit = self.limits.get(task, self.limit)
+                repeats = auto_repeats(limit) if self.repeats is None else self.repeats
+                common = dict(
+                    limit=limit, seed=self.seed, dtype=self.dtype, device=self.device, repeats=repeats
+                )
                 out.append(RunSpec(model, task, **common))
                 for name, opts in self._methods():
                     if name == "dense":

@@ -40,7 +40,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..assets import cache_dir
-from ..models.zoo import dinov2_small, image_batch, smollm2
+from .packaged import dinov2_small, image_batch, smollm2
 from .scenes import POSITIONS, Sample, SceneMaker, make_split
 
 CANVAS_PX = 224

@@ -101,7 +101,7 @@ def patch_features(model, images: np.ndarray, exits: tuple[int, ...], batch: int
     """Per exit block and ``"final"``: ``(n, 256, D)`` float16 patch features of ``images``."""
     from tqdm.auto import tqdm
 
-    from ..models.zoo import image_batch
+    from .packaged import image_batch
 
     out: dict[str, list[torch.Tensor]] = {str(b): [] for b in exits} | {"final": []}
     with torch.inference_mode():
@@ -181,8 +181,8 @@ def fit_heads_in_loop(
     features shift once easy tokens leave). Returns new heads; ``heads`` is not changed."""
     import copy
 
-    from ..models.zoo import image_batch
     from ..tokens.dtop import DToP
+    from .packaged import image_batch
 
     runner = DToP(model, heads, p0=p0, top_k=top_k, exits=exits)
     labels = patch_labels(masks)

@@ -173,9 +173,11 @@ class LMTask(Task):
     def timing(self, loaded: Loaded) -> dict[str, Callable[[Treat], object]]:
         """``prefill``: a batch of the task's first contexts; ``generate_short`` / ``generate_long``:
         the same batch through an unchanged ``generate()`` for 1 and ``1 + decode_tokens`` tokens
-        (their difference is the decode time)."""
+        (their difference is the decode time). The batch is at most ``limit`` sequences, so that a
+        few-example run times a few-sequence batch."""
         model, tok = loaded.model, loaded.tokenizer
-        seqs = [p.ctx for p in self.pairs[: self.timing_batch]]
+        seqs = [p.ctx for p in self.pairs[: min(self.timing_batch, self.limit)]]
+        self.timed_batch = len(seqs)
         dev = next(model.parameters()).device
         ids, mask = left_padded(seqs, _pad_id(tok), dev)
 

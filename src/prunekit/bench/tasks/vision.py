@@ -62,7 +62,7 @@ class FashionMNIST(Task):
     def prepare(self, loaded: Loaded) -> None:
         if self.prepared_for == loaded.name:
             return
-        from ...models.zoo import image_batch
+        from ...zoo.packaged import image_batch
 
         size = getattr(loaded.model.config, "image_size", 224)
         size = 224 if size > 224 else size  # DINOv2 interpolates its position embeddings

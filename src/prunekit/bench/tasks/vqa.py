@@ -117,7 +117,8 @@ class FashionVQA(Task):
         from .lm import _pad_id
 
         model = loaded.model
-        inputs = self._inputs(loaded, list(range(min(self.timing_batch, len(self.items)))))
+        self.timed_batch = min(self.timing_batch, len(self.items))
+        inputs = self._inputs(loaded, list(range(self.timed_batch)))
 
         def run_prefill(treat: Treat):
             with torch.inference_mode(), treat():
