@@ -26,6 +26,7 @@ METHODS = [
     ("pyramidkv", {"window": 4, "beta": 4.0, "heads": "query"}),
     ("h2o", {}),
     ("kvcrush", {"base": "snapkv", "base_options": {"window": 4}, "crush_ratio": 0.5}),
+    ("kvcrush", {"base": "snapkv", "base_options": {"window": 4, "heads": "query"}, "crush_ratio": 0.5}),
 ]
 
 
