@@ -33,6 +33,16 @@ pooling="max"`` (the repository's ``experiments/LongBench/config/*_w32_k7_maxpoo
 given with another value wins. (The official ``init_snapkv`` falls back to ``window=32, kernel=5,
 avg`` when a model config names none; no preset for that.)
 
+**Measured** (SmolLM2-135M, needle in 1k tokens, 10 prompts, keep 0.5;
+``benchmarks/results/snapkv_gqa.md``): with the class defaults SnapKV finds the key 0.2 of the
+time grouped and 0.3 per query head (a cache 1.5x the dense one; 0.0 at keep 1/6, the grouped
+run's memory), where H2O finds it every time. The LongBench settings find it every time, grouped or
+per query head, and so does max pooling with kernel 7 alone (window 64); window 32 alone does not
+help (0.2). On this model the pooling, not the grouped scoring, is what loses the key: the key is
+several digit tokens, and max pooling over 7 keeps a whole span around any token the window
+attends to. The defaults stay the official class's (and kvpress's, for side-by-side runs); for
+retrieval of exact spans, ``preset="longbench"`` is the better choice here.
+
 Other departures from the official code: scores are the window rows' mean, not their sum (same
 ranking); rows of a padded batch are scored on their own real tokens (the official code takes one
 unpadded row); a prompt shorter than ``window + 1`` real tokens uses a window of its length minus
