@@ -228,11 +228,12 @@ def needles(a: argparse.Namespace) -> None:
     ``--quality``; the ``--baseline-methods`` rows it lacks come from ``--baseline``, marked †."""
     rows = [json.loads(x) for x in Path(a.quality).read_text().splitlines() if x.strip()]
     base = Path(a.baseline)
-    own = {(r["method"], r["keep"]) for r in rows}
+    own = {(r["task"], r["method"], r["keep"]) for r in rows}
     if base.exists():
         extra = [json.loads(x) for x in base.read_text().splitlines() if x.strip()]
         rows += [dict(r, baseline=True) for r in extra if r["method"] in a.baseline_methods
-                 and r["task"].startswith("needle") and (r["method"], r["keep"]) not in own]  # fmt: skip
+                 and r["task"].startswith("needle")
+                 and (r["task"], r["method"], r["keep"]) not in own]  # fmt: skip
     tasks = [t for t in TASKS if t.startswith("needle") and any(r["task"] == t for r in rows)]
     by = {(r["task"], r["method"], r["keep"]): r for r in rows}
     keys = list(dict.fromkeys((r["method"], r["keep"]) for r in rows))
@@ -248,17 +249,17 @@ def needles(a: argparse.Namespace) -> None:
             m = registry.get(name).factory(**opts)
             heads = getattr(m, "heads", "-")
             settings = f"{m.window}, {m.kernel}, {m.pooling}" if hasattr(m, "kernel") else "-"
-        cells, share, dagger = [], None, ""
+        cells, share = [], None
         for t in tasks:
             r = by.get((t, method, keep))
             if r is None:
                 cells.append("-")
                 continue
-            cells.append("n/a" if "status" in r else f"{r[r['metric']]:.2f}")
+            dagger = "†" if r.get("baseline") else ""
+            cells.append("n/a" if "status" in r else f"{r[r['metric']]:.2f}{dagger}")
             share = r.get("cache_vs_dense", share if share is not None else r.get("kept", 1.0))
-            dagger = "†" if r.get("baseline") else dagger
         shown = "-" if share is None else f"{share:.2f}"
-        print(f"| {name}{dagger} | {heads} | {settings} | {keep:g} | {shown} | " + " | ".join(cells) + " |")
+        print(f"| {name} | {heads} | {settings} | {keep:g} | {shown} | " + " | ".join(cells) + " |")
 
 
 def needle_kept(a: argparse.Namespace) -> None:
