@@ -15,6 +15,10 @@ Run:
     PYTHONPATH=src python benchmarks/kv_sweep.py --role table        # markdown from both files
 
 Rows are JSON lines written as they go; a rerun skips the rows its output already holds.
+
+Issue 21, item 7 (SnapKV on grouped-query models: grouped vs per-query-head selection, the paper's
+LongBench settings), on the needles only; ``benchmarks/snapkv_gqa.sh`` runs it, then:
+    PYTHONPATH=src python benchmarks/kv_sweep.py --role needles --quality benchmarks/results/snapkv_gqa.jsonl
 ``--model gemma3-270m`` runs the optional Gemma-3 asset (its full-attention layers are compressed,
 its sliding-window layers keep their 512-token window; LazyLLM refuses the mixed layer types).
 """
@@ -30,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from prunekit import registry
 from prunekit.bench.models import load
 from prunekit.bench.tasks import make_task
 from prunekit.bench.treatments import Treatment
@@ -50,6 +55,14 @@ def _method(spec: str) -> tuple[str, dict]:
     return name, options
 
 
+def _per_query_head(spec: str) -> bool:
+    """Whether the method selects per query head (its cache then holds one KV head per query head)."""
+    name, options = _method(spec)
+    if name == "dense":
+        return False
+    return bool(getattr(registry.get(name).factory(**options), "per_query_head", False))
+
+
 def _rows(path: Path) -> dict[str, dict]:
     if not path.exists():
         return {}
@@ -67,6 +80,8 @@ def quality(a: argparse.Namespace) -> None:
     out = Path(a.out)
     done = _rows(out)
     loaded = load(a.model)
+    cfg = loaded.model.config.get_text_config()
+    groups = cfg.num_attention_heads // cfg.num_key_value_heads
     for name in a.tasks:
         task = make_task(name, limit=a.limit or TASKS[name])
         rid = f"{name}|dense"
@@ -94,9 +109,13 @@ def quality(a: argparse.Namespace) -> None:
                     continue
                 p, d = res.metrics[task.primary], dense[task.primary]
                 retention = (p / d if d else None) if task.higher_is_better else (d / p if p else None)
+                # cache entries held vs the dense cache: a per-query-head selection stores Hq heads
+                per_q = _per_query_head(method)
+                share = None if res.tokens_kept is None else res.tokens_kept * (groups if per_q else 1)
+                wall = time.perf_counter() - t0
                 _write(out, {"id": rid, "task": name, "method": method, "keep": keep, **res.metrics,
-                             "retention": retention, "kept": res.tokens_kept, "n": res.n,
-                             "metric": task.primary, "wall_s": time.perf_counter() - t0})  # fmt: skip
+                             "retention": retention, "kept": res.tokens_kept, "cache_vs_dense": share,
+                             "n": res.n, "metric": task.primary, "wall_s": wall})  # fmt: skip
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -204,9 +223,101 @@ def table(a: argparse.Namespace) -> None:
               f"{r['decode_tps']:.1f} | {r['decode_ratio']:.2f}x | {own} | {ovh} |")  # fmt: skip
 
 
+def needles(a: argparse.Namespace) -> None:
+    """Markdown: method x variant x keep -> needle accuracy per length (issue 21, item 7). Rows of
+    ``--quality``; the ``--baseline-methods`` rows it lacks come from ``--baseline``, marked †."""
+    rows = [json.loads(x) for x in Path(a.quality).read_text().splitlines() if x.strip()]
+    base = Path(a.baseline)
+    own = {(r["task"], r["method"], r["keep"]) for r in rows}
+    if base.exists():
+        extra = [json.loads(x) for x in base.read_text().splitlines() if x.strip()]
+        rows += [dict(r, baseline=True) for r in extra if r["method"] in a.baseline_methods
+                 and r["task"].startswith("needle")
+                 and (r["task"], r["method"], r["keep"]) not in own]  # fmt: skip
+    tasks = [t for t in TASKS if t.startswith("needle") and any(r["task"] == t for r in rows)]
+    by = {(r["task"], r["method"], r["keep"]): r for r in rows}
+    keys = list(dict.fromkeys((r["method"], r["keep"]) for r in rows))
+    keys.sort(key=lambda mk: (mk[0] != "dense", _method(mk[0])[0], mk[0], -mk[1]))
+    cols = [f"{t} (acc, n={next(r['n'] for r in rows if r['task'] == t)})" for t in tasks]
+    print("| method | heads | window, kernel, pooling | keep | cache vs dense | " + " | ".join(cols) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(tasks))
+    for method, keep in keys:
+        name, opts = _method(method)
+        if name == "dense":
+            heads, settings = "-", "-"
+        else:
+            m = registry.get(name).factory(**opts)
+            heads = getattr(m, "heads", "-")
+            settings = f"{m.window}, {m.kernel}, {m.pooling}" if hasattr(m, "kernel") else "-"
+        cells, share = [], None
+        for t in tasks:
+            r = by.get((t, method, keep))
+            if r is None:
+                cells.append("-")
+                continue
+            dagger = "†" if r.get("baseline") else ""
+            cells.append("n/a" if "status" in r else f"{r[r['metric']]:.2f}{dagger}")
+            share = r.get("cache_vs_dense", share if share is not None else r.get("kept", 1.0))
+        shown = "-" if share is None else f"{share:.2f}"
+        print(f"| {name} | {heads} | {settings} | {keep:g} | {shown} | " + " | ".join(cells) + " |")
+
+
+def needle_kept(a: argparse.Namespace) -> None:
+    """Where the key goes: per needle prompt and method, after the compressed prefill, the share of
+    (layer, query head) pairs whose visible cache still holds every token of a mention of the key
+    (a grouped selection serves its KV head's query heads), and the layers where no query head does.
+    One prompt at a time, no decoding."""
+    from prunekit.kv.engine import compress_kv
+
+    out = Path(a.out)
+    done = _rows(out)
+    loaded = load(a.model)
+    model = loaded.model
+    cfg = model.config.get_text_config()
+    groups = cfg.num_attention_heads // cfg.num_key_value_heads
+    for name in a.tasks:
+        task = make_task(name, limit=a.limit or TASKS[name])
+        task.prepare(loaded)
+        for method in a.methods:
+            for keep in a.keeps:
+                rid = f"kept|{name}|{method}|{keep}"
+                if rid in done:
+                    continue
+                m, opts = _method(method)
+                seen, dead = [], []
+                for p in task.pairs:
+                    ids, key = p.ctx, p.cont
+                    spans = [s for s in range(len(ids) - len(key) + 1) if ids[s : s + len(key)] == key]
+                    if not spans:  # the key's leading space merged differently inside the text
+                        key = key[1:]
+                        spans = [s for s in range(len(ids) - len(key) + 1) if ids[s : s + len(key)] == key]
+                    with torch.inference_mode(), compress_kv(model, m, keep, **opts) as sess:
+                        model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+                    per_layer = []
+                    for pos, ok in sess.stats.kept[0]:
+                        vis = torch.zeros(pos.shape[1], len(ids), dtype=torch.bool)
+                        vis.scatter_(1, pos[0], ok[0])
+                        if vis.shape[0] != cfg.num_attention_heads:  # grouped: a KV head serves its group
+                            vis = vis.repeat_interleave(groups, dim=0)
+                        has = torch.stack([vis[:, s : s + len(key)].all(dim=1) for s in spans]).any(dim=0)
+                        per_layer.append(has.float().mean().item())
+                    seen.append(statistics.mean(per_layer))
+                    dead.append(sum(x == 0 for x in per_layer))
+                _write(out, {"id": rid, "task": name, "method": method, "keep": keep, "n": len(seen),
+                             "heads_seeing_key": statistics.mean(seen), "layers_blind": statistics.mean(dead),
+                             "layers": len(model.model.layers)})  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--role", choices=["quality", "timing", "table"], default="quality")
+    roles = {
+        "quality": quality,
+        "timing": timing,
+        "table": table,
+        "needles": needles,
+        "needle-kept": needle_kept,
+    }
+    p.add_argument("--role", choices=list(roles), default="quality")
     p.add_argument("--model", default="smollm2", help="a bench model: smollm2 (default) or gemma3-270m")
     p.add_argument("--methods", nargs="*", default=METHODS)
     p.add_argument("--keeps", nargs="*", type=float, default=KEEPS)
@@ -219,10 +330,12 @@ def main() -> None:
     p.add_argument("--out", default="runs/kv_sweep.jsonl")
     p.add_argument("--quality", default="benchmarks/results/kv_sweep.jsonl", help="table: quality rows")
     p.add_argument("--timing", default="benchmarks/results/kv_timing.jsonl", help="table: timing rows")
+    p.add_argument("--baseline", default="benchmarks/results/kv_sweep.jsonl", help="needles: other rows")
+    p.add_argument("--baseline-methods", nargs="*", default=["h2o", "snapkv", "pyramidkv"])
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    {"quality": quality, "timing": timing, "table": table}[a.role](a)
+    roles[a.role](a)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,19 @@ from prunekit.kv.methods.h2o import H2O
 from prunekit.kv.methods.pyramidkv import pyramid_budget
 from prunekit.kv.methods.snapkv import SnapKV, pooled
 from prunekit.kv.methods.streamingllm import StreamingLLM
+from prunekit.models.compat import cache_keyword, output_cache
 from reference import decoder_layers, greedy
 from tiny import DECODERS, VLMS, text_inputs
 
 METHODS = [
     ("streamingllm", {}),
     ("snapkv", {"window": 4}),
+    ("snapkv", {"window": 4, "heads": "query"}),
     ("pyramidkv", {"window": 4, "beta": 4.0}),
+    ("pyramidkv", {"window": 4, "beta": 4.0, "heads": "query"}),
     ("h2o", {}),
     ("kvcrush", {"base": "snapkv", "base_options": {"window": 4}, "crush_ratio": 0.5}),
+    ("kvcrush", {"base": "snapkv", "base_options": {"window": 4, "heads": "query"}, "crush_ratio": 0.5}),
 ]
 
 
@@ -136,11 +140,11 @@ def test_direct_calls_without_position_ids_decode_at_the_original_positions():
     with torch.no_grad(), prunekit.compress_kv(model, "snapkv", keep=0.5, window=4):
         want, _ = greedy(model, inp, steps=4)
         out = model(**inp)  # prefill (compressed), then a manual greedy loop with no position ids
-        cache, got = out.past_key_values, []
+        cache, got = output_cache(out), []
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         for _ in range(4):
             got.append(nxt)
-            out = model(input_ids=nxt, past_key_values=cache)
+            out = model(input_ids=nxt, **{cache_keyword(): cache})
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     assert torch.equal(torch.cat(got, 1), want)
     assert cache.get_seq_length() < inp["input_ids"].shape[1]
@@ -254,6 +258,8 @@ def test_kvcrush_keeps_base_tokens_plus_one_representative_per_bucket_in_every_h
         (lambda m: prunekit.compress_kv(m, "snapkv", keep=0.5, ratio=0.5), "give the budget once"),
         (lambda m: prunekit.compress_kv(m, "snapkv", ratio=0.0), r"ratio .* must be in \(0, 1\]"),
         (lambda m: prunekit.compress_kv(m, "snapkv", keep=0.5, kernel=4), "kernel must be an odd int"),
+        (lambda m: prunekit.compress_kv(m, "snapkv", keep=0.5, heads="q"), r"heads must be one of \['kv', "),
+        (lambda m: prunekit.compress_kv(m, "snapkv", keep=0.5, preset="lb"), "preset must be one of"),
         (lambda m: prunekit.compress_kv(m, "snapkv", keep=0.5, wndow=4), r"unknown option\(s\) \['wndow'\]"),
         (lambda m: prunekit.compress_kv(m, "kvcrush", keep=0.5, base="h2o"), "evicts while decoding"),
         (lambda m: prunekit.compress_kv(m, "kvcrush", keep=0.5, base="fastv"), "another kv method"),
@@ -293,9 +299,12 @@ def _gemma3(attn: str):
     return gemma3(attn, ["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
 
 
-@pytest.mark.parametrize("method", ["snapkv", "h2o"])
+@pytest.mark.parametrize(
+    ("method", "opts"),
+    [("snapkv", {"window": 4}), ("snapkv", {"window": 4, "heads": "query"}), ("h2o", {})],
+)
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_gemma3_compresses_the_full_attention_layers_and_leaves_the_sliding_ones(method, attn):
+def test_gemma3_compresses_the_full_attention_layers_and_leaves_the_sliding_ones(method, opts, attn):
     """Gemma-3 (sliding window 8, 20-token prompts, batch 2, left padding, GQA): compressed
     generate() == full-cache generate() hiding the evicted prompt keys in the full-attention
     layers (1 and 3); the sliding layers keep their own window cache and masks."""
@@ -303,10 +312,11 @@ def test_gemma3_compresses_the_full_attention_layers_and_leaves_the_sliding_ones
     ref = _gemma3("eager")
     inp = text_inputs(2)
     L = inp["input_ids"].shape[1]
-    m = prunekit.registry.get(method).factory(**({"window": 4} if method == "snapkv" else {}))
+    m = prunekit.registry.get(method).factory(**opts)
     rec = _Recorder(m) if m.decode else None
     with torch.no_grad(), prunekit.compress_kv(model, m, keep=0.4) as s:
         tokens, logits = greedy(model, inp, steps=5)
+    assert [a.self_attn.num_key_value_groups for a in model.model.layers] == [2] * 4
     full_layers = [1, 3]
     kept = s.stats.kept[0]
     assert kept[0] is None and kept[2] is None  # the sliding layers are left alone
@@ -369,3 +379,119 @@ def test_streamingllm_fast_indices_equal_its_scores_top_k():
         for b in range(3):
             want = torch.sort(scores[b, 0], descending=True, stable=True).indices[: k[b]].sort().values
             assert idx[b, 0][ok[b, 0]].tolist() == want.tolist() and idx[b, 1].tolist() == idx[b, 0].tolist()
+
+
+# ------------------------------------------------------------------ SnapKV per query head (official layout)
+def test_snapkv_presets_fill_the_options_left_at_their_defaults():
+    m = SnapKV(preset="longbench")
+    assert (m.window, m.kernel, m.pooling) == (32, 7, "max")  # the paper's LongBench configs
+    m = SnapKV(preset="longbench", window=16)
+    assert (m.window, m.kernel, m.pooling) == (16, 7, "max")
+    assert (SnapKV().window, SnapKV().kernel, SnapKV().pooling) == (64, 5, "avg")  # the official class
+
+
+def test_snapkv_query_heads_keep_one_row_per_query_head():
+    rows = torch.zeros(1, 2, 1, 4)  # 2 query heads of one KV head
+    rows[0, 0, 0] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    rows[0, 1, 0] = torch.tensor([0.0, 0.0, 1.0, 0.0])
+    ctx = _ctx(torch.ones(1, 4, dtype=torch.bool), hkv=1, signals={"window_attention": rows})
+    got = SnapKV(window=1, kernel=1, heads="query").score(ctx)[0]
+    torch.testing.assert_close(got, torch.tensor([[1.0, 0.0, 0.0, 2.0], [0.0, 0.0, 1.0, 2.0]]))
+
+
+def _official_rule_kept(model, inp: dict, window: int, kernel: int, pooling: str, budget: int):
+    """Independent reference of the official SnapKV rule (one unpadded row): per layer, the rotated
+    keys and values repeated to one KV head per query head, the last ``window`` queries' softmax
+    attention (causal) summed over the window, pooled over the keys before the window, and each
+    query head's top ``budget - window`` of those plus the window. Returns per layer the kept
+    positions ``(Hq, budget)`` ascending, the pooled scores ``(Hq, L - window)`` and the repeated
+    keys / values ``(Hq, L, D)``."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    cfg = model.config
+    Hq, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    seen = {}
+
+    def grab(attn, args, kw):
+        seen[attn.layer_idx] = (kw["hidden_states"], kw["position_embeddings"])
+
+    attns = [layer.self_attn for layer in model.model.layers]
+    handles = [a.register_forward_pre_hook(grab, with_kwargs=True) for a in attns]
+    try:
+        with torch.no_grad():
+            model(**inp)
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        h, (cos, sin) = seen[i]
+        B, L, _ = h.shape
+        D = attn.head_dim
+        q = attn.q_proj(h).view(B, L, Hq, D).transpose(1, 2)
+        k = attn.k_proj(h).view(B, L, Hkv, D).transpose(1, 2)
+        v = attn.v_proj(h).view(B, L, Hkv, D).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k, v = k.repeat_interleave(Hq // Hkv, dim=1), v.repeat_interleave(Hq // Hkv, dim=1)
+        logits = q[:, :, L - window :] @ k.transpose(2, 3) / D**0.5  # (1, Hq, w, L)
+        rows = torch.arange(L - window, L)[:, None]
+        logits = logits.masked_fill(torch.arange(L)[None, :] > rows, float("-inf"))
+        s = logits.softmax(dim=-1).sum(dim=2)[0, :, : L - window]  # (Hq, L - w)
+        pool = torch.nn.functional.avg_pool1d if pooling == "avg" else torch.nn.functional.max_pool1d
+        s = pool(s[:, None], kernel, stride=1, padding=kernel // 2)[:, 0]
+        top = s.topk(budget - window, dim=-1).indices
+        kept = torch.cat([top, torch.arange(L - window, L).expand(Hq, -1)], dim=1).sort(dim=1).values
+        out.append((kept, s, k[0], v[0]))
+    return out
+
+
+@pytest.mark.parametrize(("kernel", "pooling"), [(3, "avg"), (5, "max")])
+def test_snapkv_query_heads_select_and_store_what_the_official_rule_does(kernel, pooling):
+    """Tiny Llama with GQA (4 query, 2 KV heads), 24 tokens, window 4, budget 10: the kept
+    positions per query head and the compressed cache (4 heads) == the independent reference."""
+    model = DECODERS["llama"]("eager")
+    inp = text_inputs(1, length=24, seed=3)
+    want = _official_rule_kept(model, inp, window=4, kernel=kernel, pooling=pooling, budget=10)
+    with (
+        torch.no_grad(),
+        prunekit.compress_kv(
+            model, "snapkv", keep=10, window=4, kernel=kernel, pooling=pooling, heads="query"
+        ) as s,
+    ):
+        cache = output_cache(model(**inp))
+        assert [a.self_attn.num_key_value_groups for a in model.model.layers] == [1] * 4
+    assert [a.self_attn.num_key_value_groups for a in model.model.layers] == [2] * 4  # restored
+    for i, (kept, scores, k, v) in enumerate(want):
+        pos, ok = s.stats.kept[0][i]
+        pos = pos[0]
+        assert bool(ok.all()) and pos.shape == kept.shape
+        if pooling == "avg":  # no ties: the same positions
+            assert torch.equal(pos, kept), (i, pos, kept)
+        else:  # max pooling makes plateaus of equal scores: the same top scores, the window kept
+            body = pos[:, :6]
+            assert bool((pos[:, 6:] == torch.arange(20, 24)).all())
+            assert torch.equal(
+                scores.gather(1, body).sort(dim=1).values, scores.topk(6, dim=1).values.sort(dim=1).values
+            )
+            kept = pos  # the cache must hold what was selected
+        idx = kept[..., None].expand(-1, -1, k.shape[-1])
+        torch.testing.assert_close(cache.layers[i].keys[0], k.gather(1, idx))
+        torch.testing.assert_close(cache.layers[i].values[0], v.gather(1, idx))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_snapkv_query_heads_restore_the_layout_between_prompts_and_after_an_error(attn):
+    """A second prompt in the same block prefills on the model's own layout again (it would fail
+    with the expanded layout's num_key_value_groups = 1), and an error mid-generation restores it."""
+    model = DECODERS["qwen2"](attn)
+    inp = text_inputs(2)
+    with torch.no_grad(), prunekit.compress_kv(model, "snapkv", keep=0.5, window=4, heads="query") as s:
+        first, _ = greedy(model, inp, steps=3)
+        second, _ = greedy(model, inp, steps=3)
+    assert torch.equal(first, second) and s.stats.calls == 2
+    with pytest.raises(RuntimeError, match="mid-generation"):
+        with torch.no_grad(), prunekit.compress_kv(model, "snapkv", keep=0.5, window=4, heads="query"):
+            model(**inp)  # compressed: every layer expanded
+            raise RuntimeError("mid-generation")
+    assert [a.self_attn.num_key_value_groups for a in model.model.layers] == [2] * 4

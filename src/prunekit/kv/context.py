@@ -49,7 +49,8 @@ class KVMethod:
     """Base of KV-cache methods: ``needs()`` signals, ``score()`` entries, ``budget()`` per layer.
 
     Subclasses are dataclasses whose fields are the method's options. ``score`` returns
-    ``(B, Hkv, L)``, higher kept first (padding is masked by the engine). ``decode = True``
+    ``(B, Hkv, L)`` (``(B, Hq, L)`` where :attr:`per_query_head`), higher kept first (padding is
+    masked by the engine). ``decode = True``
     methods also get :meth:`decode_step` after every decoding step (H2O).
     """
 
@@ -57,6 +58,13 @@ class KVMethod:
     decode: ClassVar[bool] = False
     #: the observation window of ``window_attention`` (SnapKV, PyramidKV)
     window: int = 0
+
+    @property
+    def per_query_head(self) -> bool:
+        """True: :meth:`score` returns one row per query head ``(B, Hq, L)``, and the engine expands
+        the layer's cache to one KV head per query head before keeping each head's top entries (the
+        official SnapKV code's layout on GQA models). False (default): ``(B, Hkv, L)``."""
+        return False
 
     def needs(self) -> tuple[str, ...]:
         return ()

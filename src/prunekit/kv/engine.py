@@ -7,6 +7,14 @@ How it works (transformers 5, see the notes on v5):
   signals recomputed from the layer's own q projection and the cached keys, so SDPA stays on)
   and keeps, per row and per KV head, the ``k`` best (ascending original order); the cache layer's
   ``keys``/``values`` are replaced by the kept entries.
+- **Per query head** (a method whose ``per_query_head`` is True, e.g. ``snapkv`` with
+  ``heads="query"``, as the official SnapKV code does on GQA models): the layer's cache is first
+  expanded to one KV head per query head (``repeat_kv``), and each query head keeps its own ``k``
+  entries. The compressed layer then holds ``Hq`` heads, not the model's ``Hkv``: for the rest of
+  that generation its attention runs with ``num_key_value_groups = 1``, and a forward hook on its
+  ``k_proj``/``v_proj`` repeats each new token's key and value to ``Hq`` heads before they enter the
+  cache (so the cache holds ``Hq / Hkv`` times the entries of a grouped selection at the same
+  ``keep``). Both are undone at the next prefill and on exit.
 - **Positions**: cached keys keep the RoPE of their original positions. ``generate()`` tracks
   position ids itself; a direct ``model(...)`` call without ``position_ids`` gets them from the
   engine (original prompt length + tokens decoded), never from the shorter cache.
@@ -55,8 +63,8 @@ class KVStats:
     entries_kept: int = 0
     evicted_in_decode: int = 0
     compress_seconds: float = 0.0
-    #: per prefill, per layer: original positions ``(B, Hkv, K)`` and validity of the kept slots
-    #: (None for a sliding-window layer, which is left alone)
+    #: per prefill, per layer: original positions ``(B, H, K)`` and validity of the kept slots, H =
+    #: the KV heads (the query heads for a per-query-head method); None for a sliding-window layer
     kept: list[list[tuple[torch.Tensor, torch.Tensor] | None]] = field(default_factory=list)
     #: the method's registry name (for the summary)
     method: str = ""
@@ -108,6 +116,15 @@ def gather_slots(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.reshape(B * H * L, D).index_select(0, (idx + base).reshape(-1)).view(B, H, -1, D)
 
 
+def repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``(B, Hkv, L, D)`` -> ``(B, Hkv * groups, L, D)``: each KV head repeated for the query heads
+    of its group, in ``repeat_kv`` order (query head ``h`` reads KV head ``h // groups``)."""
+    if groups == 1:
+        return x
+    B, H, L, D = x.shape
+    return x[:, :, None].expand(B, H, groups, L, D).reshape(B, H * groups, L, D)
+
+
 def make_kv_method(method: str | KVMethod, options: dict) -> KVMethod:
     if isinstance(method, KVMethod):
         if options:
@@ -157,6 +174,9 @@ class KVSession:
         self.keep_model_mask = any(self.sliding)
         self.hooks = HookSet()
         self.stats = KVStats(method=method.name)
+        #: per layer: the model's ``num_key_value_groups`` (restored after a per-query-head cache)
+        self.groups = [layer.self_attn.num_key_value_groups for layer in self.layers]
+        self.per_query_head = bool(getattr(method, "per_query_head", False))
         unknown = sorted(set(method.needs()) - set(KV_SIGNALS))
         if unknown:
             raise PrunekitError(
@@ -171,9 +191,18 @@ class KVSession:
         for layer in self.layers:
             h.pre(layer, self._on_layer)
             h.post(layer.self_attn, self._after_attention, with_kwargs=True)
+            if self.per_query_head:
+                i = layer.self_attn.layer_idx
+                for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    h.post(proj, lambda m, a, out, i=i: self._repeat_new(i, out))
 
     def remove(self) -> None:
         self.hooks.remove()
+        self._restore_groups()
+
+    def _restore_groups(self) -> None:
+        for layer, g in zip(self.layers, self.groups, strict=True):
+            layer.self_attn.num_key_value_groups = g
 
     def _reset(self) -> None:
         self.compressed = False
@@ -184,8 +213,23 @@ class KVSession:
         self.slot_pos: list[torch.Tensor | None] = [None] * self.n_layers
         self.slot_valid: list[torch.Tensor | None] = [None] * self.n_layers  # (B, Hkv, K)
         self.extra: list[dict] = [{} for _ in range(self.n_layers)]  # per-layer method state (H2O scores)
+        #: per layer: True once its cache holds one KV head per query head (per-query-head methods)
+        self.expanded = [False] * self.n_layers
+        if self.per_query_head:
+            self._restore_groups()
 
     # ------------------------------------------------------------------ hooks
+    def _repeat_new(self, i: int, out: torch.Tensor) -> torch.Tensor | None:
+        """k_proj / v_proj output ``(B, q, Hkv * D)`` of a layer whose cache was expanded to one KV
+        head per query head -> ``(B, q, Hq * D)``, each KV head repeated for its group (``repeat_kv``
+        order), so the new tokens enter the expanded cache with matching heads."""
+        if not self.expanded[i] or self.prefill:
+            return None
+        B, q, F = out.shape
+        g = self.groups[i]
+        D = self.layers[i].self_attn.head_dim
+        return out.view(B, q, F // D, 1, D).expand(-1, -1, -1, g, -1).reshape(B, q, F * g)
+
     def _on_model(self, module: nn.Module, args: tuple, kw: dict):
         x, past, am2d = decoder_call(args, kw)
         B, q = x.shape[:2]
@@ -288,7 +332,8 @@ class KVSession:
 
     def _compress(self, attn: nn.Module, kw: dict, cache_layer, i: int) -> None:
         keys, values = cache_layer.keys, cache_layer.values  # (B, Hkv, L, D)
-        B, Hkv, L = keys.shape[:3]
+        Hkv, L = keys.shape[1:3]
+        expand = self.per_query_head and self.groups[i] > 1
         if L != self.L:
             raise PrunekitError(f"compress_kv: layer {i} caches {L} entries for a {self.L}-token prompt")
         n = self.valid.sum(dim=1).tolist()
@@ -306,13 +351,24 @@ class KVSession:
             order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :K]  # best first
             ok = torch.arange(K, device=keys.device)[None, None, :] < k[:, None, None]
             idx, perm = torch.sort(order, dim=-1)  # ascending original order
-            ok = ok.expand(B, Hkv, K).gather(2, perm)
+            ok = ok.expand(*order.shape).gather(2, perm)
+        H = idx.shape[1]  # Hkv, or Hq for a per-query-head selection
+        want = Hkv * self.groups[i] if expand else Hkv
+        if want != H:
+            raise PrunekitError(
+                f"{self.method.name}: scores have {H} heads; layer {i} has {want} "
+                f"{'query' if expand else 'KV'} heads"
+            )
+        if expand:
+            keys, values = repeat_heads(keys, self.groups[i]), repeat_heads(values, self.groups[i])
+            attn.num_key_value_groups = 1  # one KV head per query head from now on (undone at reset)
+            self.expanded[i] = True
         cache_layer.keys = gather_slots(keys, idx)
         cache_layer.values = gather_slots(values, idx)
         self.slot_pos[i], self.slot_valid[i] = idx, ok
         self.extra[i] = self.method.after_compress(ctx, idx) if hasattr(self.method, "after_compress") else {}
         self.stats.kept[-1].append((idx.cpu(), ok.cpu()))
-        self.stats.entries_in += int(self.valid.sum()) * Hkv
+        self.stats.entries_in += int(self.valid.sum()) * H
         self.stats.entries_kept += int(ok.sum())
 
     def _decode_step(self, attn: nn.Module, kw: dict, cache_layer, i: int) -> None:
@@ -351,7 +407,8 @@ def compress_kv(
     Args:
         model: a decoder LLM (Llama, Qwen2, Mistral, Mixtral, Qwen3 families; ``*ForCausalLM``).
         method: a registry name of the ``kv`` family (``prunekit methods``) or a method object.
-        keep: cache entries kept per row, layer and KV head: an ``int >= 1`` or a fraction in
+        keep: cache entries kept per row, layer and KV head (query head for a per-query-head
+            method, e.g. ``snapkv`` with ``heads="query"``): an ``int >= 1`` or a fraction in
             (0, 1] of the row's real prompt tokens. ``ratio=`` is the same as a fraction ``keep``.
             For LazyLLM, which prunes inside the prefill, the mean per layer (see its docstring).
         **options: the method's options (e.g. ``window=32`` for SnapKV).

@@ -135,6 +135,12 @@ class KVCrush(KVMethod):
                 f"kvcrush: bits='query_heads' reads the base's attention signal; {self.base!r} has none"
             )
 
+    @property
+    def per_query_head(self) -> bool:
+        """The base's (e.g. ``base_options={"heads": "query"}`` for SnapKV): then every head above
+        is a query head of a repeated cache."""
+        return self.inner.per_query_head
+
     def needs(self) -> tuple[str, ...]:
         return self.inner.needs()
 

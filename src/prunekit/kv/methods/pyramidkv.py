@@ -8,6 +8,10 @@ and a uniform budget ``k``: ``min = k / beta``, ``max = 2 k - min`` (if ``max > 
 ``max = n - window``, ``min = 2 k - max``); layer ``l`` keeps ``round(max - l (max - min) /
 (n_layers - 1))``, window included; where ``n >= max >= min >= window`` fails, every layer keeps
 ``k`` (uniform).
+
+Options as in SnapKV: ``heads="query"`` selects per query head on a repeated cache (see
+:mod:`.snapkv`; the per-layer budgets are then per query head), and ``preset="longbench"`` gives
+SnapKV's LongBench settings (window 32, kernel 7, max pooling; SnapKV's paper, not PyramidKV's).
 """
 
 from __future__ import annotations
