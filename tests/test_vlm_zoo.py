@@ -128,8 +128,9 @@ def test_folded_projector_equals_the_standardised_one():
 
 
 def test_projector_training_is_deterministic():
+    # fp32: a CPU without native bf16 (no AMX / AVX512-BF16) runs bf16 backward emulated, minutes a step
     r = Recipe(n_singles=2, single_steps=2, n_train=3, n_questions=2, align_steps=3, steps=3, batch=1,
-               lr=1e-2, warmup=1)  # fmt: skip
+               lr=1e-2, warmup=1, train_dtype="float32")  # fmt: skip
     a, log_a = train_projector(r, progress=False)
     b, log_b = train_projector(r, progress=False)
     assert all(torch.equal(a[k], b[k]) for k in a) and log_a["losses"] == log_b["losses"]
@@ -142,7 +143,7 @@ def test_lora_adapters_train_and_merge_into_the_assembled_llm():
     from prunekit.zoo import smollm2
 
     r = Recipe(n_singles=2, single_steps=2, n_train=2, n_questions=2, align_steps=1, steps=2, batch=1,
-               lr=1e-2, warmup=1, lora_rank=2, lora_lr=1e-2,
+               lr=1e-2, warmup=1, lora_rank=2, lora_lr=1e-2, train_dtype="float32",
                lora_targets=("q_proj", "down_proj"))  # fmt: skip
     state, _ = train_projector(r, progress=False)
     lm, _ = smollm2(torch.float32)
@@ -162,7 +163,8 @@ def test_lora_adapters_train_and_merge_into_the_assembled_llm():
         Recipe(lora_rank=-1)
     with pytest.raises(ValueError, match="match no linear layer"):
         train_projector(Recipe(n_singles=1, single_steps=1, n_train=1, n_questions=1, align_steps=0, steps=1,
-                               batch=1, lora_rank=2, lora_targets=("nope",)), progress=False)  # fmt: skip
+                               batch=1, lora_rank=2, lora_targets=("nope",), train_dtype="float32"),
+                       progress=False)  # fmt: skip
 
 
 def test_alignment_loss_adds_the_word_cross_entropy_and_keeps_v4s_cache_key():
