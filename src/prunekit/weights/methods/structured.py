@@ -1,0 +1,198 @@
+"""Structured weight methods: FLAP, ShortGPT, and the Wanda-SP / Mag-SP / random baselines.
+
+Every method removes whole units (KV groups with their query heads, MLP channels, layers) through
+``prunekit.prune_weights(model, name, sparsity=...)``; ``sparsity`` is the fraction of the
+decoder layers' prunable weights removed (see ``prune_structured``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...models.structure import LayerKeep
+from ...registry import register
+from ..structured import (
+    LayerData,
+    StructuredMethod,
+    attn_channels,
+    flap_bias,
+    global_keep,
+    group_scores,
+    layers_to_remove,
+    magnitude_sp,
+    standardize,
+    uniform_keep,
+    wanda_sp,
+    wifv,
+)
+
+_STAGES = ("after-training",)
+
+
+@register(
+    "flap",
+    family="weights",
+    paper="Fluctuation-based Adaptive Structured Pruning for Large Language Models",
+    stages=_STAGES,
+    signals=("activation_variance",),
+    summary="structured: fluctuation metric (WIFV), global adaptive structure, bias compensation",
+)
+@dataclass
+class FLAP(StructuredMethod):
+    """FLAP (An et al., AAAI 2024), official code CASIA-IVA-Lab/FLAP @ 3bb57db, structure AL-AM
+    and metric WIFV (its defaults for the main results).
+
+    1. The dense model runs on the calibration windows (scoring is not sequential, as in FLAP);
+       the inputs of ``o_proj`` and ``down_proj`` give each channel's mean and variance.
+    2. ``S_j = Var(X_j) * ||W[:, j]||^2``; the attention metric is squared (FLAP's
+       ``W_metric ** 2`` for ``o_proj``; ``faithful=False`` drops the square).
+    3. Within each layer, attention and MLP scores are standardised separately (unbiased std);
+       a unit's score is the mean over its channels.
+    4. One global ranking of every unit with its exact parameter cost (FLAP hard-codes 512/3
+       channels per head); keep the prefix nearest ``1 - sparsity`` of the prunable weights.
+    5. Bias compensation ``b = W[:, pruned] @ mean(X)[pruned]`` into ``o_proj`` and ``down_proj``,
+       computed in fp32/fp64 (FLAP stores the mean in fp16).
+
+    Departures (ours): the variance is the exact unbiased sample variance over all tokens (FLAP's
+    running update drops the first sequence's spread; the scale cancels in the standardisation);
+    each layer keeps its best KV group and best channel (FLAP can empty a layer); ties at the
+    threshold are broken by rank. **GQA**: the attention unit is a whole KV group (its KV head and
+    its ``g`` query heads, score = mean over their channels), as the nyunAI fork's
+    ``prune_kv_heads=True``; every kept KV head keeps all its query heads, so the result is a
+    legal transformers GQA layer; for MHA (``g = 1``) this is FLAP's per-head pruning.
+
+    The biases survive saving as per-layer ``o_proj_bias`` / ``down_proj_bias`` flags in
+    ``config.prunekit_structure`` (``prunekit.load_pruned`` creates them); transformers' own
+    ``attention_bias`` / ``mlp_bias`` would add biases to q/k/v or gate/up too."""
+
+    faithful: bool = True  # keep FLAP's squared attention metric
+    compensate: bool = True  # bias compensation
+
+    needs = frozenset({"activations"})
+
+    def plan(self, data: list[LayerData], sparsity: float) -> list[LayerKeep]:
+        gs, cs = [], []
+        for d in data:
+            att = wifv(d.variance("attn"), d.o_weight)
+            if self.faithful:
+                att = att**2
+            gs.append(group_scores(standardize(att), d.geo, reduce="mean"))
+            cs.append(standardize(wifv(d.variance("mlp"), d.down_weight)))
+        keeps = global_keep([d.geo for d in data], gs, cs, sparsity)
+        if self.compensate:
+            for d, k in zip(data, keeps, strict=True):
+                k.o_bias = flap_bias(d.o_weight, d.mean("attn"), attn_channels(k, d.geo))
+                k.down_bias = flap_bias(d.down_weight, d.mean("mlp"), k.channels)
+        return keeps
+
+
+@register(
+    "wanda_sp",
+    family="weights",
+    paper="Fluctuation-based Adaptive Structured Pruning for Large Language Models (Wanda-SP baseline)",
+    stages=_STAGES,
+    signals=("x_norm",),
+    summary="structured Wanda: mean|W| * ||X|| per channel, summed per unit, uniform per layer",
+)
+@dataclass
+class WandaSP(StructuredMethod):
+    """Wanda-SP, FLAP's structured Wanda baseline (FLAP lib/prune.py ``prune_wanda_sp``):
+    ``S_j = mean_o |W[o, j]| * ||X_j||_2`` over the o_proj / down_proj inputs, a unit's score is the
+    sum over its channels, uniform per layer, no bias. Sequential: each layer is pruned, then run
+    pruned to make the next layer's inputs. Per-layer counts are :func:`uniform_keep`'s (ours)."""
+
+    needs = frozenset({"activations"})
+    sequential = True
+
+    def plan_layer(self, i: int, d: LayerData, sparsity: float) -> LayerKeep:
+        g = group_scores(wanda_sp(d.attn_sq, d.o_weight), d.geo)
+        return uniform_keep(d.geo, g, wanda_sp(d.mlp_sq, d.down_weight), sparsity)
+
+
+@register(
+    "magnitude_sp",
+    family="weights",
+    paper="Fluctuation-based Adaptive Structured Pruning for Large Language Models (Mag-SP baseline)",
+    stages=_STAGES,
+    signals=(),
+    summary="structured magnitude: column norm of o_proj / down_proj per unit, uniform per layer",
+)
+@dataclass
+class MagnitudeSP(StructuredMethod):
+    """Mag-SP, FLAP's structured magnitude baseline: ``S_j = ||W[:, j]||_2`` of the o_proj /
+    down_proj columns, summed per unit, uniform per layer (:func:`uniform_keep`). No data."""
+
+    def plan_layer(self, i: int, d: LayerData, sparsity: float) -> LayerKeep:
+        g = group_scores(magnitude_sp(d.o_weight), d.geo)
+        return uniform_keep(d.geo, g, magnitude_sp(d.down_weight), sparsity)
+
+
+@register(
+    "random_sp",
+    family="weights",
+    paper="random structured baseline",
+    stages=_STAGES,
+    signals=(),
+    summary="structured: random units, uniform per layer (seeded)",
+)
+@dataclass
+class RandomSP(StructuredMethod):
+    """Random KV groups and MLP channels, uniform per layer (:func:`uniform_keep`), seeded."""
+
+    seed: int = 0
+
+    def plan(self, data: list[LayerData], sparsity: float) -> list[LayerKeep]:
+        gen = torch.Generator().manual_seed(self.seed)
+        out = []
+        for d in data:
+            g = torch.rand(d.geo.n_kv, generator=gen, dtype=torch.float64)
+            c = torch.rand(d.geo.inter, generator=gen, dtype=torch.float64)
+            out.append(uniform_keep(d.geo, g, c, sparsity))
+        return out
+
+
+@register(
+    "shortgpt",
+    family="weights",
+    paper="ShortGPT: Layers in Large Language Models are More Redundant Than You Expect",
+    stages=_STAGES,
+    signals=("block_influence",),
+    summary="structured: remove the decoder layers of lowest Block Influence",
+)
+@dataclass
+class ShortGPT(StructuredMethod):
+    """ShortGPT (Men et al., 2024; official code icip-cas/ShortGPT @ 9a2ee8d): Block Influence
+    ``BI_l = sum_tokens (1 - cos(h_in, h_out))`` of each decoder layer on the dense model; remove
+    the lowest-BI layers in one shot, as many as bring the removed prunable weights nearest
+    ``sparsity`` (``n_layers`` fixes the count instead). Layers are deleted at ``finalize()`` and
+    ``layer_idx``, ``num_hidden_layers`` and ``layer_types`` renumbered, so plain
+    ``from_pretrained`` reloads the result.
+
+    ``faithful=True`` compares the last layer's input with its output **after the final norm**, as
+    the official code does through ``hidden_states[-1]`` (which inflates the last layer's BI so it
+    is never removed); the default compares raw decoder-layer outputs (fixed). Calibration is
+    prunekit's windows (the official code uses 256-token strides of PG19 validation books)."""
+
+    n_layers: int | None = None
+    faithful: bool = False
+
+    needs = frozenset({"influence"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_layers is not None and (isinstance(self.n_layers, bool) or self.n_layers < 0):
+            raise ValueError(f"n_layers must be an int >= 0; got {self.n_layers!r}")
+
+    def plan(self, data: list[LayerData], sparsity: float) -> list[LayerKeep]:
+        bi = [float(d.influence) for d in data]
+        if self.n_layers is not None:
+            if self.n_layers >= len(data):
+                raise ValueError(
+                    f"n_layers={self.n_layers} would remove every one of the {len(data)} decoder layers"
+                )
+            order = torch.tensor(bi, dtype=torch.float64).argsort(stable=True)
+            drop = sorted(order[: self.n_layers].tolist())
+        else:
+            drop = layers_to_remove(bi, [d.geo.params for d in data], sparsity)
+        return [LayerKeep(removed=i in drop) for i in range(len(data))]
