@@ -27,7 +27,9 @@ from prunekit.models.structure import LayerGeometry, LayerKeep, NoAttention
 from prunekit.weights.calibration import CalibrationError
 from prunekit.weights.structured import (
     StructuredMethod,
-    global_keep,
+    attention_units,
+    global_counts,
+    layer_keep,
     layers_to_remove,
     uniform_keep,
     wanda_sp,
@@ -211,27 +213,60 @@ def test_a_failure_half_way_restores():
 
 
 # ------------------------------------------------------------------ rankings (hand-worked)
-def test_global_keep_hand_worked():
+def test_global_counts_hand_worked():
     # H=2, d=1, 2 heads = 2 KV groups (MHA), 4 channels: group cost 8, channel cost 6, 40 per layer
     geo = LayerGeometry(hidden=2, head_dim=1, n_q=2, n_kv=2, inter=4)
     gs = [torch.tensor([0.5, -1.0]), torch.tensor([0.1, 0.9])]
     cs = [torch.tensor([1.0, 0.2, -0.3, -2.0]), torch.tensor([0.3, -0.5, 0.0, 1.5])]
+    units, cost = attention_units(gs[0], geo, "kv_groups")
+    assert units.tolist() == gs[0].tolist() and cost == 8.0
     # ranked: (guards) L0g0 L0c0 L1g1 L1c3 = 28, then L1c0 34, L0c1 40, L1g0 48, L1c2 54 | L0c2 60
     # the kept cost nearest 0.7 * 80 = 56 is 54
-    k0, k1 = global_keep([geo, geo], gs, cs, 0.3)
+    assert global_counts([geo, geo], gs, [8.0, 8.0], cs, 0.3) == [(1, 2), (2, 3)]
+    k0 = layer_keep(geo, gs[0], "kv_groups", 1, cs[0], 2)
     assert k0.kv_heads.tolist() == [0] and k0.q_heads.tolist() == [0] and k0.channels.tolist() == [0, 1]
+    k1 = layer_keep(geo, gs[1], "kv_groups", 2, cs[1], 3)
     assert k1.q_heads is None and k1.channels.tolist() == [0, 2, 3]
     with pytest.raises(ValueError, match="would empty a layer"):
-        global_keep([geo, geo], gs, cs, 0.7)  # at most 1 - 28/80 = 0.65 can go
+        global_counts([geo, geo], gs, [8.0, 8.0], cs, 0.7)  # at most 1 - 28/80 = 0.65 can go
 
 
 def test_uniform_keep_hand_worked():
     # H=4, d=2, 4 q / 2 kv (g=2): group cost 6*4*2 = 48; channel 12; layer 96 + 120 = 216
     geo = LayerGeometry(hidden=4, head_dim=2, n_q=4, n_kv=2, inter=10)
-    keep = uniform_keep(geo, torch.tensor([3.0, 1.0]), torch.arange(10, 0, -1).double(), 0.4)
+    chans = torch.arange(10, 0, -1).double()
+    keep = uniform_keep(geo, torch.tensor([3.0, 3.0, 1.0, 1.0]), chans, 0.4)
     # round(0.8) = 1 group (KV head 1 has the lower score) -> 48; then round((86.4 - 48) / 12) = 3 channels
     assert keep.kv_heads.tolist() == [0] and keep.q_heads.tolist() == [0, 1]
     assert keep.channels.tolist() == list(range(7))
+
+
+def test_query_slots_hand_worked():
+    geo = LayerGeometry(hidden=4, head_dim=2, n_q=4, n_kv=2, inter=10)
+    head = torch.tensor([5.0, 1.0, 2.0, 4.0])  # group 0: heads 0, 1; group 1: heads 2, 3
+    units, cost = attention_units(head, geo, "query_slots")
+    assert units.tolist() == [1.5, 4.5] and cost == 32.0  # sorted per group (1, 5), (2, 4); 2*2*4*2
+    keep = uniform_keep(geo, head, torch.arange(10, 0, -1).double(), 0.4, "query_slots")
+    # 1 slot (32) then round((86.4 - 32) / 12) = 5 channels; each group keeps its best head
+    assert keep.q_heads.tolist() == [0, 3] and keep.kv_heads.tolist() == [0, 1]
+    assert keep.channels.tolist() == list(range(5))
+
+
+@pytest.mark.parametrize("method", ["flap", "magnitude_sp"])
+def test_query_slots_keep_every_kv_head_and_shrink_to_the_masked_model(method):
+    model = build("llama", "eager")
+    inputs = text_inputs(batch=2, length=16)
+    pruned = prunekit.prune_weights(model, method, 0.6, calibration=CAL, gqa="query_slots", progress=False)
+    masked = logits(model, inputs)
+    assert all(r.kv_heads == [0, 1] for r in pruned.report.layers)
+    assert any(len(r.q_heads) < 8 for r in pruned.report.layers)
+    for r in pruned.report.layers:  # the same number of query heads in each KV group
+        assert sum(h < 4 for h in r.q_heads) == sum(h >= 4 for h in r.q_heads)
+    pruned.finalize()
+    groups = [layer.self_attn.num_key_value_groups for layer in model.model.layers]
+    assert groups == [len(r.q_heads) // 2 for r in pruned.report.layers]
+    real = inputs["attention_mask"].bool()
+    assert torch.allclose(logits(model, inputs)[real], masked[real], atol=1e-5, rtol=1e-5)
 
 
 def test_wanda_sp_score_hand_worked():

@@ -19,6 +19,8 @@ import torch
 
 from ..models.structure import LayerGeometry, LayerKeep
 
+GQA_MODES = ("kv_groups", "query_slots")
+
 
 def check_sparsity(sparsity) -> float:
     """A structured sparsity: a float in [0, 1), the fraction of prunable parameters removed."""
@@ -81,11 +83,31 @@ def magnitude_sp(W: torch.Tensor) -> torch.Tensor:
     return column_norm_sq(W).sqrt()
 
 
-def group_scores(channel: torch.Tensor, geo: LayerGeometry, reduce: str = "sum") -> torch.Tensor:
-    """``(n_kv,)`` score of each KV group from its ``g * d`` attention channels (the o_proj input
-    channels of its query heads, which are contiguous in kv-major order)."""
-    per = channel.reshape(geo.n_kv, geo.group * geo.head_dim)
+def head_scores(channel: torch.Tensor, geo: LayerGeometry, reduce: str = "sum") -> torch.Tensor:
+    """``(n_q,)`` score of each query head from its ``d`` o_proj input channels (sum or mean)."""
+    per = channel.reshape(geo.n_q, geo.head_dim)
     return per.sum(-1) if reduce == "sum" else per.mean(-1)
+
+
+def attention_units(head: torch.Tensor, geo: LayerGeometry, mode: str) -> tuple[torch.Tensor, float]:
+    """``(unit scores, parameter cost of one unit)`` of a layer's attention under a GQA mode.
+
+    - ``kv_groups``: a unit is a KV group (its KV head and its ``g`` query heads), scored by the
+      mean of its heads' scores (= the mean, or ``1/g`` of the sum, over its channels); cost
+      ``(2g + 2) H d``.
+    - ``query_slots``: a unit is a *slot*: one query head in **every** KV group (KV heads all
+      stay), so each group keeps the same number of query heads. Slot ``j`` is scored by the mean
+      over groups of each group's ``j``-th lowest head score (slots are removed lowest first, each
+      group losing its own weakest remaining head); cost ``2 n_kv H d``. Ours, generalising the
+      nyunAI FLAP fork's slot pruning (which scores slot ``r`` as the same position in every group).
+    """
+    H, d, g = geo.hidden, geo.head_dim, geo.group
+    per = head.double().reshape(geo.n_kv, g)
+    if mode == "kv_groups":
+        return per.mean(-1), float((2 * g + 2) * H * d)
+    if mode == "query_slots":
+        return per.sort(-1).values.mean(0), float(2 * geo.n_kv * H * d)
+    raise ValueError(f"gqa must be one of {list(GQA_MODES)}; got {mode!r}")
 
 
 def standardize(x: torch.Tensor) -> torch.Tensor:
@@ -94,97 +116,99 @@ def standardize(x: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ keeps
-def keep_from_units(
-    geo: LayerGeometry, groups: torch.Tensor | None, channels: torch.Tensor | None
+def layer_keep(
+    geo: LayerGeometry,
+    head: torch.Tensor,
+    mode: str,
+    n_units: int,
+    channel: torch.Tensor,
+    n_channels: int,
 ) -> LayerKeep:
-    """A :class:`LayerKeep` from kept KV groups and kept channels (sorted; ``None`` = all)."""
-    if groups is None:
-        return LayerKeep(channels=None if channels is None else channels.sort().values)
-    groups = groups.sort().values
-    q = (groups[:, None] * geo.group + torch.arange(geo.group)).flatten()
-    chans = None if channels is None else channels.sort().values
-    return LayerKeep(q_heads=q, kv_heads=groups, channels=chans)
+    """The :class:`LayerKeep` that keeps a layer's ``n_units`` best attention units (under the GQA
+    ``mode``, scored from the per-head scores ``head``) and its ``n_channels`` best channels."""
+    units, _ = attention_units(head, geo, mode)
+    q = kv = None
+    if mode == "kv_groups" and n_units < geo.n_kv:
+        kv = units.argsort(descending=True, stable=True)[:n_units].sort().values
+        q = (kv[:, None] * geo.group + torch.arange(geo.group)).flatten()
+    elif mode == "query_slots" and n_units < geo.group:
+        per = head.double().reshape(geo.n_kv, geo.group)
+        best = per.argsort(dim=-1, descending=True, stable=True)[:, :n_units].sort(-1).values
+        q = (best + torch.arange(geo.n_kv)[:, None] * geo.group).flatten()
+        kv = torch.arange(geo.n_kv)
+    ch = None
+    if n_channels < geo.inter:
+        ch = channel.double().argsort(descending=True, stable=True)[:n_channels].sort().values
+    return LayerKeep(q_heads=q, kv_heads=kv, channels=ch)
 
 
-def lowest(scores: torch.Tensor, n: int) -> torch.Tensor:
-    """Indices of the ``n`` lowest scores (ties by position)."""
-    return scores.argsort(stable=True)[:n]
+def uniform_counts(geo: LayerGeometry, n_units: int, unit_cost: float, sparsity: float) -> tuple[int, int]:
+    """Uniform per-layer pruning (the baselines'): ``(attention units kept, channels kept)``. The
+    layer loses ``round(sparsity * n_units)`` attention units, then as many MLP channels as bring
+    its removed parameters nearest ``sparsity`` of its prunable parameters (ours: FLAP's baselines
+    take ``int(p * n)`` heads and channels per module; with few KV groups, as in GQA models, that
+    rounds attention to nothing). At least one unit and one channel stay."""
+    gone = min(round(sparsity * n_units), n_units - 1)
+    target = sparsity * geo.params - gone * unit_cost
+    n_ch = min(max(round(target / (3 * geo.hidden)), 0), geo.inter - 1)
+    return n_units - gone, geo.inter - n_ch
 
 
 def uniform_keep(
-    geo: LayerGeometry, group_score: torch.Tensor, channel_score: torch.Tensor, sparsity: float
+    geo: LayerGeometry, head: torch.Tensor, channel: torch.Tensor, sparsity: float, mode: str = "kv_groups"
 ) -> LayerKeep:
-    """Uniform per-layer pruning (the baselines'): the layer loses ``round(sparsity * n_kv)``
-    KV groups and then as many MLP channels as bring its removed parameters nearest to
-    ``sparsity`` of its prunable parameters (ours: FLAP's baselines take ``int(p * n)`` heads and
-    channels per module; with few KV groups, as in GQA models, that rounds attention to nothing).
-    At least one KV group and one channel stay."""
-    H, d, g = geo.hidden, geo.head_dim, geo.group
-    n_groups = min(round(sparsity * geo.n_kv), geo.n_kv - 1)
-    target = sparsity * geo.params - n_groups * (2 * g + 2) * H * d
-    n_ch = min(max(round(target / (3 * H)), 0), geo.inter - 1)
-    drop_g = set(lowest(group_score, n_groups).tolist())
-    drop_c = set(lowest(channel_score, n_ch).tolist())
-    groups = torch.tensor([k for k in range(geo.n_kv) if k not in drop_g], dtype=torch.long)
-    chans = torch.tensor([j for j in range(geo.inter) if j not in drop_c], dtype=torch.long)
-    return keep_from_units(geo, groups if n_groups else None, chans if n_ch else None)
+    """:func:`uniform_counts` of the best units by ``head`` (per query head) and ``channel`` scores."""
+    units, cost = attention_units(head, geo, mode)
+    n_units, n_ch = uniform_counts(geo, len(units), cost, sparsity)
+    return layer_keep(geo, head, mode, n_units, channel, n_ch)
 
 
-def global_keep(
+def global_counts(
     geos: list[LayerGeometry],
-    group_score: list[torch.Tensor],
+    unit_score: list[torch.Tensor],
+    unit_cost: list[float],
     channel_score: list[torch.Tensor],
     sparsity: float,
-) -> list[LayerKeep]:
-    """FLAP's adaptive structure (AL-AM) with exact parameter costs: all KV groups and MLP channels
-    of every layer in one ranking (scores descending); keep the best prefix whose cumulative cost
-    is nearest ``(1 - sparsity)`` of the total. Costs: ``(2g+2) H d`` per KV group, ``3H`` per
-    channel (FLAP hard-codes ``512/3`` channels per head: MHA with ``d = 128``). Each layer's best
-    KV group and best channel are always kept (FLAP has no such guard); a sparsity that would
-    need more raises ``ValueError``. Selection is by rank, not FLAP's ``score > threshold``, so
-    ties at the threshold cannot change the count."""
-    scores, costs, owner = [], [], []  # owner: (layer, kind 0 = group / 1 = channel, index)
-    reserved = 0
-    for li, (geo, gs, cs) in enumerate(zip(geos, group_score, channel_score, strict=True)):
-        gs, cs = gs.double().clone(), cs.double().clone()
-        gs[gs.argmax()] = math.inf
+) -> list[tuple[int, int]]:
+    """FLAP's adaptive structure (AL-AM) with exact parameter costs: every layer's attention units
+    and MLP channels in one ranking (scores descending); keep the best prefix whose cumulative
+    cost is nearest ``(1 - sparsity)`` of the total; returns ``(units kept, channels kept)`` per
+    layer. Costs: as :func:`attention_units`, ``3H`` per channel (FLAP hard-codes ``512/3``
+    channels per head: MHA with ``d = 128``). Each layer's best unit and best channel always stay
+    (FLAP has no such guard); a sparsity that would need more raises ``ValueError``. Selection is
+    by rank, not FLAP's ``score > threshold``, so ties at the threshold cannot change the count."""
+    scores, costs, owner = [], [], []  # owner: (layer, kind 0 = attention unit / 1 = channel)
+    reserved = 0.0
+    for li, (geo, us, uc, cs) in enumerate(zip(geos, unit_score, unit_cost, channel_score, strict=True)):
+        us, cs = us.double().clone(), cs.double().clone()
+        us[us.argmax()] = math.inf
         cs[cs.argmax()] = math.inf
-        reserved += (2 * geo.group + 2) * geo.hidden * geo.head_dim + 3 * geo.hidden
-        scores += [gs, cs]
-        costs += [
-            torch.full_like(gs, float((2 * geo.group + 2) * geo.hidden * geo.head_dim)),
-            torch.full_like(cs, float(3 * geo.hidden)),
-        ]
+        reserved += uc + 3 * geo.hidden
+        scores += [us, cs]
+        costs += [torch.full_like(us, uc), torch.full_like(cs, float(3 * geo.hidden))]
         owner += [
-            torch.stack([torch.full_like(gs, li), torch.zeros_like(gs), torch.arange(len(gs)).double()], 1),
-            torch.stack([torch.full_like(cs, li), torch.ones_like(cs), torch.arange(len(cs)).double()], 1),
+            torch.tensor([[li, 0]] * len(us), dtype=torch.long).reshape(-1, 2),
+            torch.tensor([[li, 1]], dtype=torch.long).expand(len(cs), 2),
         ]
-    total = sum(g.params for g in geos)
+    total = float(sum(g.params for g in geos))
     if sparsity * total > total - reserved:
         raise ValueError(
-            f"sparsity {sparsity} would empty a layer: keeping one KV group and one MLP channel per layer, "
-            f"at most {(total - reserved) / total:.4f} of the prunable parameters can go"
+            f"sparsity {sparsity} would empty a layer: keeping one attention unit and one MLP channel per "
+            f"layer, at most {(total - reserved) / total:.4f} of the prunable parameters can go"
         )
-    s, c, o = torch.cat(scores), torch.cat(costs), torch.cat(owner).long()
+    s, c, o = torch.cat(scores), torch.cat(costs), torch.cat(owner)
     order = s.argsort(descending=True, stable=True)
     kept_cost = c[order].cumsum(0)
     n_keep = int((kept_cost - total * (1.0 - sparsity)).abs().argmin()) + 1
-    n_forced = int(torch.isinf(s).sum())
-    n_keep = max(n_keep, n_forced)
+    n_keep = max(n_keep, int(torch.isinf(s).sum()))
     kept = o[order[:n_keep]]
-    out = []
-    for li, geo in enumerate(geos):
-        mine = kept[kept[:, 0] == li]
-        groups = mine[mine[:, 1] == 0, 2]
-        chans = mine[mine[:, 1] == 1, 2]
-        out.append(
-            keep_from_units(
-                geo,
-                None if len(groups) == geo.n_kv else groups,
-                None if len(chans) == geo.inter else chans,
-            )
+    return [
+        (
+            int(((kept[:, 0] == li) & (kept[:, 1] == 0)).sum()),
+            int(((kept[:, 0] == li) & (kept[:, 1] == 1)).sum()),
         )
-    return out
+        for li in range(len(geos))
+    ]
 
 
 def flap_bias(W: torch.Tensor, mean: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor | None:
@@ -226,7 +250,6 @@ def layers_to_remove(influence: list[float], params: list[int], sparsity: float)
 
 
 # ------------------------------------------------------------------ the method interface
-GQA_MODES = ("kv_groups",)
 
 
 @dataclass
@@ -239,7 +262,9 @@ class StructuredMethod:
     the next (Wanda-SP); otherwise every layer is scored on the dense model and :meth:`plan`
     decides them together (FLAP, ShortGPT)."""
 
-    gqa: str = "kv_groups"  # attention unit under GQA: a whole KV group (its KV head and query heads)
+    #: attention unit under GQA: ``kv_groups`` (a KV head with its query heads) or ``query_slots``
+    #: (one query head in every KV group); see :func:`attention_units`
+    gqa: str = "kv_groups"
 
     name: ClassVar[str] = "?"
     needs: ClassVar[frozenset[str]] = frozenset()

@@ -15,10 +15,12 @@ from ...registry import register
 from ..structured import (
     LayerData,
     StructuredMethod,
+    attention_units,
     attn_channels,
     flap_bias,
-    global_keep,
-    group_scores,
+    global_counts,
+    head_scores,
+    layer_keep,
     layers_to_remove,
     magnitude_sp,
     standardize,
@@ -57,10 +59,12 @@ class FLAP(StructuredMethod):
     Departures (ours): the variance is the exact unbiased sample variance over all tokens (FLAP's
     running update drops the first sequence's spread; the scale cancels in the standardisation);
     each layer keeps its best KV group and best channel (FLAP can empty a layer); ties at the
-    threshold are broken by rank. **GQA**: the attention unit is a whole KV group (its KV head and
-    its ``g`` query heads, score = mean over their channels), as the nyunAI fork's
-    ``prune_kv_heads=True``; every kept KV head keeps all its query heads, so the result is a
-    legal transformers GQA layer; for MHA (``g = 1``) this is FLAP's per-head pruning.
+    threshold are broken by rank. **GQA** (``gqa=``): by default the attention unit is a whole KV
+    group (its KV head and its ``g`` query heads, score = mean over their channels), as the nyunAI
+    fork's ``prune_kv_heads=True``; for MHA (``g = 1``) this is FLAP's per-head pruning.
+    ``gqa="query_slots"`` keeps every KV head and removes one query head per group at a time
+    (see ``attention_units``). Either way every kept KV head keeps the same number of query
+    heads: a legal transformers GQA layer.
 
     The biases survive saving as per-layer ``o_proj_bias`` / ``down_proj_bias`` flags in
     ``config.prunekit_structure`` (``prunekit.load_pruned`` creates them); transformers' own
@@ -72,14 +76,21 @@ class FLAP(StructuredMethod):
     needs = frozenset({"activations"})
 
     def plan(self, data: list[LayerData], sparsity: float) -> list[LayerKeep]:
-        gs, cs = [], []
+        heads, units, costs, chans = [], [], [], []
         for d in data:
             att = wifv(d.variance("attn"), d.o_weight)
             if self.faithful:
                 att = att**2
-            gs.append(group_scores(standardize(att), d.geo, reduce="mean"))
-            cs.append(standardize(wifv(d.variance("mlp"), d.down_weight)))
-        keeps = global_keep([d.geo for d in data], gs, cs, sparsity)
+            heads.append(head_scores(standardize(att), d.geo, reduce="mean"))
+            u, c = attention_units(heads[-1], d.geo, self.gqa)
+            units.append(u)
+            costs.append(c)
+            chans.append(standardize(wifv(d.variance("mlp"), d.down_weight)))
+        counts = global_counts([d.geo for d in data], units, costs, chans, sparsity)
+        keeps = [
+            layer_keep(d.geo, h, self.gqa, nu, c, nc)
+            for d, h, c, (nu, nc) in zip(data, heads, chans, counts, strict=True)
+        ]
         if self.compensate:
             for d, k in zip(data, keeps, strict=True):
                 k.o_bias = flap_bias(d.o_weight, d.mean("attn"), attn_channels(k, d.geo))
@@ -106,8 +117,8 @@ class WandaSP(StructuredMethod):
     sequential = True
 
     def plan_layer(self, i: int, d: LayerData, sparsity: float) -> LayerKeep:
-        g = group_scores(wanda_sp(d.attn_sq, d.o_weight), d.geo)
-        return uniform_keep(d.geo, g, wanda_sp(d.mlp_sq, d.down_weight), sparsity)
+        h = head_scores(wanda_sp(d.attn_sq, d.o_weight), d.geo)
+        return uniform_keep(d.geo, h, wanda_sp(d.mlp_sq, d.down_weight), sparsity, self.gqa)
 
 
 @register(
@@ -124,8 +135,8 @@ class MagnitudeSP(StructuredMethod):
     down_proj columns, summed per unit, uniform per layer (:func:`uniform_keep`). No data."""
 
     def plan_layer(self, i: int, d: LayerData, sparsity: float) -> LayerKeep:
-        g = group_scores(magnitude_sp(d.o_weight), d.geo)
-        return uniform_keep(d.geo, g, magnitude_sp(d.down_weight), sparsity)
+        h = head_scores(magnitude_sp(d.o_weight), d.geo)
+        return uniform_keep(d.geo, h, magnitude_sp(d.down_weight), sparsity, self.gqa)
 
 
 @register(
@@ -146,9 +157,9 @@ class RandomSP(StructuredMethod):
         gen = torch.Generator().manual_seed(self.seed)
         out = []
         for d in data:
-            g = torch.rand(d.geo.n_kv, generator=gen, dtype=torch.float64)
+            h = torch.rand(d.geo.n_q, generator=gen, dtype=torch.float64)
             c = torch.rand(d.geo.inter, generator=gen, dtype=torch.float64)
-            out.append(uniform_keep(d.geo, g, c, sparsity))
+            out.append(uniform_keep(d.geo, h, c, sparsity, self.gqa))
         return out
 
 
