@@ -158,18 +158,40 @@ def test_every_method_shrinks_to_the_masked_model(method):
 
 
 # ------------------------------------------------------------------ save and reload
-def test_save_then_load_pruned_gives_identical_outputs(tmp_path):
-    model = build("qwen2", "eager")
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])
+def test_save_then_load_pruned_gives_identical_outputs(family, tmp_path):
+    model = build(family, "eager")
     inputs = text_inputs(batch=2, length=16)
     prunekit.prune_weights(model, Fixed(keeps=hand_plan()), 0.3, progress=False).finalize()
     model.save_pretrained(tmp_path)
     loaded = prunekit.load_pruned(tmp_path, dtype=torch.float32, attn_implementation="eager")
-    assert type(loaded) is Qwen2ForCausalLM
+    assert type(loaded) is type(model)
     assert torch.equal(logits(loaded, inputs), logits(model, inputs))
     assert torch.equal(greedy(loaded, inputs), greedy(model, inputs))
     assert loaded.config.prunekit_structure[0]["num_attention_heads"] == 4
+    assert isinstance(loaded.model.layers[1].self_attn, NoAttention)
     with pytest.raises(Exception, match=r"(?i)mismatch|size"):  # plain loading refuses: never silent
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_cli_prune_writes_a_checkpoint_load_pruned_reloads(tmp_path, capsys):
+    import json
+
+    from prunekit.cli import main
+
+    out = tmp_path / "flap"
+    argv = ["prune", "tiny-llama", "--method", "flap", "--sparsity", "0.3", "--out", str(out),
+            "--samples", "2", "--seq-len", "32", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["pattern"] == "structured" and line["actual_sparsity"] == pytest.approx(0.3, abs=0.02)
+    model = prunekit.load_pruned(out)
+    assert [m["intermediate_size"] for m in model.config.prunekit_structure] == [
+        r["channels"] for r in line["layers"]
+    ]
+    ids = torch.tensor([[1, 5, 9, 13], [0, 1, 7, 8]])
+    gen = model.generate(input_ids=ids, attention_mask=(ids != 0).long(), max_new_tokens=3, do_sample=False)
+    assert gen.shape == (2, 7)
 
 
 def test_uniform_result_loads_with_plain_from_pretrained(tmp_path):

@@ -63,19 +63,19 @@ class LayerData:
 
 # ------------------------------------------------------------------ channel scores (per input channel)
 def column_norm_sq(W: torch.Tensor) -> torch.Tensor:
-    """``||W[:, j]||_2^2`` per input channel, fp64."""
+    """``||W[:, j]||_2^2`` per input channel, fp64, on the CPU (scores are CPU tensors)."""
     W = W.detach().double()
-    return (W * W).sum(0)
+    return (W * W).sum(0).cpu()
 
 
 def wifv(var: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """FLAP's weighted input feature variance ``S_j = Var(X_j) * ||W[:, j]||^2``."""
-    return var.double() * column_norm_sq(W)
+    return var.double().cpu() * column_norm_sq(W)
 
 
 def wanda_sp(x_sq: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """Wanda-SP (FLAP's baseline): ``S_j = mean_o |W[o, j]| * ||X_j||_2``."""
-    return W.detach().double().abs().mean(0) * x_sq.double().sqrt()
+    return W.detach().double().abs().mean(0).cpu() * x_sq.double().cpu().sqrt()
 
 
 def magnitude_sp(W: torch.Tensor) -> torch.Tensor:
