@@ -5,6 +5,7 @@ method's ranking against a hand-worked case or an independent computation, and c
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -28,6 +29,8 @@ from prunekit.weights.calibration import CalibrationError
 from prunekit.weights.structured import (
     StructuredMethod,
     attention_units,
+    cfsp_budgets,
+    cfsp_scores,
     global_counts,
     layer_keep,
     layers_to_remove,
@@ -145,7 +148,7 @@ def test_shrunk_model_equals_masked_model(family, attn):
     assert [r.removed for r in report.layers] == [False, True, False, False, False]
 
 
-@pytest.mark.parametrize("method", ["flap", "wanda_sp", "magnitude_sp", "random_sp", "shortgpt"])
+@pytest.mark.parametrize("method", ["flap", "wanda_sp", "magnitude_sp", "random_sp", "shortgpt", "cfsp"])
 def test_every_method_shrinks_to_the_masked_model(method):
     model = build("llama", "sdpa", num_attention_heads=4, num_key_value_heads=4, head_dim=16)
     inputs = text_inputs(batch=2, length=16)
@@ -411,6 +414,57 @@ def test_shortgpt_block_influence_matches_an_independent_computation(faithful):
     )
     assert [r.removed for r in pruned.report.layers].count(True) == 2  # 2 of 6 equal layers = 0.33
     assert [i for i, r in enumerate(pruned.report.layers) if r.removed] == sorted(bi.argsort()[:2].tolist())
+
+
+def test_cfsp_budgets_hand_worked():
+    sig = [1 / (1 + math.exp(1)), 0.5, 1 / (1 + math.exp(-1))]  # u = (-1, 0, 1) at temperature 0.1
+    assert cfsp_budgets([0.1, 0.2, 0.3], 0.5, 0.1) == pytest.approx(sig)  # mean s = 0.5: k = s
+    # keep 0.8: max(s)/mean * 0.8 >= 1, so deviations shrink by gamma, then k = s / mean * 0.8
+    gamma = 0.5 * (1 / 0.8 - 1) / (sig[2] - 0.5) / 1.05
+    shrunk = [0.5 + (x - 0.5) * gamma for x in sig]
+    assert cfsp_budgets([0.1, 0.2, 0.3], 0.8, 0.1) == pytest.approx([x / 0.5 * 0.8 for x in shrunk])
+
+
+def test_cfsp_official_score_is_the_activation_norm():
+    g = torch.Generator().manual_seed(0)
+    H, I = 6, 10
+    Wd, Wu, Wg = (torch.randn(H, I, generator=g, dtype=torch.float64) for _ in range(3))
+    a, b, c = torch.rand(I, generator=g, dtype=torch.float64) + 0.1, 0.7, 1.3
+    # the official three_w_one_wa, literally: each term normalised over dim 0, then the mean over dim 0
+    D = Wd.abs() * a**b
+    M = (D / D.sum(0) + Wu.abs() / Wu.abs().sum(0) + Wg.abs() / Wg.abs().sum(0)) * a**c
+    assert torch.allclose(cfsp_scores(a, Wd, Wu, Wg, True, c), M.mean(0))
+    assert not torch.allclose(cfsp_scores(a, Wd, Wu, Wg, False, c), M.mean(0))
+
+
+def test_cfsp_matches_an_independent_computation():
+    model = build("llama", num_attention_heads=4, num_key_value_heads=4, head_dim=16, num_hidden_layers=4)
+    X = _dense_inputs(model)
+    ang = torch.zeros(4, dtype=torch.float64)
+    hooks = [
+        layer.register_forward_hook(
+            lambda m, a, o, i=i: ang.__setitem__(i, ang[i] + (torch.nn.functional.cosine_similarity(
+                a[0].double(), o.double(), dim=-1).clamp(-1, 1).arccos() / math.pi).sum())
+        ) for i, layer in enumerate(model.model.layers)
+    ]  # fmt: skip
+    with torch.no_grad():
+        for x in CAL.split(4):
+            model(input_ids=x, attention_mask=torch.ones_like(x))
+    for h in hooks:
+        h.remove()
+    ang /= CAL.numel()
+    # MLP = 3*64*128 = 24576 of 40960 prunable weights per layer: sparsity 0.3 -> p = 0.5 of channels
+    budgets = cfsp_budgets(ang.tolist(), 0.5, 0.2)
+    pruned = prunekit.prune_weights(model, "cfsp", 0.3, calibration=CAL, temperature=0.2, progress=False)
+    for i, (k, r) in enumerate(zip(budgets, pruned.report.layers, strict=True)):
+        assert r.q_heads == [0, 1, 2, 3] and r.channels == round(k * 128)  # attention untouched
+        norm = X[f"model.layers.{i}.mlp.down_proj"].pow(2).sum(0).sqrt()
+        want = sorted(norm.argsort(descending=True)[: r.channels].tolist())
+        assert pruned.keeps[i].channels.tolist() == want
+    assert len({r.channels for r in pruned.report.layers}) > 1  # budgets differ between layers
+    pruned.restore()
+    with pytest.raises(ValueError, match="MLP channels only"):
+        prunekit.prune_weights(model, "cfsp", 0.7, calibration=CAL, progress=False)
 
 
 # ------------------------------------------------------------------ errors

@@ -48,7 +48,10 @@ class LayerData:
     attn_sq: torch.Tensor | None = None  # (n_q*d,) float64: sum of x^2
     mlp_sum: torch.Tensor | None = None  # (I,)
     mlp_sq: torch.Tensor | None = None  # (I,)
+    up_weight: torch.Tensor | None = None  # (I, H)
+    gate_weight: torch.Tensor | None = None  # (I, H)
     influence: float | None = None  # ShortGPT's Block Influence of the layer
+    angular: float | None = None  # CFSP: mean over tokens of arccos(cos(h_in, h_out)) / pi
 
     def mean(self, which: str) -> torch.Tensor:
         return getattr(self, f"{which}_sum") / max(self.n_tokens, 1)
@@ -249,6 +252,41 @@ def layers_to_remove(influence: list[float], params: list[int], sparsity: float)
     return sorted(order[:n].tolist())
 
 
+def cfsp_budgets(importance: list[float], keep: float, temperature: float) -> list[float]:
+    """CFSP's coarse budgets: the fraction of MLP channels each layer keeps, ``k_l = s_l / mean(s) *
+    keep`` with ``s_l = sigmoid((I_l - mean(I)) / temperature)`` (more change = more kept). When
+    the largest would reach 1, deviations shrink: ``s <- m + (s - m) * gamma`` with ``gamma =
+    m (1/keep - 1) / (max(s) - m) / 1.05`` (official lib/prune.py:353-380)."""
+    imp = torch.tensor(importance, dtype=torch.float64)
+    s = torch.sigmoid((imp - imp.mean()) / temperature)
+    m = s.mean()
+    if float(s.max() / m * keep) >= 1.0:
+        gamma = m * (1.0 / keep - 1.0) / (s.max() - m) / 1.05
+        s = m + (s - m) * gamma
+    return (s / s.mean() * keep).tolist()
+
+
+def cfsp_scores(
+    a: torch.Tensor, down: torch.Tensor, up: torch.Tensor, gate: torch.Tensor, faithful: bool, c: float
+) -> torch.Tensor:
+    """CFSP's fine channel scores (``three_w_one_wa``), ``a (I,)`` the activation norm ``||X_j||``
+    of the down_proj input. ``faithful``: the official normalisation over ``dim=0``, which the
+    mean then averages away, so the score reduces to ``(3/H) a_j^c`` (activation-norm ranking).
+    Otherwise (ours, RIA-style, unconfirmed as the paper's intent): each of the three weights'
+    ``|W|`` normalised over its output axis **and** its channel axis, summed, times ``a_j^c``, averaged
+    over outputs. ``down (H, I)``, ``up``/``gate`` given as ``(H, I)`` (transposed)."""
+    a = a.double().cpu()
+    if faithful:
+        return (3.0 / down.shape[0]) * a.pow(c)
+    total = torch.zeros(down.shape[1], dtype=torch.float64)
+    for W in (down, up, gate):
+        A = W.detach().double().abs().cpu()
+        total += (
+            A / A.sum(0, keepdim=True).clamp_min(1e-30) + A / A.sum(1, keepdim=True).clamp_min(1e-30)
+        ).mean(0)
+    return total * a.pow(c)
+
+
 # ------------------------------------------------------------------ the method interface
 
 
@@ -257,7 +295,8 @@ class StructuredMethod:
     """A structured weight method: scores units and decides what each decoder layer keeps.
 
     ``needs``: calibration it uses: ``"activations"`` (sums of x and x^2 of the o_proj and
-    down_proj inputs), ``"influence"`` (Block Influence of each layer); empty = no calibration.
+    down_proj inputs), ``"influence"`` (Block Influence of each layer), ``"angular"`` (mean angular
+    distance between each layer's input and output); empty = no calibration.
     ``sequential``: plan each layer as soon as its statistics are in, then run it pruned to feed
     the next (Wanda-SP); otherwise every layer is scored on the dense model and :meth:`plan`
     decides them together (FLAP, ShortGPT)."""

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -206,8 +207,9 @@ def _stats(
     layer: nn.Module, inputs: LayerInputs, needs: frozenset[str], keep_outputs: bool, final_norm=None
 ) -> tuple[dict, list[torch.Tensor] | None]:
     """Run ``layer`` on every batch gathering sums of x and x^2 of its o_proj / down_proj inputs
-    (``activations``) and its Block Influence (``influence``)."""
-    acc: dict = {"n": 0, "influence": 0.0}
+    (``activations``), its Block Influence (``influence``) and its mean angular distance per token
+    (``angular``)."""
+    acc: dict = {"n": 0, "influence": 0.0, "angular": 0.0, "n_angular": 0}
 
     def hook(which: str):
         def fn(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
@@ -225,7 +227,7 @@ def _stats(
             layer.self_attn.o_proj.register_forward_hook(hook("attn")),
             layer.mlp.down_proj.register_forward_hook(hook("mlp")),
         ]
-    want = keep_outputs or "influence" in needs
+    want = keep_outputs or bool({"influence", "angular"} & needs)
     try:
         outs = inputs.run(layer, want)
     finally:
@@ -237,18 +239,27 @@ def _stats(
                 h_out = final_norm(h_out)
             cos = torch.nn.functional.cosine_similarity(h_in.double(), h_out.double(), dim=-1)
             acc["influence"] += float(torch.nan_to_num(1.0 - cos, nan=0.5).sum())
+    if "angular" in needs:
+        for h_in, h_out in zip(inputs.hidden, outs, strict=True):
+            cos = torch.nn.functional.cosine_similarity(h_in.double(), h_out.double(), dim=-1)
+            ang = torch.nan_to_num(cos.clamp(-1.0, 1.0).arccos() / math.pi, nan=0.5)
+            acc["angular"] += float(ang.sum())
+            acc["n_angular"] += ang.numel()
     return acc, (outs if keep_outputs else None)
 
 
 def _data(layer: nn.Module, acc: dict | None) -> LayerData:
     geo = geometry(layer)
-    d = LayerData(geo, layer.self_attn.o_proj.weight.detach(), layer.mlp.down_proj.weight.detach())
+    mlp = layer.mlp
+    d = LayerData(geo, layer.self_attn.o_proj.weight.detach(), mlp.down_proj.weight.detach())
+    d.up_weight, d.gate_weight = mlp.up_proj.weight.detach(), mlp.gate_proj.weight.detach()
     if acc:
         d.n_tokens = acc["n"]
         for k in ("attn_sum", "attn_sq", "mlp_sum", "mlp_sq"):
             if k in acc:
                 setattr(d, k, acc[k].cpu())
         d.influence = acc["influence"]
+        d.angular = acc["angular"] / max(acc["n_angular"], 1)
     return d
 
 
