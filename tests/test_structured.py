@@ -26,6 +26,7 @@ import prunekit
 from prunekit.errors import UnsupportedModelError
 from prunekit.models.structure import LayerGeometry, LayerKeep, NoAttention
 from prunekit.weights.calibration import CalibrationError
+from prunekit.weights.export import save_pruned
 from prunekit.weights.structured import (
     StructuredMethod,
     attention_units,
@@ -165,8 +166,9 @@ def test_every_method_shrinks_to_the_masked_model(method):
 def test_save_then_load_pruned_gives_identical_outputs(family, tmp_path):
     model = build(family, "eager")
     inputs = text_inputs(batch=2, length=16)
-    prunekit.prune_weights(model, Fixed(keeps=hand_plan()), 0.3, progress=False).finalize()
-    model.save_pretrained(tmp_path)
+    report = prunekit.prune_weights(model, Fixed(keeps=hand_plan()), 0.3, progress=False).finalize()
+    save_pruned(model, tmp_path, report)  # model.save_pretrained and prunekit_report.json
+    assert not (tmp_path / "sparsity_config.json").exists()
     loaded = prunekit.load_pruned(tmp_path, dtype=torch.float32, attn_implementation="eager")
     assert type(loaded) is type(model)
     assert torch.equal(logits(loaded, inputs), logits(model, inputs))
@@ -177,6 +179,7 @@ def test_save_then_load_pruned_gives_identical_outputs(family, tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
+@pytest.mark.slow  # loads SmolLM2 for its tokenizer
 def test_cli_prune_writes_a_checkpoint_load_pruned_reloads(tmp_path, capsys):
     import json
 
