@@ -149,11 +149,14 @@ def test_shrunk_model_equals_masked_model(family, attn):
     assert [r.removed for r in report.layers] == [False, True, False, False, False]
 
 
-@pytest.mark.parametrize("method", ["flap", "wanda_sp", "magnitude_sp", "random_sp", "shortgpt", "cfsp"])
+@pytest.mark.parametrize(
+    "method", ["flap", "wanda_sp", "magnitude_sp", "random_sp", "shortgpt", "cfsp", "llm_pruner"]
+)
 def test_every_method_shrinks_to_the_masked_model(method):
     model = build("llama", "sdpa", num_attention_heads=4, num_key_value_heads=4, head_dim=16)
     inputs = text_inputs(batch=2, length=16)
-    pruned = prunekit.prune_weights(model, method, 0.4, calibration=CAL, progress=False)
+    opts = {"skip_first": 1, "skip_last": 1} if method == "llm_pruner" else {}
+    pruned = prunekit.prune_weights(model, method, 0.4, calibration=CAL, progress=False, **opts)
     masked = logits(model, inputs)
     report = pruned.finalize()
     assert abs(report.to_dict()["actual_sparsity"] - 0.4) < 0.12
@@ -468,6 +471,41 @@ def test_cfsp_matches_an_independent_computation():
     pruned.restore()
     with pytest.raises(ValueError, match="MLP channels only"):
         prunekit.prune_weights(model, "cfsp", 0.7, calibration=CAL, progress=False)
+
+
+def test_llm_pruner_matches_an_independent_computation():
+    model = build("llama")  # 8 q / 2 kv, 5 layers: a group is a KV head with its 4 query heads
+    for p in model.parameters():
+        p.grad = None
+    for x in CAL.split(4):  # the LM loss of each batch of 4 windows, gradients summed
+        model(input_ids=x, attention_mask=torch.ones_like(x), labels=x).loss.backward()
+    want = []
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        sal = {n: (mod.weight * mod.weight.grad).abs().detach().double() for n, mod in [
+            ("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj), ("o", a.o_proj),
+            ("g", m.gate_proj), ("u", m.up_proj), ("d", m.down_proj)]}  # fmt: skip
+        groups = [
+            float(sal["q"][32 * k : 32 * k + 32].sum() + sal["o"][:, 32 * k : 32 * k + 32].sum()
+                  + sal["k"][8 * k : 8 * k + 8].sum() + sal["v"][8 * k : 8 * k + 8].sum())
+            for k in range(2)
+        ]  # fmt: skip
+        chans = sal["g"].sum(1) + sal["u"].sum(1) + sal["d"].sum(0)
+        want.append((groups, chans))
+    model.zero_grad(set_to_none=True)
+    pruned = prunekit.prune_weights(
+        model, "llm_pruner", 0.3, calibration=CAL, skip_first=1, skip_last=1, progress=False
+    )
+    for i, (r, keep) in enumerate(zip(pruned.report.layers, pruned.keeps.values(), strict=True)):
+        if i in (0, 4):  # skipped layers stay whole
+            assert r.params_after == r.params_before
+            continue
+        groups, chans = want[i]
+        assert r.kv_heads == [0 if groups[0] > groups[1] else 1]  # round(0.5 * 2) = 1 group goes
+        n = len(keep.channels)
+        assert keep.channels.tolist() == sorted(chans.argsort(descending=True)[:n].tolist())
+    # 0.3 of the whole model from 3 of 5 equal layers: each of them loses 0.5 of its weights
+    assert pruned.report.to_dict()["actual_sparsity"] == pytest.approx(0.3, abs=0.01)
 
 
 # ------------------------------------------------------------------ errors

@@ -51,6 +51,7 @@ class LayerData:
     up_weight: torch.Tensor | None = None  # (I, H)
     gate_weight: torch.Tensor | None = None  # (I, H)
     influence: float | None = None  # ShortGPT's Block Influence of the layer
+    taylor: dict | None = None  # LLM-Pruner: Taylor saliences per unit ("heads", "kv", "channels")
     angular: float | None = None  # CFSP: mean over tokens of arccos(cos(h_in, h_out)) / pi
 
     def mean(self, which: str) -> torch.Tensor:
@@ -296,7 +297,8 @@ class StructuredMethod:
 
     ``needs``: calibration it uses: ``"activations"`` (sums of x and x^2 of the o_proj and
     down_proj inputs), ``"influence"`` (Block Influence of each layer), ``"angular"`` (mean angular
-    distance between each layer's input and output); empty = no calibration.
+    distance between each layer's input and output), ``"taylor"`` (LLM-Pruner's gradient saliences
+    of the dense model); empty = no calibration.
     ``sequential``: plan each layer as soon as its statistics are in, then run it pruned to feed
     the next (Wanda-SP); otherwise every layer is scored on the dense model and :meth:`plan`
     decides them together (FLAP, ShortGPT)."""

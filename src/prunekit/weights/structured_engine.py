@@ -26,6 +26,7 @@ from torch.nn.utils import parametrize
 from .. import __version__
 from ..errors import PrunekitError
 from ..models.structure import (
+    ATTN,
     LayerKeep,
     check_keep,
     decoder_stack,
@@ -248,6 +249,50 @@ def _stats(
     return acc, (outs if keep_outputs else None)
 
 
+def taylor_saliences(
+    model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, batch_size: int, progress: bool = True
+) -> list[dict[str, torch.Tensor]]:
+    """LLM-Pruner's first-order Taylor salience ``|w * dL/dw|`` (``param_first``), ``L`` the LM loss
+    of the dense model, its gradient summed over calibration batches, reduced per unit of each
+    decoder layer: ``{"heads": (n_q,) q rows + o columns of each query head, "kv": (n_kv,) k and v
+    rows of each KV head, "channels": (I,) gate and up rows + down column}`` (fp64, CPU)."""
+    from tqdm.auto import tqdm
+
+    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    mods = [{n: getattr(layer.self_attn if n in ATTN else layer.mlp, n) for n in names} for layer in layers]
+    params = [mod[n].weight for mod in mods for n in names]
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    grads = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    dev = next(model.parameters()).device
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for x in tqdm(ids.split(batch_size), desc="taylor", disable=not progress, leave=False):
+                x = x.to(dev)
+                loss = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x, use_cache=False).loss
+                for acc, g in zip(grads, torch.autograd.grad(loss, params), strict=True):
+                    acc += g.float()
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+    out, it = [], iter(zip(params, grads, strict=True))
+    for layer in layers:
+        sal = {n: (w.detach().double() * g.double()).abs() for n, (w, g) in zip(names, it, strict=False)}
+        geo = geometry(layer)
+        d = geo.head_dim
+        heads = sal["q_proj"].sum(1) + sal["o_proj"].sum(0)
+        kv = sal["k_proj"].sum(1) + sal["v_proj"].sum(1)
+        out.append({
+            "heads": heads.reshape(geo.n_q, d).sum(-1).cpu(),
+            "kv": kv.reshape(geo.n_kv, d).sum(-1).cpu(),
+            "channels": (sal["gate_proj"].sum(1) + sal["up_proj"].sum(1) + sal["down_proj"].sum(0)).cpu(),
+        })  # fmt: skip
+    return out
+
+
 def _data(layer: nn.Module, acc: dict | None) -> LayerData:
     geo = geometry(layer)
     mlp = layer.mlp
@@ -298,17 +343,26 @@ def prune_structured(
     handle = StructuredPruning(model, report)
 
     def work() -> None:
+        taylor = taylor_saliences(model, layers, ids, batch_size, progress) if "taylor" in m.needs else None
+        layer_needs = m.needs - {"taylor"}
         with torch.no_grad():
-            if not m.needs:
-                keeps = m.plan([_data(layer, None) for layer in layers], s)
+            if not layer_needs:
+                data = [_data(layer, None) for layer in layers]
+                for d, t in zip(data, taylor or [None] * len(data), strict=True):
+                    d.taylor = t
+                keeps = m.plan(data, s)
             else:
                 inputs = layer0_inputs(model, layers, ids, batch_size)
                 data, keeps = [], []
-                norm = getattr(stack, "norm", None) if getattr(m, "faithful", False) else None
+                # ShortGPT faithful: the last layer's output after the final norm (hidden_states[-1])
+                official = "influence" in layer_needs and getattr(m, "faithful", False)
+                norm = getattr(stack, "norm", None) if official else None
                 for i, layer in enumerate(tqdm(layers, desc=m.name, disable=not progress, leave=False)):
                     inp = inputs.at(i)
                     last = norm if i == len(layers) - 1 else None
-                    acc, outs = _stats(layer, inp, m.needs, keep_outputs=not m.sequential, final_norm=last)
+                    acc, outs = _stats(
+                        layer, inp, layer_needs, keep_outputs=not m.sequential, final_norm=last
+                    )
                     data.append(_data(layer, acc))
                     if m.sequential:
                         keeps.append(m.plan_layer(i, data[-1], s))

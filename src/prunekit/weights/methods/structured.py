@@ -278,3 +278,70 @@ class CFSP(StructuredMethod):
             ch = None if n >= inter else score.argsort(descending=True, stable=True)[:n].sort().values
             out.append(LayerKeep(channels=ch))
         return out
+
+
+@register(
+    "llm_pruner",
+    family="weights",
+    paper="LLM-Pruner: On the Structural Pruning of Large Language Models",
+    stages=_STAGES,
+    signals=("gradient",),
+    summary="structured: first-order Taylor importance of dependency groups, block-wise, uniform",
+)
+@dataclass
+class LLMPruner(StructuredMethod):
+    """LLM-Pruner (Ma et al., NeurIPS 2023), block-wise mode (the paper's tables), official code
+    horseee/LLM-Pruner @ 128a07d. Importance ``param_first``: ``sum |w * dL/dw|`` over every weight
+    of a group (grouping ``sum``), ``L`` the LM loss of the dense model on the calibration
+    windows. Groups: an MLP channel (gate and up rows, down column) and, under GQA, a KV head with
+    its query heads (q, k, v rows and o columns; the official ``llama3.py``), or with
+    ``gqa="query_slots"`` query heads balanced per KV group (q rows and o columns only). Only layers
+    ``[skip_first, L - skip_last)`` are pruned (the official scripts: 4..30 of 32), all at one
+    ratio, chosen so the removed weights are ``sparsity`` of the whole model's prunable weights.
+
+    Departures: calibration is prunekit's windows (the paper: 10 BookCorpus samples of 64 tokens;
+    pass ``n_samples=10, seq_len=64`` for its size), the gradient is summed over batches; a layer's
+    counts come from :func:`uniform_counts` (whole attention units, the MLP absorbing the
+    rounding) where the official code prunes ``C - int(C (1 - p))`` channels per root rounded to
+    heads. Other importances (``vectorize``, ``param_second``, ``param_mix``) and channel-wise mode
+    are not implemented. LoRA recovery is ``prunekit``'s separate step (not yet)."""
+
+    skip_first: int = 4
+    skip_last: int = 2
+
+    needs = frozenset({"taylor"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for k in ("skip_first", "skip_last"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{k} must be an int >= 0; got {v!r}")
+
+    def plan(self, data: list[LayerData], sparsity: float) -> list[LayerKeep]:
+        L = len(data)
+        pruned = range(self.skip_first, L - self.skip_last)
+        if not len(pruned):
+            raise ValueError(
+                f"skip_first={self.skip_first} and skip_last={self.skip_last} leave none of the {L} layers "
+                "to prune; lower them"
+            )
+        total = sum(d.geo.params for d in data)
+        inside = sum(data[i].geo.params for i in pruned)
+        ratio = sparsity * total / inside
+        if ratio >= 1.0:
+            raise ValueError(
+                f"sparsity {sparsity} would empty a layer: layers {pruned.start}..{pruned.stop - 1} hold "
+                f"{inside / total:.4f} of the prunable weights"
+            )
+        out = []
+        for i, d in enumerate(data):
+            if i not in pruned:
+                out.append(LayerKeep())
+                continue
+            t = d.taylor
+            head = t["heads"].clone()
+            if self.gqa == "kv_groups":  # a group's score is the sum over all its members
+                head += (t["kv"] / d.geo.group).repeat_interleave(d.geo.group)
+            out.append(uniform_keep(d.geo, head, t["channels"], ratio, self.gqa))
+        return out
