@@ -1,4 +1,5 @@
-"""Structured weight methods: FLAP, ShortGPT, and the Wanda-SP / Mag-SP / random baselines.
+"""Structured weight methods: FLAP, CFSP, LLM-Pruner, ShortGPT, and the Wanda-SP / Mag-SP / random
+baselines.
 
 Every method removes whole units (KV groups with their query heads, MLP channels, layers) through
 ``prunekit.prune_weights(model, name, sparsity=...)``; ``sparsity`` is the fraction of the
