@@ -527,6 +527,12 @@ def test_unsupported_models_are_refused():
         prunekit.prune_weights(moe, "magnitude_sp", 0.2, progress=False)
 
 
+def test_a_structure_the_model_lacks_is_refused():
+    mha = build("llama", num_attention_heads=4, num_key_value_heads=4, head_dim=16)
+    with pytest.raises(ValueError, match="grouped-query attention"):
+        prunekit.prune_weights(mha, "magnitude_sp", 0.3, gqa="query_slots", progress=False)
+
+
 def test_a_sparsity_that_would_empty_a_layer_is_refused():
     model = build("llama")
     snap = {k: v.clone() for k, v in model.state_dict().items()}

@@ -316,6 +316,16 @@ class StructuredMethod:
         if self.gqa not in GQA_MODES:
             raise ValueError(f"gqa must be one of {list(GQA_MODES)}; got {self.gqa!r}")
 
+    def check(self, geos: list[LayerGeometry]) -> None:
+        """Refuse, before any work, a structure the model lacks."""
+        if self.gqa == "query_slots":
+            for i, geo in enumerate(geos):
+                if geo.group < 2:
+                    raise ValueError(
+                        f"gqa='query_slots' needs grouped-query attention (2 or more query heads per KV "
+                        f"head); layer {i} has {geo.group} (use gqa='kv_groups')"
+                    )
+
     def plan_layer(self, i: int, data: LayerData, sparsity: float) -> LayerKeep:
         raise NotImplementedError
 

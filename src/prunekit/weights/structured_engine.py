@@ -328,8 +328,8 @@ def prune_structured(
 
     s = check_sparsity(0.5 if sparsity is None else sparsity)
     stack, layers = decoder_stack(model)
+    m.check([geometry(layer) for layer in layers])  # unsupported layouts fail here, before any work
     for layer in layers:
-        geometry(layer)  # unsupported layouts fail here, before any work
         if any(parametrize.is_parametrized(mod) for mod in layer.modules()):
             raise PrunekitError(
                 "the model is already masked; restore() or finalize() the earlier pruning first"
