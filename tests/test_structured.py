@@ -291,6 +291,8 @@ def test_query_slots_keep_every_kv_head_and_shrink_to_the_masked_model(method):
     masked = logits(model, inputs)
     assert all(r.kv_heads == [0, 1] for r in pruned.report.layers)
     assert any(len(r.q_heads) < 8 for r in pruned.report.layers)
+    # k/v weights are in no unit: the removed weights still come to 0.6 of all (one slot = 2048 = 1.2 %)
+    assert pruned.report.to_dict()["actual_sparsity"] == pytest.approx(0.6, abs=0.012)
     for r in pruned.report.layers:  # the same number of query heads in each KV group
         assert sum(h < 4 for h in r.q_heads) == sum(h >= 4 for h in r.q_heads)
     pruned.finalize()

@@ -175,12 +175,13 @@ def global_counts(
     sparsity: float,
 ) -> list[tuple[int, int]]:
     """FLAP's adaptive structure (AL-AM) with exact parameter costs: every layer's attention units
-    and MLP channels in one ranking (scores descending); keep the best prefix whose cumulative
-    cost is nearest ``(1 - sparsity)`` of the total; returns ``(units kept, channels kept)`` per
-    layer. Costs: as :func:`attention_units`, ``3H`` per channel (FLAP hard-codes ``512/3``
-    channels per head: MHA with ``d = 128``). Each layer's best unit and best channel always stay
-    (FLAP has no such guard); a sparsity that would need more raises ``ValueError``. Selection is
-    by rank, not FLAP's ``score > threshold``, so ties at the threshold cannot change the count."""
+    and MLP channels in one ranking (scores descending); keep the best prefix such that the
+    weights of the units left out are nearest ``sparsity`` of the prunable weights; returns
+    ``(units kept, channels kept)`` per layer. Costs: as :func:`attention_units`, ``3H`` per
+    channel (FLAP hard-codes ``512/3`` channels per head: MHA with ``d = 128``). Each layer's
+    best unit and best channel always stay (FLAP has no such guard); a sparsity that would need
+    more raises ``ValueError``. Selection is by rank, not FLAP's ``score > threshold``, so ties
+    at the threshold cannot change the count."""
     scores, costs, owner = [], [], []  # owner: (layer, kind 0 = attention unit / 1 = channel)
     reserved = 0.0
     for li, (geo, us, uc, cs) in enumerate(zip(geos, unit_score, unit_cost, channel_score, strict=True)):
@@ -195,15 +196,16 @@ def global_counts(
             torch.tensor([[li, 1]], dtype=torch.long).expand(len(cs), 2),
         ]
     total = float(sum(g.params for g in geos))
-    if sparsity * total > total - reserved:
+    s, c, o = torch.cat(scores), torch.cat(costs), torch.cat(owner)
+    units = float(c.sum())  # = total, less the k/v weights that query slots never remove
+    if sparsity * total > units - reserved:
         raise ValueError(
             f"sparsity {sparsity} would empty a layer: keeping one attention unit and one MLP channel per "
-            f"layer, at most {(total - reserved) / total:.4f} of the prunable parameters can go"
+            f"layer, at most {(units - reserved) / total:.4f} of the prunable parameters can go"
         )
-    s, c, o = torch.cat(scores), torch.cat(costs), torch.cat(owner)
     order = s.argsort(descending=True, stable=True)
-    kept_cost = c[order].cumsum(0)
-    n_keep = int((kept_cost - total * (1.0 - sparsity)).abs().argmin()) + 1
+    kept_cost = c[order].cumsum(0)  # the removed weights are `units - kept_cost`: nearest sparsity * total
+    n_keep = int((kept_cost - (units - sparsity * total)).abs().argmin()) + 1
     n_keep = max(n_keep, int(torch.isinf(s).sum()))
     kept = o[order[:n_keep]]
     return [
