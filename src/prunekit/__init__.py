@@ -20,6 +20,7 @@ from .registry import MethodInfo, methods
 from .tokens.compose import Compose
 from .tokens.engine import prune_tokens
 from .weights.engine import WeightPruning, prune_weights
+from .weights.export import load_pruned
 
 __all__ = [
     "Compose",
@@ -31,6 +32,7 @@ __all__ = [
     "WeightPruning",
     "__version__",
     "compress_kv",
+    "load_pruned",
     "methods",
     "prune_tokens",
     "prune_weights",

@@ -45,6 +45,7 @@ _METHOD_MODULES = (
     "prunekit.weights.methods.wanda",
     "prunekit.weights.methods.sparsegpt",
     "prunekit.weights.methods.gblm",
+    "prunekit.weights.methods.structured",
 )
 
 

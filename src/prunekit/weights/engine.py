@@ -199,7 +199,9 @@ class WeightPruning:
 
 
 def _method(method: str | WeightMethod, options: dict) -> WeightMethod:
-    if isinstance(method, WeightMethod):
+    from .structured import StructuredMethod
+
+    if isinstance(method, (WeightMethod, StructuredMethod)):
         if options:
             raise ValueError(f"options {sorted(options)} go into the method object, not prune_weights")
         return method
@@ -308,6 +310,23 @@ def sequential(
             inputs = inputs.then(inputs.run(layer))  # the pruned layer feeds the next
 
 
+def _structured(model, m, sparsity, pattern, targets, reversible, **kw):
+    from .structured_engine import prune_structured
+
+    if str(pattern) != "unstructured":
+        raise ValueError(
+            f"{m.name} is a structured method; pattern={pattern!r} applies to unstructured methods only"
+        )
+    if targets is not None:
+        raise ValueError(
+            f"{m.name} is a structured method: it prunes every decoder layer; targets is not supported"
+        )
+    handle = prune_structured(model, m, sparsity, **kw)
+    if not reversible:
+        handle.finalize()
+    return handle
+
+
 def prune_weights(
     model: nn.Module,
     method: str | WeightMethod,
@@ -337,6 +356,14 @@ def prune_weights(
     Method options (``group``, ``allocation="owl"``, ``blocksize``, ...) go in ``**options``.
 
     Returns a :class:`WeightPruning`: reversible masks until ``finalize()``, and ``.report``.
+    **Structured methods** (``flap``, ``cfsp``, ``llm_pruner``, ``shortgpt``, ``wanda_sp``,
+    ``magnitude_sp``, ``random_sp``)
+    remove whole query heads / KV groups, MLP channels or layers: ``sparsity`` is then the fraction
+    of the decoder layers' prunable weights removed (q/k/v/o and gate/up/down weights; embeddings,
+    lm_head, norms and biases not counted); ``finalize()`` physically shrinks the tensors and
+    records the per-layer widths in the config (reload with ``prunekit.load_pruned``). See
+    ``prunekit.weights.structured_engine``.
+
     ``reversible=False`` writes each layer's result into its weights as soon as it is pruned (no
     masks, no copies of the originals: the memory of a non-reversible pruner); the returned
     pruning is already finalized, and a failure half way leaves the layers before it pruned.
@@ -353,6 +380,10 @@ def prune_weights(
     from ..bench.measure import peak_memory
 
     m = _method(method, options)
+    if getattr(m, "structured", False):
+        return _structured(model, m, sparsity, pattern, targets, reversible, calibration=calibration,
+                           tokenizer=tokenizer, n_samples=n_samples, seq_len=seq_len,
+                           batch_size=batch_size, seed=seed, progress=progress)  # fmt: skip
     pat = parse_pattern(pattern)
     s = resolve_sparsity(sparsity, pat)
     check_allocation(m, pat, s)

@@ -32,7 +32,7 @@ def save_pruned(
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     (out / "prunekit_report.json").write_text(json.dumps(report.to_dict(), indent=1))
-    if report.pattern != "unstructured":
+    if report.pattern not in ("unstructured", "structured"):
         (out / "sparsity_config.json").write_text(json.dumps({
             "format": "dense",
             "sparsity_structure": report.pattern,
@@ -63,3 +63,41 @@ def semi_structured(model: nn.Module) -> int:
             "no 2:4-sparse Linear on a CUDA device; prune with pattern='2:4' and move the model to CUDA"
         )
     return n
+
+
+def load_pruned(path: str | pathlib.Path, dtype=None, device_map=None, **kwargs) -> nn.Module:
+    """Load a checkpoint saved after a structured ``finalize()`` (per-layer widths in
+    ``config.prunekit_structure``), or any plain checkpoint.
+
+    The model class comes from the config (``AutoModelForCausalLM``'s mapping); a subclass of it
+    resizes each decoder layer's q/k/v/o and gate/up/down to the recorded widths (and creates the
+    recorded ``o_proj``/``down_proj`` biases, FLAP's compensation) right after it is built, then
+    transformers' ``from_pretrained`` loads the safetensors as usual (``dtype``, ``device_map``,
+    sharding). No pickle, no ``trust_remote_code``, no ``ignore_mismatched_sizes``: a tensor whose
+    shape differs from the record is an error."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..models.structure import resize
+
+    path = pathlib.Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json; give the folder a pruned model was saved to")
+    config = AutoConfig.from_pretrained(path)
+    spec = getattr(config, "prunekit_structure", None)
+    if spec is None:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, **kwargs)
+    mapping = AutoModelForCausalLM._model_mapping
+    if type(config) not in mapping:
+        raise PrunekitError(
+            f"{path}: config type {type(config).__name__} has no causal-LM class in transformers"
+        )
+    base = mapping[type(config)]
+
+    def __init__(self, cfg, *args, **kw):
+        base.__init__(self, cfg, *args, **kw)
+        resize(self, cfg.prunekit_structure)
+
+    cls = type(f"Pruned{base.__name__}", (base,), {"__init__": __init__})
+    model = cls.from_pretrained(path, config=config, dtype=dtype, device_map=device_map, **kwargs)
+    model.__class__ = base  # the plain transformers class once the widths are in place
+    return model

@@ -62,6 +62,11 @@ def prune_checkpoint(
             "out must differ from src: the source checkpoint is read while the output is written"
         )
     m = _method(method, options)
+    if getattr(m, "structured", False):
+        raise PrunekitError(
+            f"{m.name} is a structured method: prune in memory with prune_weights, then finalize() and "
+            "save_pretrained (streaming supports unstructured and N:M methods)"
+        )
     if "grad" in m.calibration_needs:
         raise PrunekitError(f"{m.name} needs gradients through the whole model; use prune_weights in memory")
     pat = parse_pattern(pattern)
