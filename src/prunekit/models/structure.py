@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from .compat import cache_of
 from .decoder import decoder_layers
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -219,11 +220,12 @@ class NoAttention(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.num_key_value_groups = 1
 
-    def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         B, T = hidden_states.shape[:2]
-        if past_key_values is not None:
+        cache = cache_of(kwargs)  # ``cache=`` from transformers 5.24 on, ``past_key_values=`` before
+        if cache is not None:
             empty = hidden_states.new_zeros(B, 0, T, self.head_dim)
-            past_key_values.update(empty, empty, self.layer_idx)
+            cache.update(empty, empty, self.layer_idx)
         out = torch.zeros_like(hidden_states)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
