@@ -119,22 +119,9 @@ def _field_comments(cls: type) -> dict[str, str]:
 
 def options(cls: type) -> list[tuple[str, str, str, str]]:
     """(name, type, default, comment) for each option (dataclass field) of a method."""
-    if not dataclasses.is_dataclass(cls):
-        return []
-    comments = _field_comments(cls)
-    rows = []
-    for f in dataclasses.fields(cls):
-        if not f.init or f.name.startswith("_"):
-            continue
-        if f.default is not dataclasses.MISSING:
-            default = repr(f.default)
-        elif f.default_factory is not dataclasses.MISSING:
-            default = repr(f.default_factory())
-        else:
-            default = "(required)"
-        typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        rows.append((f.name, str(typ), default, comments.get(f.name, "")))
-    return rows
+    comments = _field_comments(cls) if dataclasses.is_dataclass(cls) else {}
+    fields = _registry().option_fields(cls)
+    return [(name, typ, default, comments.get(name, "")) for name, default, typ in fields]
 
 
 DEPARTURE = re.compile(r"official|deviat|depart|unconfirmed|\bours\b|not in the (paper|released)", re.I)

@@ -78,12 +78,12 @@ def test_unknown_names_are_matched_within_the_family_the_call_takes():
     msg = str(e.value)
     weights = [m.name for m in prunekit.methods("weights")]
     assert msg.startswith("unknown weights method 'wandaa'. Did you mean 'wanda'")
-    assert "random" not in msg and f"Known weights methods: {', '.join(weights)}." in msg
+    assert "'random'" not in msg and f"Known weights methods: {', '.join(weights)}." in msg  # a token method
     with pytest.raises(UnknownMethodError) as e:
         prunekit.registry.get("fastvv", "kv")  # the token method is not offered for a kv call
     assert "'fastv'" not in str(e.value) and "Known kv methods: " in str(e.value)
     with pytest.raises(
-        ValueError, match=r"'fastv' is a tokens method; prune_weights takes weights methods: gblm"
+        ValueError, match=rf"'fastv' is a tokens method; prune_weights takes weights methods: {', '.join(weights)}$"
     ):
         instantiate("fastv", "weights", {}, "prune_weights")
     with pytest.raises(UnknownMethodError, match="There are no data methods yet"):
@@ -93,7 +93,7 @@ def test_unknown_names_are_matched_within_the_family_the_call_takes():
 def test_cli_prune_suggests_weight_methods_before_loading_anything(capsys):
     assert main(["prune", "no-such-model", "--method", "wandaa", "--out", "unused"]) == 2
     err = capsys.readouterr().err
-    assert "unknown weights method 'wandaa'. Did you mean 'wanda'?" in err and "random" not in err
+    assert "unknown weights method 'wandaa'. Did you mean 'wanda'" in err and "'random'" not in err
 
 
 def _methods_table(capsys, *argv):

@@ -114,23 +114,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def _options(cls: type) -> list[list[str]]:
     """``[name, default, type]`` of each option of a method class (its dataclass ``__init__`` fields)."""
-    import dataclasses
+    from .registry import option_fields
 
-    if not dataclasses.is_dataclass(cls):
-        return []
-    out = []
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        if f.default is not dataclasses.MISSING:
-            default = repr(f.default)
-        elif f.default_factory is not dataclasses.MISSING:
-            default = repr(f.default_factory())
-        else:
-            default = "(required)"
-        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        out.append([f.name, default, kind])
-    return out
+    return [list(row) for row in option_fields(cls)]
 
 
 def _first_paragraph(doc: str) -> str:

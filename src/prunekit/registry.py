@@ -158,3 +158,25 @@ def instantiate(name: str, family: str, options: dict, caller: str) -> object:
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {info.name!r}; allowed: {allowed}")
     return cls(**options)
+
+
+def option_fields(cls: type) -> list[tuple[str, str, str]]:
+    """``(name, default, type)`` of each option of a method class: its dataclass ``__init__``
+    fields, the default as its ``repr`` (``"(required)"`` without one)."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(cls):
+        return []
+    out = []
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name.startswith("_"):
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "(required)"
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        out.append((f.name, default, str(kind)))
+    return out

@@ -318,11 +318,22 @@ def gradient_norms(
     """GBLM-Pruner's gradient term: ``sqrt(sum_s (scale * dL_s/dW)^2)`` over calibration samples
     ``s`` (one backward per sample, as the official ``gradient_computation.py``; ``scale`` = 100
     there keeps fp16 gradients away from underflow). ``L_s`` is the sample's mean next-token loss."""
+
+    acc = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in weights.items()}
+    batches = calibration_batches(ids, 1)
+    for grads in loss_gradients(model, list(weights.values()), batches, "gradients", progress):
+        for (name, _), g in zip(weights.items(), grads, strict=True):
+            acc[name] += (g.float() * scale) ** 2
+    return {name: a.sqrt_() for name, a in acc.items()}
+
+
+def loss_gradients(model: nn.Module, params: list[torch.Tensor], batches, desc: str, progress: bool):
+    """Yield ``d loss / d params`` for each batch of token ids (the mean next-token loss of the
+    batch), with only ``params`` requiring grad meanwhile; every flag is restored afterwards, also
+    after an exception."""
     from tqdm.auto import tqdm
 
-    params = list(weights.values())
     flags = {id(p): p.requires_grad for p in model.parameters()}
-    acc = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in weights.items()}
     dev = next(model.parameters()).device
     try:
         for p in model.parameters():
@@ -330,13 +341,10 @@ def gradient_norms(
         for p in params:
             p.requires_grad_(True)
         with torch.enable_grad():
-            for x in tqdm(calibration_batches(ids, 1), desc="gradients", disable=not progress, leave=False):
+            for x in tqdm(batches, desc=desc, disable=not progress, leave=False):
                 x = x.to(dev)
                 loss = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x, use_cache=False).loss
-                grads = torch.autograd.grad(loss, params)
-                for (name, _), g in zip(weights.items(), grads, strict=True):
-                    acc[name] += (g.float() * scale) ** 2
+                yield torch.autograd.grad(loss, params)
     finally:
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])
-    return {name: a.sqrt_() for name, a in acc.items()}

@@ -64,8 +64,23 @@ class LinearReport:
     sparsity: float  # the fraction of its weights the mask removes
 
 
+class JSONReport:
+    """``to_dict`` / ``to_json`` of a pruning report (a dataclass with ``params_targeted``,
+    ``params_pruned`` and ``layer_sparsity``): one JSON line."""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["params_targeted"], d["params_pruned"] = self.params_targeted, self.params_pruned
+        d["actual_sparsity"] = self.params_pruned / max(self.params_targeted, 1)
+        d["layer_sparsity"] = self.layer_sparsity
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+
 @dataclass
-class WeightReport:
+class WeightReport(JSONReport):
     """What :func:`prune_weights` removed, and what it cost. ``to_dict`` is one JSON line."""
 
     model: str
@@ -98,16 +113,6 @@ class WeightReport:
             t[0] += n * r.sparsity
             t[1] += n
         return [tot[i][0] / tot[i][1] for i in sorted(tot)]
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["params_targeted"], d["params_pruned"] = self.params_targeted, self.params_pruned
-        d["actual_sparsity"] = self.params_pruned / max(self.params_targeted, 1)
-        d["layer_sparsity"] = self.layer_sparsity
-        return d
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
 
     def __repr__(self) -> str:
         return (

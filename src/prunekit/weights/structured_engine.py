@@ -14,10 +14,9 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -37,8 +36,8 @@ from ..models.structure import (
     set_uniform_config,
     shrink_layer,
 )
-from .calibration import LayerInputs, calibration_ids, layer0_inputs
-from .engine import WeightPruning, _Keep
+from .calibration import LayerInputs, calibration_ids, layer0_inputs, loss_gradients
+from .engine import JSONReport, WeightPruning, _Keep
 from .structured import LayerData, StructuredMethod, check_sparsity
 
 
@@ -59,7 +58,7 @@ class LayerReport:
 
 
 @dataclass
-class StructuredReport:
+class StructuredReport(JSONReport):
     """What a structured :func:`prune_weights` removed. ``to_dict`` is one JSON line."""
 
     model: str
@@ -85,16 +84,6 @@ class StructuredReport:
     @property
     def layer_sparsity(self) -> list[float]:
         return [1 - r.params_after / r.params_before for r in self.layers]
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["params_targeted"], d["params_pruned"] = self.params_targeted, self.params_pruned
-        d["actual_sparsity"] = self.params_pruned / max(self.params_targeted, 1)
-        d["layer_sparsity"] = self.layer_sparsity
-        return d
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
 
     def __str__(self) -> str:
         gone = sum(r.removed for r in self.layers)
@@ -256,28 +245,14 @@ def taylor_saliences(
     of the dense model, its gradient summed over calibration batches, reduced per unit of each
     decoder layer: ``{"heads": (n_q,) q rows + o columns of each query head, "kv": (n_kv,) k and v
     rows of each KV head, "channels": (I,) gate and up rows + down column}`` (fp64, CPU)."""
-    from tqdm.auto import tqdm
 
     names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     mods = [{n: getattr(layer.self_attn if n in ATTN else layer.mlp, n) for n in names} for layer in layers]
     params = [mod[n].weight for mod in mods for n in names]
-    flags = {id(p): p.requires_grad for p in model.parameters()}
     grads = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    dev = next(model.parameters()).device
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            for x in tqdm(ids.split(batch_size), desc="taylor", disable=not progress, leave=False):
-                x = x.to(dev)
-                loss = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x, use_cache=False).loss
-                for acc, g in zip(grads, torch.autograd.grad(loss, params), strict=True):
-                    acc += g.float()
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(flags[id(p)])
+    for step in loss_gradients(model, params, ids.split(batch_size), "taylor", progress):
+        for acc, g in zip(grads, step, strict=True):
+            acc += g.float()
     out, it = [], iter(zip(params, grads, strict=True))
     for layer in layers:
         sal = {n: (w.detach().double() * g.double()).abs() for n, (w, g) in zip(names, it, strict=False)}
