@@ -82,9 +82,8 @@ def test_unknown_names_are_matched_within_the_family_the_call_takes():
     with pytest.raises(UnknownMethodError) as e:
         prunekit.registry.get("fastvv", "kv")  # the token method is not offered for a kv call
     assert "'fastv'" not in str(e.value) and "Known kv methods: " in str(e.value)
-    with pytest.raises(
-        ValueError, match=rf"'fastv' is a tokens method; prune_weights takes weights methods: {', '.join(weights)}$"
-    ):
+    expected = rf"'fastv' is a tokens method; prune_weights takes weights methods: {', '.join(weights)}$"
+    with pytest.raises(ValueError, match=expected):
         instantiate("fastv", "weights", {}, "prune_weights")
     with pytest.raises(UnknownMethodError, match="There are no data methods yet"):
         prunekit.registry.get("x", "data")
