@@ -127,6 +127,7 @@ def test_folded_projector_equals_the_standardised_one():
     assert torch.allclose(y, p(x), atol=1e-5)
 
 
+@pytest.mark.slow  # trains twice on the real tower and LLM: ~1.5 min alone, ~9 min on a busy CPU without AMX
 def test_projector_training_is_deterministic():
     # fp32: a CPU without native bf16 (no AMX / AVX512-BF16) runs bf16 backward emulated, minutes a step
     r = Recipe(n_singles=2, single_steps=2, n_train=3, n_questions=2, align_steps=3, steps=3, batch=1,
