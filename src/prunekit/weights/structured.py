@@ -11,27 +11,20 @@ a KV group ``(2g + 2) * H * d`` (q rows, o columns, k and v rows), an MLP channe
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from ..models.structure import LayerGeometry, LayerKeep
+from .structures import check_sparsity as check_fraction
 
 GQA_MODES = ("kv_groups", "query_slots")
 
 
 def check_sparsity(sparsity) -> float:
     """A structured sparsity: a float in [0, 1), the fraction of prunable parameters removed."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or math.isnan(sparsity):
-        raise ValueError(f"sparsity must be a float in [0, 1); got {sparsity!r}")
-    s = float(sparsity)
-    if not 0.0 <= s < 1.0:
-        raise ValueError(
-            f"sparsity must be a float in [0, 1) (the fraction of prunable parameters removed); got {s}"
-        )
-    return s
+    return check_fraction(sparsity, "the fraction of prunable parameters removed")
 
 
 @dataclass

@@ -51,17 +51,21 @@ def parse_pattern(pattern: str | Pattern) -> Pattern:
     raise ValueError(f"pattern must be 'unstructured' or 'N:M' with 0 < N < M (e.g. '2:4'); got {pattern!r}")
 
 
+def check_sparsity(sparsity, what: str = "the fraction of weights removed") -> float:
+    """``sparsity`` as a float in [0, 1); a clear ``ValueError`` otherwise (``what`` says what it counts)."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or math.isnan(sparsity):
+        raise ValueError(f"sparsity must be a float in [0, 1); got {sparsity!r}")
+    s = float(sparsity)
+    if not 0.0 <= s < 1.0:
+        raise ValueError(f"sparsity must be a float in [0, 1) ({what}); got {s}")
+    return s
+
+
 def resolve_sparsity(sparsity: float | None, pattern: Pattern) -> float:
     """The target sparsity: a float in [0, 1) for unstructured masks (default 0.5); an N:M pattern
     fixes it at ``1 - N/M`` and refuses a different value."""
     if sparsity is not None:
-        if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or math.isnan(sparsity):
-            raise ValueError(f"sparsity must be a float in [0, 1); got {sparsity!r}")
-        sparsity = float(sparsity)
-        if not 0.0 <= sparsity < 1.0:
-            raise ValueError(
-                f"sparsity must be a float in [0, 1) (the fraction of weights removed); got {sparsity}"
-            )
+        sparsity = check_sparsity(sparsity, "the fraction of weights removed")
     if pattern.unstructured:
         return 0.5 if sparsity is None else sparsity
     implied = pattern.sparsity
