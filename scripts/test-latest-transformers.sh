@@ -11,7 +11,7 @@ TORCH=${TORCH:-torch==2.13.0}
 test -x $VENV/bin/python || $PYTHON -m venv $VENV
 $VENV/bin/python -m pip install -q --disable-pip-version-check "$TORCH"
 # the project without its transformers pin, then the newest 5.x on top
-$VENV/bin/python -m pip install -q --disable-pip-version-check -e ".[assets,bench,dev]"
+$VENV/bin/python -m pip install -q --disable-pip-version-check -e ".[assets,bench,dev,train]"
 $VENV/bin/python -m pip install -q --disable-pip-version-check --no-deps $(sed -n 's/^ASSETS := //p' Makefile)
 $VENV/bin/python -m pip install -q --disable-pip-version-check --upgrade "transformers<6"
 version=$($VENV/bin/python -c 'import transformers; print(transformers.__version__)')
