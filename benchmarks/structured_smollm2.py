@@ -96,13 +96,13 @@ class Quality:
         for t in (self.ppl, self.ppl128, *self.zs):
             t.prepare(dense)
 
-    def __call__(self, loaded) -> dict:
+    def __call__(self, loaded, zero_shot: bool = True) -> dict:
         out = {
             "ppl": self.ppl.evaluate(loaded, nullcontext).metrics["ppl"],
             "ppl128": self.ppl128.evaluate(loaded, nullcontext).metrics["ppl"],
         }
         zs = {}
-        for t in self.zs:
+        for t in self.zs if zero_shot else []:
             zs[t.name] = t.evaluate(loaded, nullcontext).metrics[t.primary]
         if zs:
             out["zero_shot"] = zs
@@ -155,6 +155,13 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=16, help="calibration windows of 512 tokens")
     p.add_argument("--ppl-chunks", type=int, default=16, help="Wikipedia chunks of 512 tokens")
     p.add_argument("--zs-limit", type=int, default=100, help="questions per zero-shot task (0: none)")
+    p.add_argument(
+        "--zs-at",
+        nargs="*",
+        type=float,
+        default=None,
+        help="run the zero-shot tasks only at these sparsities (default: all)",
+    )
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
@@ -232,7 +239,8 @@ def main() -> None:
                 c = counts(reloaded)
                 rep = report.to_dict()
                 row.update({
-                    **quality(loaded), **c, "checkpoint_mb": mb, "reload_identical": same,
+                    **quality(loaded, a.zs_at is None or s in a.zs_at), **c,
+                    "checkpoint_mb": mb, "reload_identical": same,
                     "actual_sparsity": rep["actual_sparsity"],
                     "predicted": c["matmul_params"] / d_counts["matmul_params"],
                     "layers_kept": sum(not r.removed for r in report.layers),
