@@ -153,7 +153,10 @@ def recover(
     The model comes back in eval mode with each parameter's ``requires_grad`` as it was. If
     training fails, the adapters are removed unmerged and the model is cast back unchanged.
     """
-    from peft import LoraConfig, get_peft_model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise ImportError("recover() trains LoRA adapters with peft: pip install 'prunekit[train]'") from e
 
     _int("steps", steps, 1)
     _int("lora_rank", lora_rank, 1)
