@@ -19,6 +19,7 @@ from .kv.engine import compress_kv
 from .registry import MethodInfo, methods
 from .tokens.compose import Compose
 from .tokens.engine import prune_tokens
+from .training import recover
 from .weights.engine import WeightPruning, prune_weights
 from .weights.export import load_pruned
 
@@ -36,6 +37,7 @@ __all__ = [
     "methods",
     "prune_tokens",
     "prune_weights",
+    "recover",
     "resolve_keep",
     "validate_keep",
 ]

@@ -2,7 +2,9 @@
 
 A run evaluates dense and pruned on the same inputs in one process (agreement needs both), then
 times them interleaved. Models, prepared data and dense outputs are cached per process, so a
-sweep pays for them once per worker.
+sweep pays for them once per worker. A weight treatment's pruned model is a finalized copy
+(:meth:`Treatment.pruned_copy`), made once per (model, method, keep, options, seed) and cached for
+the sweep (the last ``PRUNED_CACHE`` copies; an evicted one is pruned again, identically).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pathlib
 import platform
 import time
 import traceback
+from collections import OrderedDict
 from collections.abc import Iterable
 from contextlib import contextmanager, nullcontext
 
@@ -35,6 +38,8 @@ STAGE = {"lm": "llm", "vit": "encoder", "text-encoder": "encoder", "vlm": None}
 _models: dict[tuple, Loaded] = {}
 _tasks: dict[tuple, Task] = {}
 _dense: dict[tuple, TaskOutput] = {}
+_pruned: OrderedDict[tuple, Loaded] = OrderedDict()
+PRUNED_CACHE = 4  # pruned model copies kept in memory (weight treatments)
 
 
 def _model(spec: RunSpec) -> Loaded:
@@ -43,6 +48,7 @@ def _model(spec: RunSpec) -> Loaded:
         _models.clear()  # one model in memory at a time
         _tasks.clear()
         _dense.clear()
+        _pruned.clear()
         _models[k] = load(spec.model, spec.dtype, spec.device)
     return _models[k]
 
@@ -57,6 +63,19 @@ def _task(spec: RunSpec, loaded: Loaded) -> Task:
             )
         _tasks[k] = task
     return _tasks[k]
+
+
+def _pruned_model(spec: RunSpec, loaded: Loaded) -> Loaded:
+    """The weight treatment's pruned, finalized copy of ``loaded`` (cached)."""
+    k = (spec.model, spec.dtype, spec.device, spec.method, spec.keep,
+         json.dumps(spec.options, sort_keys=True, default=str), spec.seed)  # fmt: skip
+    if k in _pruned:
+        _pruned.move_to_end(k)
+    else:
+        _pruned[k] = spec.treatment().pruned_copy(loaded, seed=spec.seed)
+        while len(_pruned) > PRUNED_CACHE:
+            _pruned.popitem(last=False)
+    return _pruned[k]
 
 
 def environment(device: str) -> dict:
@@ -112,12 +131,14 @@ def _measure(spec: RunSpec) -> dict:
     task.prepare(loaded)
     dense_open = nullcontext
     pruned_open = treatment.opener(loaded.model, STAGE[loaded.kind])
+    # the model the treatment's side runs on: the same one (token, kv) or a pruned copy (weights)
+    treated = _pruned_model(spec, loaded) if treatment.family == "weights" else loaded
 
     dkey = (spec.model, spec.task, spec.limit, spec.seed, spec.dtype, spec.device)
     if dkey not in _dense:
         _dense[dkey] = task.evaluate(loaded, dense_open)
     dense = _dense[dkey]
-    out = dense if spec.method == "dense" else task.evaluate(loaded, pruned_open)
+    out = dense if spec.method == "dense" else task.evaluate(treated, pruned_open)
     agreement = task.agreement(dense, out)
     quality = {**out.metrics, **agreement}
     dense_quality = {**dense.metrics, **task.agreement(dense, dense)}
@@ -131,6 +152,7 @@ def _measure(spec: RunSpec) -> dict:
 
     # ---- cost, on the task's timing batch
     work = task.timing(loaded)
+    pwork = work if treated is loaded else task.timing(treated)
     selects: list[float] = []
 
     @contextmanager
@@ -140,11 +162,11 @@ def _measure(spec: RunSpec) -> dict:
         if s is not None:
             selects.append(s.stats.select_seconds)
 
-    prefill = work["prefill"]
+    prefill, pprefill = work["prefill"], pwork["prefill"]
     is_dense = spec.method == "dense"
     fns = {"dense": lambda: prefill(dense_open)}
     if not is_dense:
-        fns["pruned"] = lambda: prefill(tracked)
+        fns["pruned"] = lambda: pprefill(tracked)
     times = measure.interleaved_latency(fns, repeats=spec.repeats, device=spec.device)
     lat = {k: measure.median(v) for k, v in times.items()}
     lat.setdefault("pruned", lat["dense"])
@@ -156,9 +178,10 @@ def _measure(spec: RunSpec) -> dict:
     }  # fmt: skip
     if "generate_long" in work:
         short, long_ = work["generate_short"], work["generate_long"]
+        pshort, plong = pwork["generate_short"], pwork["generate_long"]
         fns = {"dense_short": lambda: short(dense_open), "dense_long": lambda: long_(dense_open)}
         if not is_dense:
-            fns |= {"pruned_short": lambda: short(pruned_open), "pruned_long": lambda: long_(pruned_open)}
+            fns |= {"pruned_short": lambda: pshort(pruned_open), "pruned_long": lambda: plong(pruned_open)}
         reps = max(2, spec.repeats // 2) if spec.repeats > 1 else 1
         g = measure.interleaved_latency(fns, repeats=reps, device=spec.device)
         m = {k: measure.median(v) for k, v in g.items()}
@@ -170,17 +193,22 @@ def _measure(spec: RunSpec) -> dict:
             cost[f"{'' if who == 'pruned' else 'dense_'}decode_tps"] = _finite(new / dt) if dt > 0 else None
 
     mem, flops = {}, {}
-    variants = (("dense", dense_open),) if is_dense else (("dense", dense_open), ("pruned", pruned_open))
-    for who, opener in variants:
-        peak, how = measure.peak_memory(lambda o=opener: prefill(o), spec.device)
+    variants = [("dense", dense_open, prefill)]
+    if not is_dense:
+        variants.append(("pruned", pruned_open, pprefill))
+    for who, opener, run in variants:
+        peak, how = measure.peak_memory(lambda o=opener, r=run: r(o), spec.device)
         mem[f"{who}_peak_bytes"], mem["how"] = peak, how
-        result = prefill(opener)
+        result = run(opener)
         mem[f"{who}_kv_bytes"] = measure.cache_bytes(output_cache(result))
-        flops[who] = measure.count_flops(lambda o=opener: prefill(o))
+        flops[who] = measure.count_flops(lambda o=opener, r=run: r(o))
     if is_dense:  # the dense run's "pruned" side is dense itself: measured once
         mem |= {"pruned_peak_bytes": mem["dense_peak_bytes"], "pruned_kv_bytes": mem["dense_kv_bytes"]}
         flops["pruned"] = flops["dense"]
-    nz, total = measure.params_kept(loaded.model)
+    # non-zero Linear weights of the treated model over the dense model's Linear weights: a
+    # physically smaller model counts what it lost
+    nz, _ = measure.params_kept(treated.model)
+    _, total = measure.params_kept(loaded.model)
     return {
         "metric": task.primary,
         "higher_is_better": task.higher_is_better,
