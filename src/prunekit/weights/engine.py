@@ -326,7 +326,10 @@ def _structured(model, m, sparsity, pattern, targets, reversible, **kw):
         raise ValueError(
             f"{m.name} is a structured method: it prunes every decoder layer; targets is not supported"
         )
-    handle = prune_structured(model, m, sparsity, **kw)
+    runner = getattr(m, "prune_model", None)  # a method with its own engine (SliceGPT)
+    handle = (
+        runner(model, sparsity, **kw) if runner is not None else prune_structured(model, m, sparsity, **kw)
+    )
     if not reversible:
         handle.finalize()
     return handle
