@@ -366,7 +366,8 @@ def prune_weights(
     Returns a :class:`WeightPruning`: reversible masks until ``finalize()``, and ``.report``.
     **Structured methods** (``flap``, ``cfsp``, ``llm_pruner``, ``shortgpt``, ``wanda_sp``,
     ``magnitude_sp``, ``random_sp``)
-    remove whole query heads / KV groups, MLP channels or layers: ``sparsity`` is then the fraction
+    remove whole query heads / KV groups, MLP channels or layers (``slicegpt``: residual width, see
+    ``prunekit.weights.methods.slicegpt``): ``sparsity`` is then the fraction
     of the decoder layers' prunable weights removed (q/k/v/o and gate/up/down weights; embeddings,
     lm_head, norms and biases not counted); ``finalize()`` physically shrinks the tensors and
     records the per-layer widths in the config (reload with ``prunekit.load_pruned``). See

@@ -177,7 +177,8 @@ class SliceGPT(StructuredMethod):
     **Sparsity** (ours): prunekit's ``sparsity`` is the fraction of the decoder layers' prunable
     weights (q/k/v/o/gate/up/down) removed, with the added shortcut matrices counted as cost;
     ``d'`` is the multiple of ``round_to`` whose sliced layers come nearest it (at SmolLM2's
-    shapes, sparsity 0.2 needs ``d' = 408``, a slicing of 0.29). ``slicing=s'`` instead gives the
+    shapes, sparsity 0.2 needs ``d' = 408``, a slicing of 0.29; even ``sparsity=0`` slices, to the
+    width where the shortcuts cost what the slicing saves). ``slicing=s'`` instead gives the
     official ``--sparsity``: ``d' = int((1 - s') H)`` rounded down to ``round_to`` (pass no
     ``sparsity`` then). The report gives both, and the whole model's parameters before and after:
     with the untied head and the shortcuts, a sliced SmolLM2 can have **more** parameters than the
