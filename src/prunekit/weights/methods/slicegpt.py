@@ -343,14 +343,18 @@ class SliceGPT(StructuredMethod):
                 new.post_attention_layernorm.eps = eps[i, "post_attention_layernorm"]
                 undo.set(layers, str(i), new)
                 # the MLP norm's input, in the original basis (o_proj not yet rotated)
-                Q_mid = basis(_mlp_norm_inputs(new, x, kw), d)
+                mids = _mlp_norm_inputs(new, x, kw)
+                Q_mid = basis(mids, d)
                 q_mid = Q_mid[:, :d]
                 new.attn_shortcut_Q = nn.Parameter((Q[:, :d].T @ q_mid).to(dev, dt))
                 slicing.writes(undo, attn.o_proj, q_mid)
                 for n in ("gate_proj", "up_proj"):
                     slicing.reads(undo, getattr(mlp, n), g2, q_mid)
                 new.mlp_shortcut_Q = nn.Parameter(q_mid.T.to(dev, dt))
-                outs = [new(h, **k) for h, k in zip(x, kw, strict=True)]  # in the original basis
+                # the layer's outputs, in the original basis (down_proj not yet rotated), from the
+                # MLP-norm inputs: no second attention pass
+                outs = [_mlp_half(new, (m.double() @ q_mid.to(m.device)).to(m.dtype)) for m in mids]
+                del mids
                 d_out = self._d_out(i, L, d, H)
                 Q = basis(outs, d_out)
                 new.mlp_shortcut_Q = nn.Parameter((q_mid.T @ Q[:, :d_out]).to(dev, dt))
@@ -398,6 +402,12 @@ _MLP = ("gate_proj", "up_proj", "down_proj")
 
 def _param(t: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t.to(device=like.device, dtype=like.dtype), requires_grad=like.requires_grad)
+
+
+def _mlp_half(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The second half of a sliced layer: ``h @ mlp_shortcut_Q + mlp(RMSN(h))``."""
+    out = layer.mlp(layer.post_attention_layernorm(h))
+    return h @ layer.mlp_shortcut_Q.to(out.dtype) + out
 
 
 def _mlp_norm_inputs(layer: nn.Module, xs: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
