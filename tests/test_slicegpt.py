@@ -64,6 +64,27 @@ def test_no_slicing_is_the_dense_model(family, attn, tied, orientation):
     assert torch.allclose(logits(model, inputs)[real], dense[real], atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("slice_head", [False, True])
+def test_slicing_is_exact_when_the_residual_stream_lies_in_a_subspace(slice_head):
+    # embeddings, o_proj and down_proj confined to a 40-dim subspace: the residual stream never leaves
+    # it, so keeping its top 48 principal directions loses nothing (a wrong rotation, shortcut or
+    # slice would)
+    model = build("llama", "eager")
+    B, _ = torch.linalg.qr(torch.randn(64, 40, generator=torch.Generator().manual_seed(5)))
+    P = B @ B.T
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight @ P)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.copy_(P @ layer.self_attn.o_proj.weight)
+            layer.mlp.down_proj.weight.copy_(P @ layer.mlp.down_proj.weight)
+    inputs = text_inputs(batch=2, length=12)
+    dense = logits(model, inputs)
+    slice_(model, slicing=0.25, slice_head=slice_head)
+    assert model.lm_head.in_features == (48 if slice_head else 64)
+    real = inputs["attention_mask"].bool()
+    assert torch.allclose(logits(model, inputs)[real], dense[real], atol=1e-5, rtol=1e-5)
+
+
 def test_faithful_centring_changes_an_rmsnorm_model():
     # quirk (a): mean-centring the embeddings is not function-preserving before an RMSNorm
     model = build("llama", "eager")
