@@ -151,7 +151,8 @@ def main() -> None:
     lines = [
         f"SmolLM2-135M, structured pruning at {a.sparsity:g} of the prunable weights; Wikipedia ppl over "
         f"{a.ppl_chunks} chunks of 512 tokens; prefill latency ratio pruned/dense (fp32, {a.threads} "
-        "thread(s), interleaved medians); predicted = ratio of Linear weights (incl. lm_head)\n",
+        "thread(s), interleaved medians); predicted = ratio of Linear weights (incl. lm_head and "
+        "SliceGPT's shortcuts)\n",
         "| method | actual sparsity | wiki ppl | params | checkpoint MB | prefill b1x512 | prefill b8x128 "
         "| predicted | reload identical | prune s |",
         "|---|---|---|---|---|---|---|---|---|---|",
