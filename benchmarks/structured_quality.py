@@ -35,15 +35,24 @@ PRUNABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "dow
 
 
 def counts(model) -> dict:
-    """Total parameters, and the weights every prefill token multiplies (Linears incl. lm_head)."""
+    """Total parameters, and the weights every prefill token multiplies (Linears incl. lm_head, and
+    SliceGPT's shortcut matrices)."""
     total = sum(p.numel() for p in model.parameters())
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    matmul += sum(p.numel() for n, p in model.named_parameters() if n.endswith("_shortcut_Q"))
     prunable = sum(
         m.weight.numel()
         for n, m in model.named_modules()
         if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in PRUNABLE
     )
     return {"params": total, "matmul_params": matmul, "prunable_params": prunable}
+
+
+def sliced(report) -> dict:
+    """SliceGPT's extra fields: the residual width, the official slicing fraction, the whole model's
+    parameters before and after (untied head, shortcuts)."""
+    keys = ("hidden_before", "hidden", "slicing", "untied_head", "model_params_before", "model_params_after")
+    return {k: getattr(report, k) for k in keys if hasattr(report, k)}
 
 
 def parse(entry: str) -> tuple[str, dict]:
@@ -136,13 +145,14 @@ def main() -> None:
             "q_heads": [len(r.q_heads) for r in report.layers],
             "channels": [r.channels for r in report.layers],
             "prune_s": report.seconds, "peak_mb": report.peak_memory_bytes / 2**20,
-            "wall_s": time.perf_counter() - t0,
+            "wall_s": time.perf_counter() - t0, **sliced(report),
         })  # fmt: skip
     log.close()
     lines = [
         f"SmolLM2-135M, structured pruning at {a.sparsity:g} of the prunable weights; Wikipedia ppl over "
         f"{a.ppl_chunks} chunks of 512 tokens; prefill latency ratio pruned/dense (fp32, {a.threads} "
-        "thread(s), interleaved medians); predicted = ratio of Linear weights (incl. lm_head)\n",
+        "thread(s), interleaved medians); predicted = ratio of Linear weights (incl. lm_head and "
+        "SliceGPT's shortcuts)\n",
         "| method | actual sparsity | wiki ppl | params | checkpoint MB | prefill b1x512 | prefill b8x128 "
         "| predicted | reload identical | prune s |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -4,8 +4,9 @@
 >>> pruned.report.layer_sparsity; pruned.restore()  # or pruned.finalize() to make it permanent
 
 Structured methods (``flap``, ``cfsp``, ``llm_pruner``, ``shortgpt``, ``wanda_sp``,
-``magnitude_sp``, ``random_sp``) go through the same call and make the model physically smaller
-at ``finalize()``; ``prunekit.load_pruned`` reloads the saved checkpoint.
+``magnitude_sp``, ``random_sp``, and ``slicegpt``, which slices the hidden size) go through the
+same call and make the model physically smaller at ``finalize()``; ``prunekit.load_pruned``
+reloads the saved checkpoint.
 """
 
 from .engine import LinearReport, WeightPruning, WeightReport, prune_weights

@@ -326,7 +326,10 @@ def _structured(model, m, sparsity, pattern, targets, reversible, **kw):
         raise ValueError(
             f"{m.name} is a structured method: it prunes every decoder layer; targets is not supported"
         )
-    handle = prune_structured(model, m, sparsity, **kw)
+    runner = getattr(m, "prune_model", None)  # a method with its own engine (SliceGPT)
+    handle = (
+        runner(model, sparsity, **kw) if runner is not None else prune_structured(model, m, sparsity, **kw)
+    )
     if not reversible:
         handle.finalize()
     return handle
@@ -363,7 +366,8 @@ def prune_weights(
     Returns a :class:`WeightPruning`: reversible masks until ``finalize()``, and ``.report``.
     **Structured methods** (``flap``, ``cfsp``, ``llm_pruner``, ``shortgpt``, ``wanda_sp``,
     ``magnitude_sp``, ``random_sp``)
-    remove whole query heads / KV groups, MLP channels or layers: ``sparsity`` is then the fraction
+    remove whole query heads / KV groups, MLP channels or layers (``slicegpt``: residual width, see
+    ``prunekit.weights.methods.slicegpt``): ``sparsity`` is then the fraction
     of the decoder layers' prunable weights removed (q/k/v/o and gate/up/down weights; embeddings,
     lm_head, norms and biases not counted); ``finalize()`` physically shrinks the tensors and
     records the per-layer widths in the config (reload with ``prunekit.load_pruned``). See

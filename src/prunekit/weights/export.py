@@ -67,7 +67,9 @@ def semi_structured(model: nn.Module) -> int:
 
 def load_pruned(path: str | pathlib.Path, dtype=None, device_map=None, **kwargs) -> nn.Module:
     """Load a checkpoint saved after a structured ``finalize()`` (per-layer widths in
-    ``config.prunekit_structure``), or any plain checkpoint.
+    ``config.prunekit_structure``; SliceGPT's residual widths in ``config.prunekit_slicing``:
+    sliced embedding and Linears, shortcut matrices, weightless norms, untied ``lm_head``, see
+    ``prunekit.models.slicing.resize``), or any plain checkpoint.
 
     The model class comes from the config (``AutoModelForCausalLM``'s mapping); a subclass of it
     resizes each decoder layer's q/k/v/o and gate/up/down to the recorded widths (and creates the
@@ -77,6 +79,7 @@ def load_pruned(path: str | pathlib.Path, dtype=None, device_map=None, **kwargs)
     shape differs from the record is an error."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ..models import slicing
     from ..models.structure import resize
 
     path = pathlib.Path(path)
@@ -84,7 +87,8 @@ def load_pruned(path: str | pathlib.Path, dtype=None, device_map=None, **kwargs)
         raise FileNotFoundError(f"{path}: no config.json; give the folder a pruned model was saved to")
     config = AutoConfig.from_pretrained(path)
     spec = getattr(config, "prunekit_structure", None)
-    if spec is None:
+    sliced = getattr(config, "prunekit_slicing", None)
+    if spec is None and sliced is None:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, **kwargs)
     mapping = AutoModelForCausalLM._model_mapping
     if type(config) not in mapping:
@@ -95,7 +99,10 @@ def load_pruned(path: str | pathlib.Path, dtype=None, device_map=None, **kwargs)
 
     def __init__(self, cfg, *args, **kw):
         base.__init__(self, cfg, *args, **kw)
-        resize(self, cfg.prunekit_structure)
+        if getattr(cfg, "prunekit_structure", None) is not None:
+            resize(self, cfg.prunekit_structure)
+        if getattr(cfg, "prunekit_slicing", None) is not None:  # SliceGPT: sliced layers, untied head
+            slicing.resize(self, cfg.prunekit_slicing)
 
     cls = type(f"Pruned{base.__name__}", (base,), {"__init__": __init__})
     model = cls.from_pretrained(path, config=config, dtype=dtype, device_map=device_map, **kwargs)
