@@ -234,12 +234,22 @@ def _criterion(info) -> str:
     sig = " ".join(info.signals).lower()
     if info.family == "weights":
         kinds = []
+        if "activation_variance" in sig:
+            kinds.append("activation fluctuation x weight")
+        if "block_influence" in sig or "angular" in sig:
+            kinds.append("layer redundancy (input vs output similarity)")
+        if "pca" in sig:
+            kinds.append("principal components of the hidden states")
+        if "kl" in sig or "search" in sig:
+            kinds.append("search (evolutionary, output KL)")
         if "hessian" in sig:
             kinds.append("saliency (second order, OBS) with weight update")
         if "grad" in sig:
             kinds.append("gradient")
         if "x_norm" in sig:
             kinds.append("magnitude x activation")
+        if not kinds and "random" in info.name:
+            return "none: random (baseline)"
         return ", ".join(kinds) or "magnitude"
     if not info.signals:
         return "none: a fixed rule" if info.name != "random" else "none: random (baseline)"
@@ -251,6 +261,13 @@ def _criterion(info) -> str:
     if "ssm_output" in sig or "magnitude" in sig or "value_norm" in sig or "transition" in sig:
         kinds.append("activation magnitude")
     return ", ".join(kinds) or "its base method's score (see its page)"
+
+
+def _structured(info) -> bool:
+    """Whether a weight method removes whole units (heads, channels, layers, hidden width)."""
+    from prunekit.weights.structured import StructuredMethod
+
+    return isinstance(info.factory, type) and issubclass(info.factory, StructuredMethod)
 
 
 def placement(info) -> dict[str, str]:
@@ -265,6 +282,8 @@ def placement(info) -> dict[str, str]:
         which = "tokens: KV cache"
         speedup = "universal (cache and prefill)" if "prefill" in info.stages else "universal (cache)"
         when = "run time"
+    elif f == "weights" and _structured(info):
+        which, speedup, when = "weights: structured", "universal (smaller dense tensors)", "after training"
     elif f == "weights":
         which, speedup, when = "weights", "specific (unstructured, N:M)", "after training"
     elif f == "data":
@@ -300,8 +319,7 @@ def taxonomy_page() -> str:
         "",
         "- **Universal** speedup runs faster on any hardware because the tensors get smaller: structured "
         "pruning (heads, channels, layers), and token pruning, which shortens the sequence or the KV "
-        "cache. prunekit: " + _names(rows, "speedup", lambda s: s.startswith("universal")) + ". "
-        "Structured weight pruning is coming.",
+        "cache. prunekit: " + _names(rows, "speedup", lambda s: s.startswith("universal")) + ".",
         "- **Specific** speedup needs special software or hardware: unstructured sparsity (sparse kernels) "
         "and semi-structured N:M sparsity (2:4 on NVIDIA sparse tensor cores, see "
         "`prunekit.weights.export.semi_structured`); on CPU the result is a quality result only. "
@@ -335,6 +353,14 @@ def taxonomy_page() -> str:
         + _names(rows, "how", lambda s: "saliency" in s)
         + ". Gradients: "
         + _names(rows, "how", lambda s: "gradient" in s)
+        + ". Fluctuation of the activations, weighted: "
+        + _names(rows, "how", lambda s: "fluctuation" in s)
+        + ". How much a layer changes its input: "
+        + _names(rows, "how", lambda s: "layer redundancy" in s)
+        + ". Principal components of the hidden states: "
+        + _names(rows, "how", lambda s: "principal" in s)
+        + ". A search over per-layer sparsities, judged by the output: "
+        + _names(rows, "how", lambda s: "search" in s)
         + ". A fixed rule or chance: "
         + _names(rows, "how", lambda s: s.startswith("none"))
         + ".",
@@ -349,8 +375,10 @@ def taxonomy_page() -> str:
         + "; entries of the KV cache: "
         + _names(rows, "which", lambda s: "KV" in s)
         + ".",
-        "- **Weights** (the Linear layers of a decoder): "
+        "- **Weights** (the Linear layers of a decoder), individual weights or N:M groups: "
         + _names(rows, "which", lambda s: s == "weights")
+        + "; whole units (attention heads, KV groups, MLP channels, layers, the hidden width): "
+        + _names(rows, "which", lambda s: s == "weights: structured")
         + ".",
         "- **Data**: " + _names(rows, "which", lambda s: s == "data") + " (the registry has the family).",
         "",
