@@ -252,18 +252,16 @@ def prune_encoder(
 
     s = check_sparsity(0.5 if sparsity is None else sparsity)
     stack = encoder_stack(model)
-    if m.name not in ENCODER_METHODS:
-        raise UnsupportedModelError(
-            f"{m.name} does not prune encoders; structured methods for {stack.family}: "
-            f"{list(ENCODER_METHODS)}"
-        )
     geos = [encoder_geometry(layer, stack.names) for layer in stack.layers]
     m.check(geos)
     if any(parametrize.is_parametrized(mod) for layer in stack.layers for mod in layer.modules()):
         raise PrunekitError("the model is already masked; restore() or finalize() the earlier pruning first")
     needs = m.needs
     if needs - {"activations"}:
-        raise UnsupportedModelError(f"{m.name} needs {sorted(needs)}; encoders offer activations only")
+        raise UnsupportedModelError(
+            f"{m.name} needs {sorted(needs - {'activations'})}, which encoder structured pruning does not "
+            f"offer; methods for {stack.family}: {list(ENCODER_METHODS)}"
+        )
     batches = (
         encoder_batches(stack, model, calibration, tokenizer, n_samples, seq_len, batch_size, seed)
         if needs
@@ -295,7 +293,8 @@ def prune_encoder(
                 return
             keeps = m.plan(data, s)
             for i, (d, keep) in enumerate(zip(data, keeps, strict=True)):
-                _raw_biases(stack, i, d, keep)
+                if m.name == "flap" and d.n_tokens:
+                    _raw_biases(stack, i, d, keep)
                 handle.apply(i, stack.layers[i], keep)
 
     was_training = model.training
