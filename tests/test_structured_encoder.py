@@ -305,3 +305,11 @@ def test_methods_that_need_more_than_activations_are_refused():
         prunekit.prune_weights(build("bert"), "cfsp", 0.2, calibration=calib("bert"), progress=False)
     with pytest.raises(UnsupportedModelError, match="methods for vit"):
         prunekit.prune_weights(build("vit"), "shortgpt", 0.2, calibration=calib("vit"), progress=False)
+
+
+def test_layouts_outside_the_groups_are_refused():
+    with pytest.raises(UnsupportedModelError, match="SwiGLU"):
+        prunekit.prune_weights(build("dinov2", use_swiglu_ffn=True), "magnitude_sp", 0.2, progress=False)
+    cross = build("bert", is_decoder=True, add_cross_attention=True)
+    with pytest.raises(UnsupportedModelError, match="cross-attention"):
+        prunekit.prune_weights(cross, "magnitude_sp", 0.2, progress=False)
