@@ -520,8 +520,8 @@ def test_bad_sparsity_is_refused(bad):
 def test_unsupported_models_are_refused():
     from tiny_encoders import build as encoder
 
-    with pytest.raises(UnsupportedModelError):
-        prunekit.prune_weights(encoder("bert"), "magnitude_sp", 0.2, progress=False)
+    with pytest.raises(UnsupportedModelError):  # encoders: heads and channels, activation methods only
+        prunekit.prune_weights(encoder("bert"), "cfsp", 0.2, calibration=CAL, progress=False)
     from transformers import MixtralConfig, MixtralForCausalLM
 
     moe = MixtralForCausalLM(MixtralConfig(**dict(TXT, num_local_experts=2, num_experts_per_tok=1)))

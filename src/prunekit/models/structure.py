@@ -50,6 +50,12 @@ class LayerGeometry:
     n_q: int
     n_kv: int
     inter: int
+    mlp_mats: int = 3  # weight matrices an MLP channel spans: 3 (gate, up, down); 2 (fc1, fc2) in encoders
+
+    @property
+    def channel_cost(self) -> int:
+        """Weights of one MLP channel."""
+        return self.mlp_mats * self.hidden
 
     @property
     def group(self) -> int:
@@ -58,8 +64,8 @@ class LayerGeometry:
 
     @property
     def params(self) -> int:
-        """Prunable weights: q, k, v, o, gate, up, down (biases, norms not counted)."""
-        return 2 * (self.n_q + self.n_kv) * self.hidden * self.head_dim + 3 * self.hidden * self.inter
+        """Prunable weights: q, k, v, o, gate, up, down (fc1, fc2 in encoders; biases, norms not counted)."""
+        return 2 * (self.n_q + self.n_kv) * self.hidden * self.head_dim + self.channel_cost * self.inter
 
 
 @dataclass
@@ -87,7 +93,7 @@ class LayerKeep:
 
     def params_after(self, geo: LayerGeometry) -> int:
         q, kv, c = self.counts(geo)
-        return 2 * (q + kv) * geo.hidden * geo.head_dim + 3 * geo.hidden * c
+        return 2 * (q + kv) * geo.hidden * geo.head_dim + geo.channel_cost * c
 
 
 def _linear(mod: nn.Module, name: str) -> nn.Linear:

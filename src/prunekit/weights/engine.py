@@ -371,7 +371,11 @@ def prune_weights(
     of the decoder layers' prunable weights removed (q/k/v/o and gate/up/down weights; embeddings,
     lm_head, norms and biases not counted); ``finalize()`` physically shrinks the tensors and
     records the per-layer widths in the config (reload with ``prunekit.load_pruned``). See
-    ``prunekit.weights.structured_engine``.
+    ``prunekit.weights.structured_engine``. On **encoders** (ViT, DeiT, DINOv2, a CLIP tower, BERT)
+    ``flap``, ``wanda_sp``, ``magnitude_sp`` and ``random_sp`` remove attention heads and MLP channels;
+    ``calibration`` is then ``pixel_values`` (a float tensor ``(N, 3, H, W)``) for an image encoder,
+    texts (with ``tokenizer``) or token ids for a text encoder; see
+    ``prunekit.weights.structured_encoder``.
 
     ``reversible=False`` writes each layer's result into its weights as soon as it is pruned (no
     masks, no copies of the originals: the memory of a non-reversible pruner); the returned

@@ -76,7 +76,11 @@ def load_pruned(path: str | pathlib.Path, dtype=None, device_map=None, **kwargs)
     recorded ``o_proj``/``down_proj`` biases, FLAP's compensation) right after it is built, then
     transformers' ``from_pretrained`` loads the safetensors as usual (``dtype``, ``device_map``,
     sharding). No pickle, no ``trust_remote_code``, no ``ignore_mismatched_sizes``: a tensor whose
-    shape differs from the record is an error."""
+    shape differs from the record is an error.
+
+    Encoders (ViT, DeiT, DINOv2, CLIP, BERT; widths in ``prunekit_encoder_structure`` of the config
+    or of its ``vision_config`` / ``text_config``) are built from the class the config's
+    ``architectures`` names (e.g. ``Dinov2Model``, ``CLIPModel``), each recorded tower resized."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..models import slicing
@@ -86,6 +90,8 @@ def load_pruned(path: str | pathlib.Path, dtype=None, device_map=None, **kwargs)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json; give the folder a pruned model was saved to")
     config = AutoConfig.from_pretrained(path)
+    if _encoder_record(config):
+        return _load_encoder(path, config, dtype=dtype, device_map=device_map, **kwargs)
     spec = getattr(config, "prunekit_structure", None)
     sliced = getattr(config, "prunekit_slicing", None)
     if spec is None and sliced is None:
@@ -107,4 +113,43 @@ def load_pruned(path: str | pathlib.Path, dtype=None, device_map=None, **kwargs)
     cls = type(f"Pruned{base.__name__}", (base,), {"__init__": __init__})
     model = cls.from_pretrained(path, config=config, dtype=dtype, device_map=device_map, **kwargs)
     model.__class__ = base  # the plain transformers class once the widths are in place
+    return model
+
+
+def _encoder_record(config) -> bool:
+    """Whether the config (or its vision / text sub-config) holds encoder widths."""
+    from ..models.encoder_structure import RECORD
+
+    subs = (config, getattr(config, "vision_config", None), getattr(config, "text_config", None))
+    return any(getattr(c, RECORD, None) is not None for c in subs if c is not None)
+
+
+def _load_encoder(path: pathlib.Path, config, **kwargs) -> nn.Module:
+    """An encoder saved after a structured ``finalize()``: the class named by the config's
+    ``architectures`` (a transformers class whose ``config_class`` is the config's), each recorded
+    tower resized (:func:`prunekit.models.encoder_structure.resize_encoders`) as it is built."""
+    import transformers
+    from transformers import PreTrainedModel
+
+    from ..models.encoder_structure import resize_encoders
+
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    base = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    if not (isinstance(base, type) and issubclass(base, PreTrainedModel)) or not isinstance(
+        config, base.config_class
+    ):
+        raise PrunekitError(
+            f"{path}: config.architectures names {arch!r}, not a transformers model class for "
+            f"{type(config).__name__}; save the pruned encoder with save_pretrained"
+        )
+
+    def __init__(self, cfg, *args, **kw):
+        base.__init__(self, cfg, *args, **kw)
+        resize_encoders(self)
+
+    # same name and module as the base: transformers applies its checkpoint key conversions (the
+    # legacy ViT/DINOv2 names save_pretrained writes) only to classes of its own modules
+    cls = type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__})
+    model = cls.from_pretrained(path, config=config, **kwargs)
+    model.__class__ = base
     return model

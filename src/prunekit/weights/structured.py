@@ -5,7 +5,8 @@ a budget of prunable parameters is shared among units (pure tensor code; the ada
 Units of a decoder layer (see ``models/structure.py``): a **KV group** (one KV head with its
 ``g`` query heads; the attention unit of every method here, so GQA stays balanced and an MHA
 model, ``g = 1``, prunes plain heads) and an **MLP channel**. Their parameter costs are exact:
-a KV group ``(2g + 2) * H * d`` (q rows, o columns, k and v rows), an MLP channel ``3H``.
+a KV group ``(2g + 2) * H * d`` (q rows, o columns, k and v rows), an MLP channel ``3H`` (``2H``
+in an encoder: its fc1 row and fc2 column; ``LayerGeometry.channel_cost``).
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def uniform_counts(geo: LayerGeometry, n_units: int, unit_cost: float, sparsity:
     rounds attention to nothing). At least one unit and one channel stay."""
     gone = min(round(sparsity * n_units), n_units - 1)
     target = sparsity * geo.params - gone * unit_cost
-    n_ch = min(max(round(target / (3 * geo.hidden)), 0), geo.inter - 1)
+    n_ch = min(max(round(target / geo.channel_cost), 0), geo.inter - 1)
     return n_units - gone, geo.inter - n_ch
 
 
@@ -171,8 +172,8 @@ def global_counts(
     and MLP channels in one ranking (scores descending); keep the best prefix such that the
     weights of the units left out are nearest ``sparsity`` of the prunable weights; returns
     ``(units kept, channels kept)`` per layer. Costs: as :func:`attention_units`, ``3H`` per
-    channel (FLAP hard-codes ``512/3`` channels per head: MHA with ``d = 128``). Each layer's
-    best unit and best channel always stay (FLAP has no such guard); a sparsity that would need
+    channel, ``2H`` in encoders (FLAP hard-codes ``512/3`` channels per head: MHA, ``d = 128``).
+    Each layer's best unit and best channel always stay (FLAP has no such guard); a sparsity that would need
     more raises ``ValueError``. Selection is by rank, not FLAP's ``score > threshold``, so ties
     at the threshold cannot change the count."""
     scores, costs, owner = [], [], []  # owner: (layer, kind 0 = attention unit / 1 = channel)
@@ -181,9 +182,9 @@ def global_counts(
         us, cs = us.double().clone(), cs.double().clone()
         us[us.argmax()] = math.inf
         cs[cs.argmax()] = math.inf
-        reserved += uc + 3 * geo.hidden
+        reserved += uc + geo.channel_cost
         scores += [us, cs]
-        costs += [torch.full_like(us, uc), torch.full_like(cs, float(3 * geo.hidden))]
+        costs += [torch.full_like(us, uc), torch.full_like(cs, float(geo.channel_cost))]
         owner += [
             torch.tensor([[li, 0]] * len(us), dtype=torch.long).reshape(-1, 2),
             torch.tensor([[li, 1]], dtype=torch.long).expand(len(cs), 2),

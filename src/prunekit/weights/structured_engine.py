@@ -296,10 +296,21 @@ def prune_structured(
     seed: int = 0,
     progress: bool = True,
 ) -> StructuredPruning:
-    """Structured pruning of a causal LM's decoder layers; see :func:`prunekit.prune_weights`."""
+    """Structured pruning of a causal LM's decoder layers; see :func:`prunekit.prune_weights`.
+    Encoders (ViT, DeiT, DINOv2, CLIP towers, BERT) go to
+    :func:`prunekit.weights.structured_encoder.prune_encoder`."""
     from tqdm.auto import tqdm
 
     from ..bench.measure import peak_memory
+    from ..models.encoder_structure import is_encoder
+
+    if is_encoder(model):
+        from .structured_encoder import prune_encoder
+
+        return prune_encoder(
+            model, m, sparsity, calibration=calibration, tokenizer=tokenizer, n_samples=n_samples,
+            seq_len=seq_len, batch_size=batch_size, seed=seed, progress=progress,
+        )  # fmt: skip
 
     s = check_sparsity(0.5 if sparsity is None else sparsity)
     stack, layers = decoder_stack(model)
