@@ -110,7 +110,9 @@ def load_pruned(path: str | pathlib.Path, dtype=None, device_map=None, **kwargs)
         if getattr(cfg, "prunekit_slicing", None) is not None:  # SliceGPT: sliced layers, untied head
             slicing.resize(self, cfg.prunekit_slicing)
 
-    cls = type(f"Pruned{base.__name__}", (base,), {"__init__": __init__})
+    # same name and module as the base: transformers applies its checkpoint key conversions only to
+    # classes of its own modules (a renamed subclass would be treated as custom code)
+    cls = type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__})
     model = cls.from_pretrained(path, config=config, dtype=dtype, device_map=device_map, **kwargs)
     model.__class__ = base  # the plain transformers class once the widths are in place
     return model
