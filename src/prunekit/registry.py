@@ -46,6 +46,7 @@ _METHOD_MODULES = (
     "prunekit.weights.methods.sparsegpt",
     "prunekit.weights.methods.gblm",
     "prunekit.weights.methods.structured",
+    "prunekit.weights.methods.tyr",
 )
 
 
