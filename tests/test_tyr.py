@@ -23,7 +23,7 @@ from prunekit.weights.tyr import (
     spread,
     tournament,
 )
-from test_structured import CAL, build, logits
+from test_structured import CAL, _dense_inputs, build, logits
 from tiny import text_inputs
 
 FAST = dict(generations=3, offspring=4, survivors=(2, 1), stage_tokens=(24, 48), iterations=2)
@@ -242,6 +242,42 @@ def test_tyr_kv_groups_and_whole_modules():
     pruned.finalize()
     real = inputs["attention_mask"].bool()
     assert torch.allclose(logits(model, inputs)[real], masked[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("opts", [{"faithful": True}, {"expectation": "centre"}, {"nested": False}])
+def test_tyr_variants_shrink_to_the_masked_model(opts):
+    model = build("llama", "sdpa", num_hidden_layers=3)
+    pruned = prunekit.prune_weights(model, "tyr", 0.3, calibration=CAL, progress=False, **FAST, **opts)
+    assert pruned.report.allocation == "search"
+    inputs = text_inputs(batch=2, length=16)
+    masked = logits(model, inputs)
+    pruned.finalize()
+    real = inputs["attention_mask"].bool()
+    assert torch.allclose(logits(model, inputs)[real], masked[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("faithful", [True, False])
+def test_faithful_supernet_calibrates_on_the_dense_model(faithful):
+    from tqdm import tqdm
+
+    from prunekit.models.structure import geometry
+    from prunekit.weights.methods.tyr import Tyr
+
+    model = build("llama", num_hidden_layers=2)
+    X = _dense_inputs(model)["model.layers.1.mlp.down_proj"]  # layer 1's dense inputs
+    layers = model.model.layers
+    m = Tyr(faithful=faithful)
+    centre = torch.tensor([[1, 32], [1, 32]])
+    with torch.no_grad():
+        net = m._supernet(model, layers, CAL, 4, centre, (1, 16), geometry(layers[0]), tqdm(disable=True))
+    W = layers[1].mlp.down_proj.weight.detach()
+    H, B, G = prepare(X.T @ X, W)
+    want = local_prune_levels(B, H, G, 1, net[3].removed, m.mlp_rounds)
+    same = all(
+        torch.equal(k, kw) and torch.allclose(Wl, Bw.t().float(), atol=1e-4)
+        for Wl, k, (Bw, kw) in zip(net[3].weights, net[3].kept, want, strict=True)
+    )
+    assert same == faithful  # the fix calibrates layer 1 on the expected pruned layer 0
 
 
 def test_tyr_restores_exactly_and_is_deterministic():

@@ -361,7 +361,7 @@ def prune_weights(
     Method options (``group``, ``allocation="owl"``, ``blocksize``, ...) go in ``**options``.
 
     Returns a :class:`WeightPruning`: reversible masks until ``finalize()``, and ``.report``.
-    **Structured methods** (``flap``, ``cfsp``, ``llm_pruner``, ``shortgpt``, ``wanda_sp``,
+    **Structured methods** (``flap``, ``cfsp``, ``tyr``, ``llm_pruner``, ``shortgpt``, ``wanda_sp``,
     ``magnitude_sp``, ``random_sp``)
     remove whole query heads / KV groups, MLP channels or layers: ``sparsity`` is then the fraction
     of the decoder layers' prunable weights removed (q/k/v/o and gate/up/down weights; embeddings,

@@ -340,7 +340,7 @@ def prune_structured(
     report = StructuredReport(
         model=type(model).__name__, method=m.name, config=repr(m), sparsity=s,
         calibration_tokens=0 if ids is None else ids.numel(),
-        allocation="sequential" if m.sequential else "global",
+        allocation="search" if getattr(m, "run", None) else "sequential" if m.sequential else "global",
     )  # fmt: skip
     handle = StructuredPruning(model, report)
 

@@ -81,29 +81,38 @@ class Tyr(StructuredMethod):
        ``min_mlp_step`` channels, the release's floor of 32 channels).
 
     **Units and budgets.** ``sparsity`` is prunekit's (the fraction of the decoder layers' prunable
-    weights). Attention and MLP each lose the same fraction ``sparsity`` of their weights (the
-    release keeps a budget per module type, never trading one for the other): the MLP loses
-    ``round(sparsity * I * L)`` channels (in multiples of ``round_to``), the attention
-    ``round(sparsity * A * L / c)`` units of cost ``c``, ``A`` = q/k/v/o weights of a layer. The
-    attention unit (``gqa``) is, by default, a **query slot** (one query head in every KV group,
-    so GQA stays balanced: the spec's option (b); the local pruner removes the same number of heads
-    from every KV group, each group its lowest-scoring ones) or a whole **KV group**
-    (``gqa="kv_groups"``; the KV heads go with it). k/v weights go only with a whole KV group or
-    with the whole attention, so the removed total can slightly exceed ``sparsity`` when a layer
-    loses its attention. The initial centre spreads each budget evenly over the layers (ours: the
-    release starts every module at the target sparsity, not always a whole number of units).
+    weights). Attention and MLP each lose the same fraction ``sparsity`` of their weights, each
+    kind with its own budget that the search conserves (as the release, which never trades one
+    kind for the other): the MLP loses ``round(sparsity * I * L)`` channels (in multiples of
+    ``round_to``), the attention ``round(sparsity * A * L / c)`` units of cost ``c``, ``A`` the
+    q/k/v/o weights of a layer (ours: the release's attention sparsity is the fraction of
+    ``o_proj`` heads, k/v not counted). The attention unit (``gqa``) is, by default, a **query
+    slot** (one query head in every KV group, so GQA stays balanced: the spec's option (b); the
+    local pruner removes the same number of heads from every KV group, each group its
+    lowest-scoring ones; ours) or a whole **KV group** (``gqa="kv_groups"``, KV heads included;
+    the spec's option (c)). Single query heads (option (a)) would need uneven GQA groups, which
+    transformers cannot run: not offered. k/v weights go only with a whole KV group or with the
+    whole attention, so the removed total can slightly exceed ``sparsity`` when a layer loses
+    its attention. The initial centre spreads each budget evenly over the layers (ours: the
+    release starts every module at the target sparsity, not always a whole number of units here).
 
-    **Departures** (the release runs Llama-2/3 at 7-70B on GPUs): search sizes default to a CPU
-    budget (SmolLM2-135M at 20 % in about 30 min on 2 cores) where the release uses 128 offspring,
-    survivors (16, 4, 2) on (2048, 16384, 131072) tokens, 50 generations, 4 iterations and
-    ``kl_topk=8192``; calibration is prunekit's windows (the release: 4M fineweb-edu tokens);
-    ``step`` is a fraction of a module's units (the release: ``weights_diff`` weights); widths are
-    rounded to ``round_to`` channels (the spec's recommendation for SmolLM2); the saliency of
-    head groups is vectorised (the release loops over heads); the release's ``max_level`` /
-    ``max_total_deviation`` limits are not implemented. Ours: query-slot grouping and the even
-    initial spread (above); the Hessian, OBS and refit run in fp32 as the release, the Gram
-    matrices are summed in fp64. The blog's "distillation over hidden activations and logits"
-    is not in the code: logits only, as the release.
+    **Departures.** Search sizes default to a CPU budget (SmolLM2-135M at 20 %, 16 x 512
+    calibration tokens, about 30 min on 2 shared cores): 8 offspring, survivors (2, 1) on (128,
+    512) tokens, 8 generations, 2 iterations, ``kl_topk=2048``; the release uses 128 offspring,
+    survivors (16, 4, 2) on (2048, 16384, 131072) tokens, 50 generations, 4 iterations,
+    ``kl_topk=8192`` and 4M fineweb-edu calibration tokens (here prunekit's windows; every
+    stage draws fresh windows from them). ``nested=True`` (default, ours, for speed: one OBS
+    trajectory instead of one per level, about 3x less work) makes each level's removed groups
+    a superset of the level below's, each stretch between levels taking up to ``rounds`` rounds;
+    ``nested=False`` prunes every level from the dense weight independently, as the release.
+    ``step`` is a fraction of a module's units (the release: ``weights_diff`` weights, 1/8 of
+    the module in its script); MLP widths are rounded to ``round_to`` channels (the spec's
+    recommendation for SmolLM2); head-group saliencies are vectorised (the release loops over
+    heads); the release's optional ``max_level`` / ``max_total_deviation`` limits are not
+    implemented. The Hessian inverse, OBS updates and refit run in fp32 as the release (the Gram
+    sums in fp64). The blog's "distillation over hidden activations and logits" is not in the
+    code: logits only, as the release. Both Gram matrices of a layer come from one forward of
+    the layer as calibrated (its own dense weights), as the release's hooks do.
     """
 
     gqa: str = "query_slots"
