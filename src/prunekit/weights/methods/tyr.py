@@ -115,24 +115,24 @@ class Tyr(StructuredMethod):
     the layer as calibrated (its own dense weights), as the release's hooks do.
     """
 
-    gqa: str = "query_slots"
-    faithful: bool = False
-    expectation: str = "weighted"
-    n_levels: int = 9
-    step: float = 0.125
-    iterations: int = 2
-    generations: int = 8
-    offspring: int = 8
-    survivors: tuple = (2, 1)
-    stage_tokens: tuple = (128, 512)
-    kl_topk: int = 2048
-    mlp_rounds: int = 16
-    attn_rounds: int = 1
-    damp: float = 0.01
-    round_to: int = 8
-    min_mlp_step: int = 32
-    max_flips: int = 4
-    nested: bool = True
+    gqa: str = "query_slots"  # attention unit: query_slots (one head per KV group) or kv_groups
+    faithful: bool = False  # the release's bug: the next layer is calibrated on the dense layer
+    expectation: str = "weighted"  # weighted (sum (1-s_l) W_l / sum (1-s_l)) or centre level
+    n_levels: int = 9  # supernet levels per module (up to n_levels // 2 each way)
+    step: float = 0.125  # level spacing at iteration 1, a fraction of the module's units; halved after
+    iterations: int = 2  # coarse-to-fine rounds (the release: 4)
+    generations: int = 8  # per iteration (the release: 50)
+    offspring: int = 8  # per generation (the release: 128)
+    survivors: tuple = (2, 1)  # kept after each tournament stage (the release: 16, 4, 2)
+    stage_tokens: tuple = (128, 512)  # tokens per stage (the release: 2048, 16384, 131072)
+    kl_topk: int = 2048  # teacher logits kept for the sparse KL (the release: 8192)
+    mlp_rounds: int = 16  # OBS rounds when pruning down_proj channels
+    attn_rounds: int = 1  # OBS rounds when pruning o_proj heads
+    damp: float = 0.01  # Hessian dampening, times its mean diagonal
+    round_to: int = 8  # MLP widths in multiples of this (when the width allows)
+    min_mlp_step: int = 32  # the smallest MLP level spacing, in channels (the release's floor)
+    max_flips: int = 4  # a mutation makes min(randint(1, m), randint(1, m)) flips
+    nested: bool = True  # one OBS trajectory for all levels (ours, faster); False: one per level
 
     needs = frozenset({"forward"})
 
