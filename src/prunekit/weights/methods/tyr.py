@@ -97,7 +97,8 @@ class Tyr(StructuredMethod):
     release starts every module at the target sparsity, not always a whole number of units here).
 
     **Departures.** Search sizes default to a CPU budget (SmolLM2-135M at 20 %, 16 x 512
-    calibration tokens, about 30 min on 2 shared cores): 8 offspring, survivors (2, 1) on (128,
+    calibration tokens: 42 min measured on 2 cores shared at load average ~10, i.e. much less on
+    idle cores; the supernet is about half of it): 8 offspring, survivors (2, 1) on (128,
     512) tokens, 8 generations, 2 iterations, ``kl_topk=2048``; the release uses 128 offspring,
     survivors (16, 4, 2) on (2048, 16384, 131072) tokens, 50 generations, 4 iterations,
     ``kl_topk=8192`` and 4M fineweb-edu calibration tokens (here prunekit's windows; every
