@@ -47,6 +47,7 @@ _METHOD_MODULES = (
     "prunekit.weights.methods.gblm",
     "prunekit.weights.methods.structured",
     "prunekit.weights.methods.slicegpt",
+    "prunekit.weights.methods.tyr",
 )
 
 

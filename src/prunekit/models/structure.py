@@ -73,7 +73,9 @@ class LayerKeep:
     """What one decoder layer keeps. Index tensors are into the layer's units before pruning;
     ``None`` keeps them all; an empty ``q_heads`` removes the attention, an empty ``channels`` the
     MLP. ``o_bias``/``down_bias`` (``(H,)``) are added to ``o_proj``/``down_proj`` outputs (bias
-    compensation, FLAP)."""
+    compensation, FLAP). ``o_weight``/``down_weight`` (full shapes ``(H, n_q*d)``/``(H, I)``, zeros in
+    the removed columns) replace ``o_proj``/``down_proj``'s weights: methods that update the kept
+    weights (Týr's OBS update and refit)."""
 
     q_heads: torch.Tensor | None = None  # kept query heads, ascending (kv-major)
     kv_heads: torch.Tensor | None = None  # kept KV heads, ascending
@@ -81,6 +83,8 @@ class LayerKeep:
     removed: bool = False  # the whole layer goes
     o_bias: torch.Tensor | None = None
     down_bias: torch.Tensor | None = None
+    o_weight: torch.Tensor | None = None
+    down_weight: torch.Tensor | None = None
 
     def counts(self, geo: LayerGeometry) -> tuple[int, int, int]:
         """``(query heads, KV heads, MLP channels)`` kept."""
@@ -275,14 +279,16 @@ def shrink_layer(layer: nn.Module, keep: LayerKeep) -> None:
                 b = None if lin.bias is None else lin.bias[idx]
                 _set(lin, lin.weight[idx], b)
             o = attn.o_proj
-            _set(o, o.weight[:, qr.to(o.weight.device)], _plus(o.bias, keep.o_bias, o.weight))
+            ow = o.weight if keep.o_weight is None else keep.o_weight.to(o.weight)
+            _set(o, ow[:, qr.to(o.weight.device)], _plus(o.bias, keep.o_bias, o.weight))
             attn.num_key_value_groups = len(q_heads) // len(kv_heads)
         ch = keep.channels if keep.channels is not None else torch.arange(geo.inter)
         for lin in (mlp.gate_proj, mlp.up_proj):
             idx = ch.to(lin.weight.device)
             _set(lin, lin.weight[idx], None if lin.bias is None else lin.bias[idx])
         dn = mlp.down_proj
-        _set(dn, dn.weight[:, ch.to(dn.weight.device)], _plus(dn.bias, keep.down_bias, dn.weight))
+        dw = dn.weight if keep.down_weight is None else keep.down_weight.to(dn.weight)
+        _set(dn, dw[:, ch.to(dn.weight.device)], _plus(dn.bias, keep.down_bias, dn.weight))
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = len(ch)
 

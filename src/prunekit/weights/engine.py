@@ -364,7 +364,7 @@ def prune_weights(
     Method options (``group``, ``allocation="owl"``, ``blocksize``, ...) go in ``**options``.
 
     Returns a :class:`WeightPruning`: reversible masks until ``finalize()``, and ``.report``.
-    **Structured methods** (``flap``, ``cfsp``, ``llm_pruner``, ``shortgpt``, ``wanda_sp``,
+    **Structured methods** (``flap``, ``cfsp``, ``tyr``, ``llm_pruner``, ``shortgpt``, ``wanda_sp``,
     ``magnitude_sp``, ``random_sp``)
     remove whole query heads / KV groups, MLP channels or layers (``slicegpt``: residual width, see
     ``prunekit.weights.methods.slicegpt``): ``sparsity`` is then the fraction

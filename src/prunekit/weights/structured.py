@@ -294,10 +294,17 @@ class StructuredMethod:
     ``needs``: calibration it uses: ``"activations"`` (sums of x and x^2 of the o_proj and
     down_proj inputs), ``"influence"`` (Block Influence of each layer), ``"angular"`` (mean angular
     distance between each layer's input and output), ``"taylor"`` (LLM-Pruner's gradient saliences
-    of the dense model); empty = no calibration.
+    of the dense model), ``"forward"`` (the calibration ids, for a method with its own pipeline);
+    empty = no calibration.
     ``sequential``: plan each layer as soon as its statistics are in, then run it pruned to feed
     the next (Wanda-SP); otherwise every layer is scored on the dense model and :meth:`plan`
-    decides them together (FLAP, ShortGPT)."""
+    decides them together (FLAP, ShortGPT).
+
+    A method that runs the model itself (Týr: supernet and search) defines
+    ``run(model, layers, ids, sparsity, *, batch_size, seed, progress) -> list[LayerKeep]``;
+    ``prune_structured`` then calls it (under ``torch.no_grad``, the model unmasked and in eval
+    mode; it must leave the weights as it found them) instead of gathering statistics and calling
+    :meth:`plan`."""
 
     #: attention unit under GQA: ``kv_groups`` (a KV head with its query heads) or ``query_slots``
     #: (one query head in every KV group); see :func:`attention_units`

@@ -4,7 +4,11 @@
   ``k_proj``, ``v_proj``, ``o_proj``, ``gate_proj``, ``up_proj`` and ``down_proj`` of every decoder
   layer. Embeddings, ``lm_head``, norms and biases are not counted (nor removed).
 - **Masks**: removed units are zeroed by parametrizations (``W * keep``, rows or columns), and
-  a compensation bias is added by a forward hook; ``restore()`` removes both.
+  a compensation bias is added by a forward hook; a method's replacement weights for ``o_proj`` /
+  ``down_proj`` (``LayerKeep.o_weight`` / ``down_weight``: Týr's updated kept weights) are a
+  further parametrization that returns the stored tensor; ``restore()`` removes them all.
+- **Own pipelines**: a method that defines :meth:`StructuredMethod.run` (one that runs the model
+  itself, as Týr's supernet and search) gets the calibration ids and returns every layer's keep.
 - **finalize()**: slices the tensors (``models.structure.shrink_layer``), deletes removed
   layers, sets ``num_key_value_groups`` per layer, and writes each layer's widths into
   ``config.prunekit_structure`` so ``model.save_pretrained`` makes a checkpoint that
@@ -106,6 +110,17 @@ class _AddBias(nn.Module):
         return out + self.bias.to(device=out.device, dtype=out.dtype)
 
 
+class _Replace(nn.Module):
+    """The parametrization ``W -> stored`` (a method's updated weight, same shape)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight, persistent=False)
+
+    def forward(self, W: torch.Tensor) -> torch.Tensor:
+        return self.weight.to(W.dtype)
+
+
 class StructuredPruning(WeightPruning):
     """Reversible structured masks: ``restore()`` gives back the model exactly; ``finalize()``
     physically removes the masked units (and layers) and records the widths in the config."""
@@ -120,6 +135,17 @@ class StructuredPruning(WeightPruning):
         """Mask layer ``i`` as ``keep`` says (and add its compensation biases by hooks)."""
         geo = geometry(layer)
         check_keep(keep, geo, f"layer {i}")
+        if not keep.removed:  # replacement weights first, so the masks apply on top
+            for lin, w in ((layer.self_attn.o_proj, keep.o_weight), (layer.mlp.down_proj, keep.down_weight)):
+                if w is not None and isinstance(lin, nn.Linear):
+                    if tuple(w.shape) != tuple(lin.weight.shape):
+                        raise ValueError(
+                            f"layer {i}: a replacement weight of shape {tuple(w.shape)} for a weight of "
+                            f"shape {tuple(lin.weight.shape)}"
+                        )
+                    rep = _Replace(w.detach().to(device=lin.weight.device, dtype=lin.weight.dtype))
+                    parametrize.register_parametrization(lin, "weight", rep)
+                    self._params.append((lin, "weight"))
         for lin, pname, mask in layer_masks(layer, keep):
             parametrize.register_parametrization(lin, pname, _Keep(mask))
             self._params.append((lin, pname))
@@ -148,8 +174,9 @@ class StructuredPruning(WeightPruning):
         names = {id(m): n for n, m in self.model.named_modules()}
         out = {}
         for lin, pname in self._params:
-            p = getattr(lin.parametrizations, pname)[0]
-            out[f"{names.get(id(lin), '?')}.{pname}"] = p.keep
+            p = next((q for q in getattr(lin.parametrizations, pname) if isinstance(q, _Keep)), None)
+            if p is not None:
+                out[f"{names.get(id(lin), '?')}.{pname}"] = p.keep
         return out
 
     def _unmask(self) -> None:
@@ -324,11 +351,17 @@ def prune_structured(
     report = StructuredReport(
         model=type(model).__name__, method=m.name, config=repr(m), sparsity=s,
         calibration_tokens=0 if ids is None else ids.numel(),
-        allocation="sequential" if m.sequential else "global",
+        allocation="search" if getattr(m, "run", None) else "sequential" if m.sequential else "global",
     )  # fmt: skip
     handle = StructuredPruning(model, report)
 
     def work() -> None:
+        if getattr(m, "run", None) is not None:  # a method with its own pipeline (Týr)
+            with torch.no_grad():
+                keeps = m.run(model, layers, ids, s, batch_size=batch_size, seed=seed, progress=progress)
+            for i, (layer, keep) in enumerate(zip(layers, keeps, strict=True)):
+                handle.apply(i, layer, keep)
+            return
         taylor = taylor_saliences(model, layers, ids, batch_size, progress) if "taylor" in m.needs else None
         layer_needs = m.needs - {"taylor"}
         with torch.no_grad():
