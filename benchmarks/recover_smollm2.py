@@ -1,8 +1,9 @@
 """LoRA recovery after structured pruning on SmolLM2-135M: Wikipedia perplexity dense, pruned, and
 pruned + ``prunekit.recover``.
 
-The model (fp32) is pruned as ``benchmarks/structured_quality.py`` does (FLAP at ``--sparsity`` of
-the prunable weights, ``gqa=query_slots``, calibration: ``--samples`` LAMBADA windows of 512
+The model (fp32) is pruned as ``benchmarks/structured_quality.py`` does (``--method``, FLAP by
+default, at ``--sparsity`` of the prunable weights, ``gqa=query_slots`` unless ``--option`` says
+otherwise; calibration: ``--samples`` LAMBADA windows of 512
 tokens), finalized, then recovered with LoRA (LLM-Pruner's recipe: r=8, alpha 16, dropout 0.05,
 lr 1e-4 unless given) on Wikipedia text **disjoint from the evaluation**: the perplexity task cuts
 the tokenized ``prunekit.assets.wiki_text()`` into 512-token chunks and evaluates a seeded subset
@@ -35,6 +36,8 @@ from prunekit.bench.tasks import make_task
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--method", default="flap")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option (default: gqa=query_slots)")  # fmt: skip
     p.add_argument("--sparsity", type=float, default=0.2)
     p.add_argument("--samples", type=int, default=16, help="calibration windows of 512 tokens")
     p.add_argument("--ppl-chunks", type=int, default=16, help="Wikipedia chunks of 512 tokens")
@@ -50,7 +53,14 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     out = pathlib.Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    log = out.open("w")
+    log = out.open("a")  # rows of earlier runs (other methods) stay
+    opts = {"gqa": "query_slots"}
+    for kv in a.option:
+        k, _, v = kv.partition("=")
+        try:
+            opts[k] = json.loads(v)
+        except json.JSONDecodeError:
+            opts[k] = v
 
     def emit(row: dict) -> None:
         print(json.dumps(row), flush=True)
@@ -73,11 +83,11 @@ def main() -> None:
           "ppl_chunks": a.ppl_chunks, "ppl_seq_len": task.chunk})  # fmt: skip
 
     pr = prunekit.prune_weights(
-        loaded.model, a.method, a.sparsity, tokenizer=loaded.tokenizer, n_samples=a.samples, gqa="query_slots"
+        loaded.model, a.method, a.sparsity, tokenizer=loaded.tokenizer, n_samples=a.samples, **opts
     )
     report = pr.finalize()
     params = sum(t.numel() for t in loaded.model.parameters())
-    emit({"stage": "pruned", "method": a.method, "options": {"gqa": "query_slots"}, "sparsity": a.sparsity,
+    emit({"stage": "pruned", "method": a.method, "options": opts, "sparsity": a.sparsity,
           "actual_sparsity": report.to_dict()["actual_sparsity"], "params": params,
           "ppl": task.evaluate(loaded, nullcontext).metrics["ppl"], "prune_s": report.seconds})  # fmt: skip
 
@@ -95,7 +105,8 @@ def main() -> None:
             same = torch.equal(reloaded(input_ids=x).logits, loaded.model(input_ids=x).logits)
     d = rec.to_dict()
     d.pop("modules")
-    emit({"stage": "recovered", "ppl": ppl, "params": sum(t.numel() for t in loaded.model.parameters()),
+    emit({"stage": "recovered", "method": a.method, "options": opts, "ppl": ppl,
+          "params": sum(t.numel() for t in loaded.model.parameters()),
           "train_windows": len(windows), "train_tokens_seen": a.steps * a.batch_size * a.seq_len,
           "recover_wall_s": wall, "reload_identical": same, "threads": a.threads, **d})  # fmt: skip
     log.close()

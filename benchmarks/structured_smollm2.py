@@ -162,6 +162,13 @@ def main() -> None:
         default=None,
         help="run the zero-shot tasks only at these sparsities (default: all)",
     )
+    p.add_argument(
+        "--speed-at",
+        nargs="*",
+        type=float,
+        default=None,
+        help="with --speed-only: time only the runs at these sparsities (default: all)",
+    )
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
@@ -279,6 +286,8 @@ def time_checkpoints(a, dense, done: dict, out: pathlib.Path) -> None:
     for k, row in list(done.items()):
         folder = pathlib.Path(a.ckpt_dir) / ckpt_name(k)
         if row["method"] == "dense" or "error" in row or "prefill_b1x512" in row or not folder.is_dir():
+            continue
+        if a.speed_at is not None and row["sparsity"] not in a.speed_at:
             continue
         pruned = prunekit.load_pruned(folder, dtype=torch.float32).eval()
         row = dict(row)
