@@ -379,8 +379,9 @@ def plot(out: pathlib.Path, rows: list[dict]) -> None:
     for name, rs in series.items():
         rs.sort(key=lambda r: r["sparsity"])
         a1.plot([r["sparsity"] for r in rs], [r["ppl"] for r in rs], "o-", label=name)
-        if "prefill_b1x512" in rs[0]:
-            a2.plot([r["predicted"] for r in rs], [r["prefill_b1x512"] for r in rs], "o", label=name)
+        timed = [r for r in rs if "prefill_b1x512" in r]
+        if timed:
+            a2.plot([r["predicted"] for r in timed], [r["prefill_b1x512"] for r in timed], "o", label=name)
     if dense:
         a1.axhline(dense["ppl"], color="k", ls=":", label="dense")
     a1.set_yscale("log")
