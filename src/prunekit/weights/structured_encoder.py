@@ -36,7 +36,6 @@
 from __future__ import annotations
 
 import contextlib
-import time
 
 import torch
 from torch import nn
@@ -60,7 +59,7 @@ from ..models.structure import LayerKeep
 from .calibration import CalibrationError, calibration_batches, calibration_ids
 from .engine import _Keep
 from .structured import LayerData, StructuredMethod, attn_channels, check_sparsity, flap_bias
-from .structured_engine import LayerReport, StructuredPruning, StructuredReport, _AddBias
+from .structured_engine import LayerReport, StructuredPruning, StructuredReport, _AddBias, run_pruning
 
 #: structured methods that run on encoders
 ENCODER_METHODS = ("flap", "wanda_sp", "magnitude_sp", "random_sp")
@@ -248,8 +247,6 @@ def prune_encoder(
     and this module's docstring."""
     from tqdm.auto import tqdm
 
-    from ..bench.measure import peak_memory
-
     s = check_sparsity(0.5 if sparsity is None else sparsity)
     stack = encoder_stack(model)
     geos = [encoder_geometry(layer, stack.names) for layer in stack.layers]
@@ -297,16 +294,4 @@ def prune_encoder(
                     _raw_biases(stack, i, d, keep)
                 handle.apply(i, stack.layers[i], keep)
 
-    was_training = model.training
-    model.eval()
-    t0 = time.perf_counter()
-    try:
-        dev = str(next(model.parameters()).device)
-        report.peak_memory_bytes, report.memory_how = peak_memory(work, dev)
-    except BaseException:
-        handle.restore()
-        raise
-    finally:
-        model.train(was_training)
-    report.seconds = time.perf_counter() - t0
-    return handle
+    return run_pruning(model, handle, work)

@@ -310,6 +310,27 @@ def _data(layer: nn.Module, acc: dict | None) -> LayerData:
     return d
 
 
+def run_pruning(model: nn.Module, handle: WeightPruning, work) -> WeightPruning:
+    """Run ``work()`` (which masks the model through ``handle``) in eval mode, recording its seconds
+    and peak memory in ``handle.report``; any failure restores the model before it propagates."""
+    from ..bench.measure import peak_memory
+
+    report = handle.report
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    try:
+        dev = str(next(model.parameters()).device)
+        report.peak_memory_bytes, report.memory_how = peak_memory(work, dev)
+    except BaseException:
+        handle.restore()
+        raise
+    finally:
+        model.train(was_training)
+    report.seconds = time.perf_counter() - t0
+    return handle
+
+
 def prune_structured(
     model: nn.Module,
     m: StructuredMethod,
@@ -328,7 +349,6 @@ def prune_structured(
     :func:`prunekit.weights.structured_encoder.prune_encoder`."""
     from tqdm.auto import tqdm
 
-    from ..bench.measure import peak_memory
     from ..models.encoder_structure import is_encoder
 
     if is_encoder(model):
@@ -394,16 +414,4 @@ def prune_structured(
             for i, (layer, keep) in enumerate(zip(layers, keeps, strict=True)):
                 handle.apply(i, layer, keep)
 
-    was_training = model.training
-    model.eval()
-    t0 = time.perf_counter()
-    try:
-        dev = str(next(model.parameters()).device)
-        report.peak_memory_bytes, report.memory_how = peak_memory(work, dev)
-    except BaseException:
-        handle.restore()
-        raise
-    finally:
-        model.train(was_training)
-    report.seconds = time.perf_counter() - t0
-    return handle
+    return run_pruning(model, handle, work)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +18,7 @@ from ...registry import register
 from ..calibration import calibration_ids, calibration_tokens, layer0_inputs
 from ..engine import WeightPruning
 from ..structured import StructuredMethod, check_sparsity
-from ..structured_engine import LayerReport, StructuredReport
+from ..structured_engine import LayerReport, StructuredReport, run_pruning
 
 ORIENTATIONS = ("pca", "random")
 
@@ -277,8 +276,6 @@ class SliceGPT(StructuredMethod):
         this. Returns the reversible :class:`SlicingPruning`."""
         from tqdm.auto import tqdm
 
-        from ...bench.measure import peak_memory
-
         if sparsity is not None:
             check_sparsity(sparsity)
         stack, layers = slicing.check_supported(model)
@@ -384,19 +381,11 @@ class SliceGPT(StructuredMethod):
             new_head.bias = head.bias  # the output side: not rotated
             undo.set(model, _head_name(model), new_head)
 
-        was_training = model.training
-        model.eval()
-        t0 = time.perf_counter()
-        try:
+        def quiet() -> None:
             with torch.no_grad():
-                dev = str(next(model.parameters()).device)
-                report.peak_memory_bytes, report.memory_how = peak_memory(work, dev)
-        except BaseException:
-            handle.restore()
-            raise
-        finally:
-            model.train(was_training)
-        report.seconds = time.perf_counter() - t0
+                work()
+
+        run_pruning(model, handle, quiet)
         report.model_params_after = _unique_params(model)
         return handle
 
