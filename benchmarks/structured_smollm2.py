@@ -42,6 +42,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+from structured_quality import counts, parse  # the sibling script (benchmarks/ is on sys.path)
 
 import prunekit
 from prunekit.bench.measure import interleaved_latency
@@ -49,36 +50,10 @@ from prunekit.bench.models import BUILTIN
 from prunekit.bench.tasks import make_task
 from prunekit.bench.tasks.lm import MC_TASKS
 
-PRUNABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHODS = [
     "flap:gqa=query_slots", "flap", "cfsp", "llm_pruner:gqa=query_slots", "shortgpt",
     "wanda_sp:gqa=query_slots", "magnitude_sp:gqa=query_slots", "random_sp:gqa=query_slots",
 ]  # fmt: skip
-
-
-def counts(model) -> dict:
-    """Total parameters, the weights every token multiplies (Linears incl. lm_head), prunable ones."""
-    total = sum(p.numel() for p in model.parameters())
-    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    prunable = sum(
-        m.weight.numel()
-        for n, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in PRUNABLE
-    )
-    return {"params": total, "matmul_params": matmul, "prunable_params": prunable}
-
-
-def parse(entry: str) -> tuple[str, dict]:
-    """``"flap:gqa=query_slots,faithful=false"`` -> ``("flap", {"gqa": "query_slots", ...})``."""
-    method, _, rest = entry.partition(":")
-    opts = {}
-    for kv in filter(None, rest.split(",")):
-        k, _, v = kv.partition("=")
-        try:
-            opts[k] = json.loads(v)
-        except json.JSONDecodeError:
-            opts[k] = v
-    return method, opts
 
 
 def key(model: str, method: str, opts: dict, sparsity: float, recover: int) -> str:

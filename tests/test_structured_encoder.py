@@ -5,8 +5,6 @@ clear errors."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from torch.nn.utils import parametrize
@@ -15,7 +13,7 @@ import prunekit
 from prunekit.errors import UnsupportedModelError
 from prunekit.models.structure import LayerKeep
 from prunekit.weights.calibration import CalibrationError
-from prunekit.weights.structured import StructuredMethod
+from test_structured import Fixed  # a method that returns a given plan
 from tiny_encoders import ENCODERS, build, build_clip
 
 SIZE = {"vit": 32, "deit": 32, "dinov2": 28, "clip_vision": 28}
@@ -47,17 +45,6 @@ def layers_of(model):
     from prunekit.models.encoder_structure import encoder_stack
 
     return encoder_stack(model).layers
-
-
-@dataclasses.dataclass
-class Fixed(StructuredMethod):
-    """A method that returns a given plan (masks and surgery on chosen units)."""
-
-    keeps: list = dataclasses.field(default_factory=list)
-    name = "fixed"
-
-    def plan(self, data, sparsity):
-        return [dataclasses.replace(k) for k in self.keeps]
 
 
 def hand_plan(H: int = 32, inter: int = 64) -> list[LayerKeep]:
