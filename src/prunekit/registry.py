@@ -48,6 +48,7 @@ _METHOD_MODULES = (
     "prunekit.weights.methods.structured",
     "prunekit.weights.methods.slicegpt",
     "prunekit.weights.methods.tyr",
+    "prunekit.weights.methods.experts",
 )
 
 

@@ -282,7 +282,9 @@ def collect(
 ) -> tuple[dict[str, LinearStats], list[torch.Tensor] | None]:
     """Run ``layer`` on every calibration batch with hooks on its Linears gathering what ``needs``
     names (``x_norm``, ``hessian``); returns the stats and, with ``keep_outputs``, the layer's
-    outputs (else ``None``: the caller re-runs the layer once it is pruned)."""
+    outputs (else ``None``: the caller re-runs the layer once it is pruned). Fused MoE experts
+    (:class:`~prunekit.weights.experts.ExpertWeight` entries) get the statistics of the tokens
+    routed to each expert."""
     stats = {name: LinearStats() for name in linears}
 
     def hook(name: str):
@@ -299,7 +301,20 @@ def collect(
 
         return fn
 
-    handles = [lin.register_forward_hook(hook(name)) for name, lin in linears.items()]
+    handles = [
+        lin.register_forward_hook(hook(name)) for name, lin in linears.items() if isinstance(lin, nn.Linear)
+    ]
+    fused: dict[int, tuple[nn.Module, dict]] = {}  # MoE experts: one hook per fused experts module
+    for name, w in linears.items():
+        if not isinstance(w, nn.Linear):
+            fused.setdefault(id(w.experts), (w.experts, {}))[1][name] = w
+    if fused:
+        from .experts import expert_hook
+
+        for experts, entries in fused.values():
+            handles.append(
+                experts.register_forward_hook(expert_hook(entries, stats, needs), with_kwargs=True)
+            )
     try:
         outs = inputs.run(layer, keep_outputs)
     finally:

@@ -38,8 +38,9 @@ from .calibration import (
     layer0_inputs,
 )
 from .criteria import wanda
+from .experts import ExpertWeight, expert_weights, is_router
 from .method import WeightMethod
-from .structures import Pattern, parse_pattern, resolve_sparsity
+from .structures import Pattern, keep_mask, parse_pattern, resolve_sparsity
 
 Targets = Callable[[str, nn.Module], bool] | Iterable[str] | None
 
@@ -94,6 +95,7 @@ class WeightReport(JSONReport):
     peak_memory_bytes: float = float("nan")
     memory_how: str = ""
     linears: list[LinearReport] = field(default_factory=list)
+    unreached: int = 0  # MoE expert weights no calibration token reached (ranked by |W|)
 
     @property
     def params_targeted(self) -> int:
@@ -147,8 +149,14 @@ class WeightPruning:
         self.state = "pruned"
         self._linears: dict[str, nn.Linear] = {}
         self._originals: dict[str, torch.Tensor] = {}  # weights a compensating method changed
+        # MoE: per fused tensor (experts module, parameter name) its 3-D keep mask and original
+        self._fused: dict[tuple[int, str], list] = {}
+        self._experts: dict[str, ExpertWeight] = {}
 
     def _apply(self, name: str, linear: nn.Linear, keep: torch.Tensor, new: torch.Tensor | None) -> None:
+        if isinstance(linear, ExpertWeight):
+            self._apply_expert(name, linear, keep, new)
+            return
         if new is not None:
             self._originals[name] = linear.weight.detach().clone()
             with torch.no_grad():
@@ -156,17 +164,48 @@ class WeightPruning:
         parametrize.register_parametrization(linear, "weight", _Keep(keep.to(linear.weight.device)))
         self._linears[name] = linear
 
+    def _apply_expert(self, name: str, w: ExpertWeight, keep: torch.Tensor, new: torch.Tensor | None) -> None:
+        """Mask one expert of a fused tensor: the tensor gets one parametrization (an all-ones 3-D
+        mask and a copy of the original, made on its first expert), filled expert by expert."""
+        key = (id(w.experts), w.pname)
+        if key not in self._fused:
+            p = getattr(w.experts, w.pname)
+            mask = torch.ones(p.shape, dtype=torch.bool, device=p.device)
+            self._fused[key] = [w.experts, w.pname, mask, p.detach().clone()]
+            parametrize.register_parametrization(w.experts, w.pname, _Keep(mask))
+        mask = self._fused[key][2]
+        mask[w.e] = keep.to(mask.device)
+        if new is not None:
+            with torch.no_grad():
+                w.fused[w.e].copy_(new)
+        self._experts[name] = w
+
     @property
     def masks(self) -> dict[str, torch.Tensor]:
-        """``{qualified Linear name: keep mask (out, in) bool}``."""
+        """``{qualified Linear name: keep mask (out, in) bool}`` (MoE experts:
+        ``...mlp.experts.<e>.<gate_up_proj|down_proj>``)."""
         if self.state != "pruned":
             raise PrunekitError(f"the masks are gone: this pruning was {self.state}")
-        return {n: lin.parametrizations.weight[0].keep for n, lin in self._linears.items()}
+        out = {n: lin.parametrizations.weight[0].keep for n, lin in self._linears.items()}
+        for n, w in self._experts.items():
+            out[n] = self._fused[(id(w.experts), w.pname)][2][w.e]
+        return out
+
+    def _unfuse(self, keys, leave: bool) -> None:
+        for key in keys:
+            experts, pname, _, original = self._fused.pop(key)
+            if parametrize.is_parametrized(experts, pname):
+                parametrize.remove_parametrizations(experts, pname, leave_parametrized=leave)
+            if not leave:
+                with torch.no_grad():
+                    getattr(experts, pname).copy_(original)
 
     def restore(self) -> None:
         """Remove every mask and give back the original weights."""
         if self.state == "finalized":
             raise PrunekitError("finalize() made this pruning permanent; it cannot be restored")
+        self._unfuse(list(self._fused), leave=False)
+        self._experts.clear()
         for name, lin in self._linears.items():
             if parametrize.is_parametrized(lin, "weight"):
                 parametrize.remove_parametrizations(lin, "weight", leave_parametrized=False)
@@ -179,16 +218,22 @@ class WeightPruning:
 
     def _commit(self, names: list[str]) -> None:
         """Make the masks of these Linears permanent (streaming writes layer by layer)."""
+        fused = set()
         for name in names:
+            if name in self._experts:
+                w = self._experts.pop(name)
+                fused.add((id(w.experts), w.pname))
+                continue
             lin = self._linears.pop(name)
             parametrize.remove_parametrizations(lin, "weight", leave_parametrized=True)
             self._originals.pop(name, None)
+        self._unfuse([k for k in fused if k in self._fused], leave=True)
 
     def finalize(self) -> WeightReport:
         """Make the pruning permanent: the masked (and updated) weights become the parameters."""
         if self.state != "pruned":
             raise PrunekitError(f"nothing to finalize: this pruning was {self.state}")
-        self._commit(list(self._linears))
+        self._commit([*self._linears, *self._experts])
         self.state = "finalized"
         return self.report
 
@@ -204,9 +249,10 @@ class WeightPruning:
 
 
 def _method(method: str | WeightMethod, options: dict) -> WeightMethod:
+    from .methods.experts import ExpertMethod
     from .structured import StructuredMethod
 
-    if isinstance(method, (WeightMethod, StructuredMethod)):
+    if isinstance(method, (WeightMethod, StructuredMethod, ExpertMethod)):
         if options:
             raise ValueError(f"options {sorted(options)} go into the method object, not prune_weights")
         return method
@@ -231,8 +277,11 @@ def _select(layers: nn.ModuleList, prefix: str, targets: Targets) -> list[dict[s
         chosen = {}
         for sub, mod in layer.named_modules():
             name = f"{prefix}.{i}.{sub}"
-            if isinstance(mod, nn.Linear) and keep(name, mod):
+            if isinstance(mod, nn.Linear) and not is_router(name, mod) and keep(name, mod):
                 chosen[name] = mod
+        for name, w in expert_weights(i, layer, prefix, layers).items():  # fused MoE experts
+            if keep(name, w):
+                chosen[name] = w
         out.append(chosen)
     return out
 
@@ -266,7 +315,13 @@ def prune_linears(
 ) -> None:
     """Mask (and, for compensating methods, update) the Linears of decoder layer ``i``."""
     for name, lin in linears.items():
-        new, keep = m.prune(lin.weight.detach(), stats.get(name, LinearStats()), target, pat)
+        st = stats.get(name, LinearStats())
+        if isinstance(lin, ExpertWeight) and m.calibration_needs and st.n_tokens == 0:
+            # an expert no calibration token reached: ranked by magnitude (see weights.experts)
+            new, keep = None, keep_mask(lin.weight.detach().abs(), target, pat, m.group)
+            handle.report.unreached += 1
+        else:
+            new, keep = m.prune(lin.weight.detach(), st, target, pat)
         handle._apply(name, lin, keep, new)
         removed = 1.0 - keep.double().mean().item()
         handle.report.linears.append(LinearReport(name, i, tuple(lin.weight.shape), target, removed))
@@ -422,6 +477,11 @@ def prune_weights(
 
     def work() -> None:
         grads = {}
+        if "grad" in needs and any(isinstance(w, ExpertWeight) for c in per_layer for w in c.values()):
+            raise ValueError(
+                f"{m.name} needs gradients of each weight; fused MoE experts have none per expert. Use "
+                "wanda, sparsegpt, magnitude or owl on MoE models, or exclude the experts with targets="
+            )
         if "grad" in needs:
             weights = {n: lin.weight for chosen in per_layer for n, lin in chosen.items()}
             grads = gradient_norms(model, weights, ids, getattr(m, "scale", 100.0), progress)

@@ -32,7 +32,7 @@ def save_pruned(
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     (out / "prunekit_report.json").write_text(json.dumps(report.to_dict(), indent=1))
-    if report.pattern not in ("unstructured", "structured"):
+    if ":" in report.pattern:  # N:M
         (out / "sparsity_config.json").write_text(json.dumps({
             "format": "dense",
             "sparsity_structure": report.pattern,
@@ -69,7 +69,8 @@ def load_pruned(path: str | pathlib.Path, dtype=None, device_map=None, **kwargs)
     """Load a checkpoint saved after a structured ``finalize()`` (per-layer widths in
     ``config.prunekit_structure``; SliceGPT's residual widths in ``config.prunekit_slicing``:
     sliced embedding and Linears, shortcut matrices, weightless norms, untied ``lm_head``, see
-    ``prunekit.models.slicing.resize``), or any plain checkpoint.
+    ``prunekit.models.slicing.resize``; each MoE layer's expert count after expert pruning in
+    ``config.prunekit_experts``, see ``prunekit.models.moe.resize``), or any plain checkpoint.
 
     The model class comes from the config (``AutoModelForCausalLM``'s mapping); a subclass of it
     resizes each decoder layer's q/k/v/o and gate/up/down to the recorded widths (and creates the
@@ -83,7 +84,7 @@ def load_pruned(path: str | pathlib.Path, dtype=None, device_map=None, **kwargs)
     ``architectures`` names (e.g. ``Dinov2Model``, ``CLIPModel``), each recorded tower resized."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..models import slicing
+    from ..models import moe, slicing
     from ..models.structure import resize
 
     path = pathlib.Path(path)
@@ -94,7 +95,8 @@ def load_pruned(path: str | pathlib.Path, dtype=None, device_map=None, **kwargs)
         return _load_encoder(path, config, dtype=dtype, device_map=device_map, **kwargs)
     spec = getattr(config, "prunekit_structure", None)
     sliced = getattr(config, "prunekit_slicing", None)
-    if spec is None and sliced is None:
+    experts = getattr(config, moe.RECORD, None)
+    if spec is None and sliced is None and experts is None:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, **kwargs)
     mapping = AutoModelForCausalLM._model_mapping
     if type(config) not in mapping:
@@ -109,6 +111,8 @@ def load_pruned(path: str | pathlib.Path, dtype=None, device_map=None, **kwargs)
             resize(self, cfg.prunekit_structure)
         if getattr(cfg, "prunekit_slicing", None) is not None:  # SliceGPT: sliced layers, untied head
             slicing.resize(self, cfg.prunekit_slicing)
+        if getattr(cfg, moe.RECORD, None) is not None:  # expert pruning: experts per MoE layer
+            moe.resize(self, getattr(cfg, moe.RECORD))
 
     # same name and module as the base: transformers applies its checkpoint key conversions only to
     # classes of its own modules (a renamed subclass would be treated as custom code)
