@@ -21,11 +21,12 @@ STUN (Structured-Then-Unstructured pruning for MoE; official code thnkinbtfly/ST
 4. :func:`plan_clusters`: **one global threshold** for every layer, so layers lose different
    numbers of experts. The official search moves ``tau`` in steps (0.1, doubled while the
    direction holds, halved after a reversal) until the total cluster count equals the target,
-   and exits with an error when stuck. We bisect for the smallest ``tau`` whose total is at most
-   the target, then take the merges of every layer under that ``tau`` in order of distance
-   across layers and stop at the exact target: each layer's result is a prefix of its own merge
-   sequence under one threshold, and the budget is met exactly (ties, e.g. the many pairs never
-   selected together, all at distance 0, would make a pure threshold jump past it).
+   and exits with an error when stuck. We bisect (over the distinct distances) for the smallest
+   ``tau`` whose total is at most the target, then take the merges of every layer under that
+   ``tau`` in order of distance across layers and stop at the exact target: each layer's result
+   is a prefix of its own merge sequence under one threshold, and the budget is met exactly
+   (ties, e.g. the many pairs never selected together, all at distance 0, would make a pure
+   threshold jump past it).
 5. :func:`representatives`: each cluster keeps the member whose flattened ``[gate, up, down]``
    weights are nearest (L2) to the cluster's mean, **unchanged**, with its own router row
    (``dsatur_select_mean_weight_merge``, ``dsatur_merge_gates``). The official code averages the
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 PAIRS = ("topk", "top2")
@@ -79,61 +81,70 @@ def distances(
 
 def merges(D: torch.Tensor, tau: float, min_clusters: int) -> list[tuple[float, torch.Tensor]]:
     """The merge sequence of one layer under threshold ``tau``: ``(distance, labels after the merge)``
-    for each accepted merge, in order (labels: ``(E,)``, a cluster id per expert)."""
-    E = D.shape[0]
-    work = D.clone()
-    labels = torch.arange(E)
-    out: list[tuple[float, torch.Tensor]] = []
-    n = E
-    while n > min_clusters:
-        flat = int(work.argmin())
-        v1, v2 = divmod(flat, E)
-        d = float(work[v1, v2])
-        if not d < tau:
-            break
-        work[v1, v2] = work[v2, v1] = math.inf
-        c1, c2 = labels[v1], labels[v2]
-        if c1 == c2:
-            continue
-        m1, m2 = labels == c1, labels == c2
-        if bool((D[v1, m2] < tau).all()) and bool((D[v2, m1] < tau).all()):
-            labels = torch.where(m2, c1, labels)
-            n -= 1
-            out.append((d, labels.clone()))
-    return out
+    for each accepted merge, in order (labels: ``(E,)``, a cluster id per expert).
+
+    The pairs are visited in increasing distance, ties in row-major order: the order in which the
+    official loop's repeated ``argmin`` (each tried pair then set to ``+inf``) meets them."""
+    return _Layer(D).merges(tau, min_clusters)
 
 
-def _count(Ds: list[torch.Tensor], tau: float, mins: list[int]) -> int:
-    return sum(D.shape[0] - len(merges(D, tau, k)) for D, k in zip(Ds, mins, strict=True))
+class _Layer:
+    """One layer's distances with its pairs sorted once (the threshold search revisits them)."""
+
+    def __init__(self, D: torch.Tensor) -> None:
+        self.D = D.detach().double().cpu().numpy()
+        self.E = self.D.shape[0]
+        self.iu, self.ju = np.triu_indices(self.E, 1)
+        self.d = self.D[self.iu, self.ju]
+        self.order = np.argsort(self.d, kind="stable")
+
+    def merges(self, tau: float, min_clusters: int) -> list[tuple[float, torch.Tensor]]:
+        D, labels, n, out = self.D, np.arange(self.E), self.E, []
+        for p in self.order:
+            if n <= min_clusters or not self.d[p] < tau:
+                break
+            v1, v2 = self.iu[p], self.ju[p]
+            c1, c2 = labels[v1], labels[v2]
+            if c1 == c2:
+                continue
+            m1, m2 = labels == c1, labels == c2
+            if (D[v1, m2] < tau).all() and (D[v2, m1] < tau).all():
+                labels[m2] = c1
+                n -= 1
+                out.append((float(self.d[p]), torch.from_numpy(labels.copy())))
+        return out
 
 
-def plan_clusters(
-    Ds: list[torch.Tensor], target: int, mins: list[int], iters: int = 60
-) -> list[torch.Tensor]:
+def plan_clusters(Ds: list[torch.Tensor], target: int, mins: list[int]) -> list[torch.Tensor]:
     """Cluster labels ``(E_l,)`` per layer with ``target`` clusters in total under one global
     threshold (see the module docstring, step 4). ``mins[l]``: the fewest clusters layer ``l`` may
-    keep."""
+    keep. The count only changes where ``tau`` passes a distance, so the bisection runs over the
+    distinct distances (just above each)."""
     total = sum(D.shape[0] for D in Ds)
     if not sum(mins) <= target <= total:
         raise ValueError(
             f"cannot keep {target} experts in total: between {sum(mins)} (top_k per layer) and {total}"
         )
-    finite = torch.cat([D[torch.isfinite(D)].flatten() for D in Ds])
-    if target == total or finite.numel() == 0:
+    layers = [_Layer(D) for D in Ds]
+    finite = np.unique(np.concatenate([x.d[np.isfinite(x.d)] for x in layers]))
+    if target == total or finite.size == 0:
         return [torch.arange(D.shape[0]) for D in Ds]
-    lo, hi = float(finite.min()) - 1.0, float(finite.max()) + 1.0  # count(lo) = total, count(hi) minimal
-    fewest = _count(Ds, hi, mins)
-    if fewest > target:
-        raise ValueError(
-            f"no threshold merges experts down to {target}: the rejection rule stops at {fewest}"
-        )
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        if _count(Ds, mid, mins) <= target:
+    taus = np.nextafter(finite, np.inf)  # tau just above each distance admits it
+
+    def count(tau: float) -> int:
+        return sum(x.E - len(x.merges(tau, k)) for x, k in zip(layers, mins, strict=True))
+
+    if count(taus[-1]) > target:
+        raise ValueError(f"no threshold merges experts down to {target}: the rejection rule stops at "
+                         f"{count(taus[-1])}")  # fmt: skip
+    lo, hi = -1, len(taus) - 1  # count(taus[hi]) <= target; lo: below every distance (no merge)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if count(taus[mid]) <= target:
             hi = mid
         else:
             lo = mid
-    seqs = [merges(D, hi, k) for D, k in zip(Ds, mins, strict=True)]
+    seqs = [x.merges(taus[hi], k) for x, k in zip(layers, mins, strict=True)]
     events = sorted((d, layer, step) for layer, seq in enumerate(seqs) for step, (d, _) in enumerate(seq))
     taken = [0] * len(Ds)
     for _, layer, _ in events[: total - target]:

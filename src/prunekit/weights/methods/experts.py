@@ -395,7 +395,7 @@ class ExpertFrequency(ExpertMethod):
     paper="STUN: Structured-Then-Unstructured Pruning for Scalable MoE Pruning",
     stages=("after-training",),
     signals=("router_topk",),
-    summary="structured + unstructured: experts clustered by co-selection, one global threshold; then Wanda/OWL",
+    summary="structured + unstructured: experts clustered by co-selection, global threshold; then Wanda/OWL",
 )
 @dataclass
 class STUN(ExpertMethod):
@@ -427,6 +427,8 @@ class STUN(ExpertMethod):
     allocation: ClassVar[str] = "global threshold"
 
     def __post_init__(self) -> None:
+        if isinstance(self.then, str) and self.then.lower() in ("none", "null"):
+            self.then = None  # from the CLI: --option then=none
         if self.then not in THEN:
             raise ValueError(f"then must be one of {list(THEN)}; got {self.then!r}")
         if self.pairs not in PAIRS:
