@@ -155,6 +155,20 @@ def test_nonuniform_counts_reload(tmp_path):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_uniform_counts_reload_with_plain_from_pretrained(family, tmp_path):
+    model = _model(family)
+    ids = torch.randint(3, 96, (2, 10))
+    pruned = prunekit.prune_weights(model, "expert_frequency", 0.25, calibration=ids, progress=False)
+    pruned.finalize()
+    assert {n for n in model.config.prunekit_experts if n is not None} == {6}
+    model.save_pretrained(tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
+    assert [m.num_experts for m in moe_layers(plain)] == [6] * len(moe_layers(model))
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, model(ids).logits)
+
+
 def test_per_expert_statistics_equal_hand_routed_tokens():
     model = _model("mixtral", E=4)
     ids = torch.randint(3, 96, (3, 16), generator=torch.Generator().manual_seed(3))

@@ -187,6 +187,9 @@ def router_choices(
 
         return fn
 
+    from ...models.structure import decoder_stack
+
+    stack, _ = decoder_stack(model)  # the decoder alone: no lm_head logits to hold
     handles = [m.router.register_forward_hook(hook(j)) for j, m in enumerate(moes)]
     dev = next(model.parameters()).device
     try:
@@ -194,7 +197,7 @@ def router_choices(
             calibration_batches(ids, batch_size), desc="routing", disable=not progress, leave=False
         ):
             x = x.to(dev)
-            model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
+            stack(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
     finally:
         for h in handles:
             h.remove()
