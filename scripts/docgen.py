@@ -246,6 +246,12 @@ def _criterion(info) -> str:
             kinds.append("saliency (second order, OBS) with weight update")
         if "grad" in sig:
             kinds.append("gradient")
+        if "router_topk" in sig:
+            kinds.append(
+                "router statistics ("
+                + ("co-selection clusters" if info.name == "stun" else "frequency")
+                + ")"
+            )
         if "x_norm" in sig:
             kinds.append("magnitude x activation")
         if not kinds and "random" in info.name:
@@ -270,6 +276,13 @@ def _structured(info) -> bool:
     return isinstance(info.factory, type) and issubclass(info.factory, StructuredMethod)
 
 
+def _experts(info) -> bool:
+    """Whether a weight method removes whole experts of an MoE."""
+    from prunekit.weights.methods.experts import ExpertMethod
+
+    return isinstance(info.factory, type) and issubclass(info.factory, ExpertMethod)
+
+
 def placement(info) -> dict[str, str]:
     """Where ``info`` sits on the survey's axes, in short labels. A family without a rule raises, so
     a new family cannot be silently left out of the taxonomy (tests/test_docs.py places every method)."""
@@ -282,6 +295,9 @@ def placement(info) -> dict[str, str]:
         which = "tokens: KV cache"
         speedup = "universal (cache and prefill)" if "prefill" in info.stages else "universal (cache)"
         when = "run time"
+    elif f == "weights" and _experts(info):
+        which = "weights: experts" + (" + unstructured" if info.name == "stun" else "")
+        speedup, when = "memory (fewer experts; the same FLOPs per token)", "after training"
     elif f == "weights" and _structured(info):
         which, speedup, when = "weights: structured", "universal (smaller dense tensors)", "after training"
     elif f == "weights":
@@ -379,6 +395,8 @@ def taxonomy_page() -> str:
         + _names(rows, "which", lambda s: s == "weights")
         + "; whole units (attention heads, KV groups, MLP channels, layers, the hidden width): "
         + _names(rows, "which", lambda s: s == "weights: structured")
+        + "; whole experts of a mixture-of-experts model: "
+        + _names(rows, "which", lambda s: s.startswith("weights: experts"))
         + ".",
         "- **Data**: " + _names(rows, "which", lambda s: s == "data") + " (the registry has the family).",
         "",

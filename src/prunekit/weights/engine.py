@@ -432,6 +432,11 @@ def prune_weights(
     texts (with ``tokenizer``) or token ids for a text encoder; see
     ``prunekit.weights.structured_encoder``.
 
+    **Mixture-of-experts** decoders (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): unstructured and N:M
+    methods prune each fused expert as a Linear, calibrated on the tokens routed to it (see
+    ``prunekit.weights.experts``); ``stun``, ``expert_frequency`` and ``expert_random`` remove whole
+    experts (see ``prunekit.weights.methods.experts`` for their budgets).
+
     ``reversible=False`` writes each layer's result into its weights as soon as it is pruned (no
     masks, no copies of the originals: the memory of a non-reversible pruner); the returned
     pruning is already finalized, and a failure half way leaves the layers before it pruned.
