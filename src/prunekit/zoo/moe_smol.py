@@ -230,7 +230,8 @@ def mixtral_config(llama_config, n_experts: int, top_k: int):
         )
     return MixtralConfig(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size // n_experts, num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        intermediate_size=c.intermediate_size // n_experts, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
         num_key_value_heads=c.num_key_value_heads, head_dim=getattr(c, "head_dim", None),
         hidden_act=c.hidden_act, max_position_embeddings=c.max_position_embeddings,
         rms_norm_eps=c.rms_norm_eps, rope_parameters=dict(c.rope_parameters),
