@@ -3,7 +3,7 @@
 from prunekit import zoo
 model, tok = zoo.llava_dino_smol()   # LlavaForConditionalGeneration: DINOv2-S + SmolLM2-135M
 model, tok = zoo.smollm2()           # LlamaForCausalLM
-model, tok = zoo.smollm2_moe()       # MixtralForCausalLM: SmolLM2-135M MoEfied (16 experts, top-4)
+model, tok = zoo.smollm2_moe()       # MixtralForCausalLM: SmolLM2-135M MoEfied (16 experts, top-8)
 model, tok = zoo.gemma3()            # Gemma3ForCausalLM (optional asset)
 vit = zoo.dinov2_small()             # Dinov2Model
 enc, tok = zoo.minilm()              # BertModel

@@ -59,7 +59,7 @@ class MoERecipe:
     """
 
     n_experts: int = 16
-    top_k: int = 4
+    top_k: int = 8
     n_windows: int = 48
     seq_len: int = 256
     heldout: float = 0.125
@@ -382,7 +382,7 @@ def build(recipe: MoERecipe = MoERecipe(), progress: bool = True, llama=None, to
 def smollm2_moe(dtype: torch.dtype = torch.bfloat16, recipe: MoERecipe = MoERecipe(), progress: bool = True,
                 rebuild: bool = False):  # fmt: skip
     """``(MixtralForCausalLM in eval mode, tokenizer)``: SmolLM2-135M MoEfied into ``recipe.n_experts``
-    experts per layer (default 16 of 96 channels), ``recipe.top_k`` per token (default 4).
+    experts per layer (default 16 of 96 channels), ``recipe.top_k`` per token (default 8).
 
     The first call builds it (calibration forward, balanced k-means and router fits: a few minutes on
     2 CPU cores, with progress bars) and saves it to ``$PRUNEKIT_CACHE/smollm2-moe/<recipe.key()>``;
