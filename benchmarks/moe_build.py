@@ -97,7 +97,7 @@ def table(rows: list[dict], recipe: MoERecipe) -> str:
         rec = info["recall_heldout"].get(str(r["k"]))
         rnd = info["recall_random"].get(str(r["k"]))
         lines.append(
-            f"| {r['k']} of {E} | {r['beta']:g} | {r['ppl']:.2f} | {r['ppl'] / dense:.2f}x | "
+            f"| {r['k']} of {E} | {r['beta']:g} | {r['ppl']:.4g} | {r['ppl'] / dense:.3g}x | "
             f"{'' if rec is None else f'{rec:.3f}'} | {'' if rnd is None else f'{rnd:.3f}'} |"
         )
     return "\n".join(lines) + "\n"
