@@ -32,6 +32,14 @@ def _smollm2(dtype: torch.dtype) -> Loaded:
     return Loaded("smollm2", "lm", model, tok)
 
 
+def _smollm2_moe(dtype: torch.dtype) -> Loaded:
+    """SmolLM2-135M MoEfied into a Mixtral (16 experts of 96 channels per layer; built on first use)."""
+    from ..zoo import smollm2_moe
+
+    model, tok = smollm2_moe(dtype)
+    return Loaded("smollm2-moe", "lm", model, tok)
+
+
 def _gemma3(dtype: torch.dtype) -> Loaded:
     """Gemma-3-270M base (optional asset; see ``prunekit.zoo.gemma3``)."""
     from .. import zoo
@@ -138,6 +146,7 @@ def _tiny_bert(dtype: torch.dtype) -> Loaded:
 
 BUILTIN: dict[str, Callable[[torch.dtype], Loaded]] = {
     "smollm2": _smollm2,
+    "smollm2-moe": _smollm2_moe,
     "gemma3-270m": _gemma3,
     "dinov2-s": _dinov2,
     "minilm": _minilm,
@@ -150,7 +159,7 @@ BUILTIN: dict[str, Callable[[torch.dtype], Loaded]] = {
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: models that run in bf16 under ``dtype="auto"`` where the hardware computes bf16 natively
-PREFERS_BF16 = {"smollm2", "llava-dino-smol"}
+PREFERS_BF16 = {"smollm2", "smollm2-moe", "llava-dino-smol"}
 
 
 def cpu_has_bf16() -> bool:
