@@ -115,6 +115,9 @@ def test_moefy_router_beats_random_on_held_out_tokens():
     assert log["fit_tokens"] == 6 * 32 and log["calibration_tokens"] == 8 * 32
     for k, rec in log["recall_heldout"].items():
         assert rec > log["recall_random"][k], (k, rec)
+    groups2, routers2, _ = moefy(m, ids, r)  # deterministic under the seed
+    assert all(torch.equal(a, b) for a, b in zip(groups, groups2, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(routers, routers2, strict=True))
 
 
 # ------------------------------------------------------------------ assembly
