@@ -37,6 +37,9 @@ def _smollm2_moe(dtype: torch.dtype) -> Loaded:
     from ..zoo import smollm2_moe
 
     model, tok = smollm2_moe(dtype)
+    # on a CPU the experts' eager loop runs about 1.7x faster than grouped_mm's fallback (measured on
+    # this model, one 512-token prefill); on CUDA call model.set_experts_implementation("grouped_mm")
+    model.set_experts_implementation("eager")
     return Loaded("smollm2-moe", "lm", model, tok)
 
 
