@@ -286,6 +286,25 @@ def test_coselection_counts_every_pair_in_the_top_k():
     assert C2[0, 1] == 2 and C2[2, 3] == 1 and C2[0, 2] == 0 and C2.sum() == 6
 
 
+def test_normalized_coselection_is_the_cosine_of_selection_vectors():
+    from prunekit.weights.stun import normalized
+
+    top = torch.tensor([[0, 1], [0, 1], [0, 2], [0, 2]])  # f = (4, 2, 2)
+    C = normalized(coselection(top, 3), top)
+    assert C[0, 1] == pytest.approx(2 / (4 * 2) ** 0.5) and C[1, 2] == 0.0
+
+
+def test_stun_frequency_selector_is_the_frequency_baseline():
+    model = _model("mixtral", E=4, layers=1)
+    moe = moe_layers(model)[0]
+    choices = [torch.tensor([[0, 1], [0, 2], [0, 1], [2, 1]])]
+    assert torch.equal(
+        STUN(selector="frequency").plan([moe], choices, 2)[0], torch.tensor([True, True, False, False])
+    )
+    with pytest.raises(ValueError, match="selector must be one of"):
+        STUN(selector="loss")
+
+
 def test_distances_divide_by_mean_and_infinite_diagonal():
     C = torch.tensor([[0.0, 4.0], [4.0, 0.0]])
     D = distances(C)

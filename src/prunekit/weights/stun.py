@@ -57,6 +57,16 @@ def coselection(top_index: torch.Tensor, num_experts: int, pairs: str = "topk") 
     return C
 
 
+def normalized(C: torch.Tensor, top_index: torch.Tensor) -> torch.Tensor:
+    """Co-selection divided by ``sqrt(f_i f_j)`` (``f``: how often each expert was selected): the
+    cosine of the two experts' selection vectors. Raw counts grow with an expert's popularity, so on
+    a router without load balancing the most used experts look the most "similar" and are merged
+    first; this removes that bias. Ours (not in STUN's code, where Mixtral and Arctic are load
+    balanced)."""
+    f = torch.bincount(top_index.flatten().cpu(), minlength=C.shape[0]).double().clamp(min=1)
+    return C.double() / (f[:, None] * f[None, :]).sqrt()
+
+
 def distances(
     C: torch.Tensor,
     router: torch.Tensor | None = None,

@@ -35,9 +35,10 @@ from ...registry import register
 from ..calibration import calibration_batches, calibration_ids, calibration_tokens
 from ..engine import JSONReport, WeightPruning
 from ..structures import check_sparsity
-from ..stun import PAIRS, coselection, distances, plan_clusters, representatives
+from ..stun import PAIRS, coselection, distances, normalized, plan_clusters, representatives
 
 THEN = ("wanda", "owl", None)
+SELECTORS = ("cluster", "frequency")
 
 
 @dataclass
@@ -418,7 +419,11 @@ class STUN(ExpertMethod):
     Options: ``experts`` (fraction of experts removed in stage 1, default 0.25; the README's Arctic
     command removes 0.2 of the experts); ``pairs`` (``"topk"``: every pair in the top-k, ours;
     ``"top2"``: the official count); ``mix_weight`` (adds router-row distances, the official
-    ``--mix_weight``); ``divide_mean`` (the official ``--divide_mean``, on).
+    ``--mix_weight``); ``divide_mean`` (the official ``--divide_mean``, on); ``normalize`` (ours, off:
+    co-selection divided by ``sqrt(f_i f_j)``, see ``prunekit.weights.stun.normalized``); ``selector``
+    (``"cluster"``: STUN's stage 1; ``"frequency"``, ours: stage 1 removes the least-selected experts,
+    as ``expert_frequency``, so the structured-then-unstructured recipe can be tested apart from
+    its expert selector).
     """
 
     experts: float | None = 0.25
@@ -426,6 +431,8 @@ class STUN(ExpertMethod):
     pairs: str = "topk"
     mix_weight: float | None = None
     divide_mean: bool = True
+    normalize: bool = False
+    selector: str = "cluster"
 
     allocation: ClassVar[str] = "global threshold"
 
@@ -434,6 +441,8 @@ class STUN(ExpertMethod):
             self.then = None  # from the CLI: --option then=none
         if self.then not in THEN:
             raise ValueError(f"then must be one of {list(THEN)}; got {self.then!r}")
+        if self.selector not in SELECTORS:
+            raise ValueError(f"selector must be one of {list(SELECTORS)}; got {self.selector!r}")
         if self.pairs not in PAIRS:
             raise ValueError(f"pairs must be one of {list(PAIRS)}; got {self.pairs!r}")
         if self.experts is not None:
@@ -457,15 +466,14 @@ class STUN(ExpertMethod):
         return super().prune_model(model, sparsity, **kw)
 
     def plan(self, moes, choices, n_remove):
-        Ds = [
-            distances(
-                coselection(top, m.num_experts, self.pairs),
-                m.router.weight,
-                self.mix_weight,
-                self.divide_mean,
-            )
-            for m, top in zip(moes, choices, strict=True)
-        ]
+        if self.selector == "frequency":
+            return ExpertFrequency().plan(moes, choices, n_remove)
+        Ds = []
+        for m, top in zip(moes, choices, strict=True):
+            C = coselection(top, m.num_experts, self.pairs)
+            if self.normalize:
+                C = normalized(C, top)
+            Ds.append(distances(C, m.router.weight, self.mix_weight, self.divide_mean))
         total = sum(m.num_experts for m in moes)
         labels = plan_clusters(Ds, total - n_remove, [m.top_k for m in moes])
         out = []
