@@ -273,6 +273,18 @@ class LinearStats:
         return 2.0 * self.xtx / max(self.n_tokens, 1)
 
 
+def accumulate(s: LinearStats, x: torch.Tensor, needs: frozenset[str]) -> None:
+    """Add a Linear's inputs ``x (tokens, in)`` to its statistics: token count, and what ``needs``
+    names (``x_norm``: sums of squares; ``hessian``: ``X^T X``)."""
+    s.n_tokens += x.shape[0]
+    if "x_norm" in needs:
+        sq = (x * x).sum(0)
+        s.x_sq = sq if s.x_sq is None else s.x_sq + sq
+    if "hessian" in needs:
+        xtx = x.T @ x
+        s.xtx = xtx if s.xtx is None else s.xtx + xtx
+
+
 def collect(
     linears: dict[str, nn.Linear],
     inputs: LayerInputs,
@@ -289,15 +301,7 @@ def collect(
 
     def hook(name: str):
         def fn(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
-            s = stats[name]
-            s.n_tokens += x.shape[0]
-            if "x_norm" in needs:
-                sq = (x * x).sum(0)
-                s.x_sq = sq if s.x_sq is None else s.x_sq + sq
-            if "hessian" in needs:
-                xtx = x.T @ x
-                s.xtx = xtx if s.xtx is None else s.xtx + xtx
+            accumulate(stats[name], args[0].detach().reshape(-1, args[0].shape[-1]).float(), needs)
 
         return fn
 

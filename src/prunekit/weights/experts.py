@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..models.moe import moe_layers
+from .calibration import accumulate
 
 FUSED = ("gate_up_proj", "down_proj")
 
@@ -97,24 +98,13 @@ def expert_hook(entries: dict[str, ExpertWeight], stats: dict, needs: frozenset[
             tokens = onehot[:, e].nonzero().flatten()
             x = x_all[tokens].float()
             if "gate_up_proj" in names:
-                _add(stats[names["gate_up_proj"]], x, needs)
+                accumulate(stats[names["gate_up_proj"]], x, needs)
             if "down_proj" in names:
                 h = (
                     module._apply_gate(x.to(gate_up.dtype) @ gate_up[e].T)
                     if len(tokens)
                     else x.new_zeros(0, module.down_proj.shape[-1])
                 )
-                _add(stats[names["down_proj"]], h.float(), needs)
+                accumulate(stats[names["down_proj"]], h.float(), needs)
 
     return fn
-
-
-def _add(s, x: torch.Tensor, needs: frozenset[str]) -> None:
-    """Add ``x (tokens, in)`` to a LinearStats (as the Linear hook does)."""
-    s.n_tokens += x.shape[0]
-    if "x_norm" in needs:
-        sq = (x * x).sum(0)
-        s.x_sq = sq if s.x_sq is None else s.x_sq + sq
-    if "hessian" in needs:
-        xtx = x.T @ x
-        s.xtx = xtx if s.xtx is None else s.xtx + xtx
