@@ -34,7 +34,7 @@ import time
 
 import torch
 from structured_quality import parse  # the sibling scripts (benchmarks/ is on sys.path)
-from structured_smollm2 import Quality, speed
+from structured_smollm2 import Quality, speed, zero_shot_lines
 
 import prunekit
 from prunekit.bench.models import BUILTIN
@@ -201,16 +201,8 @@ def write_table(out: pathlib.Path, rows: list[dict], a) -> None:
             f"{_f(r.get('zero_shot_mean'), '.3f')} | {_f(r.get('prune_s'), '.0f')} | "
             f"{_f(r.get('peak_mb'), '.0f')} |"
         )
-    zs = [r for r in rows if r.get("zero_shot")]
-    if zs:
-        tasks = list(zs[0]["zero_shot"])
-        lines += ["", "Zero-shot accuracy per task:", "",
-                  "| kind | sparsity | method | " + " | ".join(tasks) + " | mean |",
-                  "|" + "---|" * (len(tasks) + 4)]  # fmt: skip
-        for r in zs:
-            vals = " | ".join(_f(r["zero_shot"].get(t), ".2f") for t in tasks)
-            mean = _f(r["zero_shot_mean"], ".3f")
-            lines.append(f"| {r['kind']} | {r['sparsity']:g} | {_name(r)} | {vals} | {mean} |")
+    lines += zero_shot_lines(rows, {"kind": lambda r: r["kind"], "sparsity": lambda r: f"{r['sparsity']:g}",
+                                    "method": _name})  # fmt: skip
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(out, rows, base)
 

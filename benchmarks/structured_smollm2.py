@@ -323,18 +323,27 @@ def write_table(out: pathlib.Path, rows: list[dict], head_text: str = "") -> Non
             f"{_f(r.get('decode'), '.3f')} | {_f(r.get('predicted', 1.0), '.3f')} | {eff} | "
             f"{_f(r.get('prune_s'), '.0f')} | {_f(r.get('peak_mb'), '.0f')} |"
         )
-    zs = [r for r in rows if r.get("zero_shot")]
-    if zs:
-        tasks = list(zs[0]["zero_shot"])
-        lines += ["", "Zero-shot accuracy per task:", "",
-                  "| sparsity | method | " + " | ".join(tasks) + " | mean |",
-                  "|" + "---|" * (len(tasks) + 3)]  # fmt: skip
-        for r in zs:
-            name = r["method"] + "".join(f" {k}={v}" for k, v in r["options"].items())
-            vals = " | ".join(f"{r['zero_shot'][t]:.3f}" for t in tasks)
-            lines.append(f"| {r['sparsity']:g} | {name} | {vals} | {r['zero_shot_mean']:.3f} |")
+    lines += zero_shot_lines(rows, {
+        "sparsity": lambda r: f"{r['sparsity']:g}",
+        "method": lambda r: r["method"] + "".join(f" {k}={v}" for k, v in r["options"].items()),
+    })  # fmt: skip
     out.with_suffix(".md").write_text(head_text + "\n".join(lines) + "\n")
     plot(out, rows)
+
+
+def zero_shot_lines(rows: list[dict], lead: dict) -> list[str]:
+    """The per-task zero-shot table of the rows that have one; ``lead`` maps the first columns'
+    headers to ``row -> cell``."""
+    zs = [r for r in rows if r.get("zero_shot")]
+    if not zs:
+        return []
+    tasks = list(zs[0]["zero_shot"])
+    header = "| " + " | ".join([*lead, *tasks, "mean"]) + " |"
+    lines = ["", "Zero-shot accuracy per task:", "", header, "|" + "---|" * (len(lead) + len(tasks) + 1)]
+    for r in zs:
+        cells = [cell(r) for cell in lead.values()] + [_f(r["zero_shot"].get(t), ".3f") for t in tasks]
+        lines.append("| " + " | ".join([*cells, _f(r["zero_shot_mean"], ".3f")]) + " |")
+    return lines
 
 
 def plot(out: pathlib.Path, rows: list[dict]) -> None:

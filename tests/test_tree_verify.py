@@ -110,3 +110,5 @@ def test_clear_errors():
     m.config._attn_implementation = "flash_attention_2"
     with pytest.raises(UnsupportedModelError, match="custom 4-D attention mask"):
         check_model(m, torch.ones(1, 4, dtype=torch.long))
+    with pytest.raises(UnsupportedModelError, match="custom 4-D attention mask"):  # verify checks it first
+        verify(m, DynamicCache(config=m.config), TreeDraft(torch.tensor([5, 6]), torch.tensor([0, 0])))

@@ -110,15 +110,6 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
     return out
 
 
-def is_moe(model: nn.Module) -> bool:
-    """Whether the model's decoder layers hold sparse MoE blocks."""
-    try:
-        _, layers = decoder_layers(model)
-    except Exception:
-        return False
-    return any(_is_moe_block(getattr(layer, "mlp", None)) for layer in layers)
-
-
 def route(moe: MoELayer, hidden: torch.Tensor, keep: torch.Tensor | None = None):
     """The router's ``(logits (T, E), weights (T, k), indices (T, k))`` for hidden states, computed
     as the family's router does; ``keep`` (``(E,)`` bool) sets the other experts' logits to ``-inf``

@@ -147,6 +147,7 @@ def compact(cache, keep: torch.Tensor) -> None:
 def verify(model: nn.Module, cache, draft: TreeDraft) -> Verified:
     """Run ``draft`` through ``model`` in one forward on top of ``cache`` (the committed tokens before
     the root), accept greedily and compact the cache to the past plus the accepted path."""
+    check_model(model, draft.ids[None])
     dev = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     past = cache.get_seq_length()

@@ -279,7 +279,7 @@ def _select(layers: nn.ModuleList, prefix: str, targets: Targets) -> list[dict[s
             name = f"{prefix}.{i}.{sub}"
             if isinstance(mod, nn.Linear) and not is_router(name, mod) and keep(name, mod):
                 chosen[name] = mod
-        for name, w in expert_weights(i, layer, prefix, layers).items():  # fused MoE experts
+        for name, w in expert_weights(i, layer, prefix).items():  # fused MoE experts
             if keep(name, w):
                 chosen[name] = w
         out.append(chosen)
@@ -390,6 +390,27 @@ def _structured(model, m, sparsity, pattern, targets, reversible, **kw):
     return handle
 
 
+def run_pruning(model: nn.Module, handle: WeightPruning, work) -> WeightPruning:
+    """Run ``work()`` (which masks the model through ``handle``) in eval mode, recording its seconds
+    and peak memory in ``handle.report``; any failure restores the model before it propagates."""
+    from ..bench.measure import peak_memory
+
+    report = handle.report
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    try:
+        dev = str(next(model.parameters()).device)
+        report.peak_memory_bytes, report.memory_how = peak_memory(work, dev)
+    except BaseException:
+        handle.restore()
+        raise
+    finally:
+        model.train(was_training)
+    report.seconds = time.perf_counter() - t0
+    return handle
+
+
 def prune_weights(
     model: nn.Module,
     method: str | WeightMethod,
@@ -450,8 +471,6 @@ def prune_weights(
 
     check_transformers()
 
-    from ..bench.measure import peak_memory
-
     m = _method(method, options)
     if getattr(m, "structured", False):
         return _structured(model, m, sparsity, pattern, targets, reversible, calibration=calibration,
@@ -498,22 +517,14 @@ def prune_weights(
             inputs = layer0_inputs(model, layers, ids, batch_size)
             sequential(m, layers, per_layer, inputs, s, pat, prune_layer, grads, progress)
 
-    was_training = model.training
-    model.eval()
-    t0 = time.perf_counter()
     try:
-        dev = str(next(model.parameters()).device)
-        report.peak_memory_bytes, report.memory_how = peak_memory(work, dev)
+        run_pruning(model, handle, work)
     except BaseException as e:
-        handle.restore()
         if not reversible and report.linears:
             e.add_note(
                 f"reversible=False: {len(report.linears)} Linears were pruned in place before the failure"
             )
         raise
-    finally:
-        model.train(was_training)
-    report.seconds = time.perf_counter() - t0
     if not reversible:
         handle.state = "finalized"
     return handle

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models.moe import moe_layers
 from .calibration import accumulate
 
 FUSED = ("gate_up_proj", "down_proj")
@@ -52,7 +51,7 @@ class ExpertWeight:
         return getattr(self.experts, self.pname)
 
 
-def expert_weights(layer_index: int, layer: nn.Module, prefix: str, model_layers) -> dict[str, ExpertWeight]:
+def expert_weights(layer_index: int, layer: nn.Module, prefix: str) -> dict[str, ExpertWeight]:
     """``{qualified name: ExpertWeight}`` of one decoder layer's fused experts (empty for a dense
     layer), named ``<prefix>.<i>.mlp.experts.<e>.<gate_up_proj|down_proj>``."""
     block = getattr(layer, "mlp", None)
@@ -72,11 +71,6 @@ def is_router(name: str, module: nn.Module) -> bool:
     return name.endswith("shared_expert_gate") or (
         name.endswith(".gate") and not isinstance(module, nn.Linear)
     )
-
-
-def check_moe(model: nn.Module) -> None:
-    """Fail early, naming the supported families, on an MoE whose experts we cannot prune."""
-    moe_layers(model)
 
 
 def expert_hook(entries: dict[str, ExpertWeight], stats: dict, needs: frozenset[str]):

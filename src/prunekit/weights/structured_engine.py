@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -41,7 +40,7 @@ from ..models.structure import (
     shrink_layer,
 )
 from .calibration import LayerInputs, calibration_ids, layer0_inputs, loss_gradients
-from .engine import JSONReport, WeightPruning, _Keep
+from .engine import JSONReport, WeightPruning, _Keep, run_pruning
 from .structured import LayerData, StructuredMethod, check_sparsity
 
 
@@ -308,27 +307,6 @@ def _data(layer: nn.Module, acc: dict | None) -> LayerData:
         d.influence = acc["influence"]
         d.angular = acc["angular"] / max(acc["n_angular"], 1)
     return d
-
-
-def run_pruning(model: nn.Module, handle: WeightPruning, work) -> WeightPruning:
-    """Run ``work()`` (which masks the model through ``handle``) in eval mode, recording its seconds
-    and peak memory in ``handle.report``; any failure restores the model before it propagates."""
-    from ..bench.measure import peak_memory
-
-    report = handle.report
-    was_training = model.training
-    model.eval()
-    t0 = time.perf_counter()
-    try:
-        dev = str(next(model.parameters()).device)
-        report.peak_memory_bytes, report.memory_how = peak_memory(work, dev)
-    except BaseException:
-        handle.restore()
-        raise
-    finally:
-        model.train(was_training)
-    report.seconds = time.perf_counter() - t0
-    return handle
 
 
 def prune_structured(

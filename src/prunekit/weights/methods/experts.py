@@ -227,6 +227,7 @@ class ExpertMethod:
     name: ClassVar[str] = "?"
     structured: ClassVar[bool] = True
     needs_routing: ClassVar[bool] = True
+    allocation: ClassVar[str] = "uniform per layer"
 
     def plan(
         self, moes: list[MoELayer], choices: list[torch.Tensor] | None, n_remove: int
@@ -246,7 +247,7 @@ class ExpertMethod:
     ) -> ExpertPruning:  # fmt: skip
         """Remove experts from ``model`` (see the module docstring); ``prunekit.prune_weights``
         calls this. Returns the reversible :class:`ExpertPruning`."""
-        from ..structured_engine import run_pruning
+        from ..engine import run_pruning
 
         moes = moe_layers(model)
         if not moes:
@@ -291,8 +292,6 @@ class ExpertMethod:
                 self.run_stage2(model, handle, stage2, sparsity, ids, batch_size, seed, progress)
 
         return run_pruning(model, handle, work)
-
-    allocation: ClassVar[str] = "uniform per layer"
 
     def run_stage2(self, model, handle, stage2, sparsity, ids, batch_size, seed, progress) -> None:
         from ..engine import prune_weights
