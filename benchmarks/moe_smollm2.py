@@ -34,7 +34,7 @@ import time
 
 import torch
 from structured_quality import parse  # the sibling scripts (benchmarks/ is on sys.path)
-from structured_smollm2 import Quality, speed, zero_shot_lines
+from structured_smollm2 import Quality, resume, speed, zero_shot_lines
 
 import prunekit
 from prunekit.bench.models import BUILTIN
@@ -70,13 +70,7 @@ def main() -> None:
     a = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
-    out = pathlib.Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = {}
-    if out.exists():
-        for line in out.read_text().splitlines():
-            row = json.loads(line)
-            done[row["key"]] = row
+    out, done = resume(a.out)
     load = BUILTIN["smollm2-moe"]
     dense = load(torch.float32)
     quality = Quality(dense, a.ppl_chunks, a.zs_limit)

@@ -163,13 +163,7 @@ def main() -> None:
     a = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
-    out = pathlib.Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = {}
-    if out.exists():
-        for line in out.read_text().splitlines():
-            row = json.loads(line)
-            done[row["key"]] = row
+    out, done = resume(a.out)
     load = BUILTIN[a.model]
     dense = load(torch.float32)
     if a.speed_only:
@@ -329,6 +323,18 @@ def write_table(out: pathlib.Path, rows: list[dict], head_text: str = "") -> Non
     })  # fmt: skip
     out.with_suffix(".md").write_text(head_text + "\n".join(lines) + "\n")
     plot(out, rows)
+
+
+def resume(path: str) -> tuple[pathlib.Path, dict]:
+    """``(the JSON-lines file, its rows by key)``: the runs already done, so a sweep continues."""
+    out = pathlib.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {}
+    if out.exists():
+        for line in out.read_text().splitlines():
+            row = json.loads(line)
+            done[row["key"]] = row
+    return out, done
 
 
 def zero_shot_lines(rows: list[dict], lead: dict) -> list[str]:
