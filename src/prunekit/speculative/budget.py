@@ -92,7 +92,14 @@ def measure_costs(
             best = min(best, time.perf_counter() - t0)
             compact(kv, past)
         seconds.append(best)
-    out = ForwardCosts(tuple(sizes), tuple(seconds), past)
+    # a forward of more tokens never costs less: a size slowed by a busy machine takes the cost of
+    # the next larger size instead (a running minimum from the right)
+    order = np.argsort(sizes)
+    seconds = np.asarray(seconds)[order]
+    seconds = np.minimum.accumulate(seconds[::-1])[::-1]
+    out = ForwardCosts(
+        tuple(int(s) for s in np.asarray(sizes)[order]), tuple(float(s) for s in seconds), past
+    )
     if cache:
         _COSTS[model] = out
     return out

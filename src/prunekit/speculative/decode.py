@@ -126,7 +126,9 @@ def generate(
         streamer: a transformers streamer (``put``/``end``), e.g. ``TextStreamer``.
         costs: forward costs for ``tree="auto"`` (default: measured once per model, see
             :func:`~prunekit.speculative.budget.measure_costs`).
-        calibrate, refit: steps at the full tree before the first fit, and between refits.
+        calibrate, refit: steps at the full tree before the first fit, and between refits. When the
+            fit says 0 nodes (no tree pays), one step in ``refit`` still verifies the full tree, so
+            the acceptance counts keep up with the text.
     """
     t_start = time.perf_counter()
     check_model(model, input_ids)
@@ -174,12 +176,18 @@ def generate(
     context = prompt.tolist()
     new: list[int] = []
     draft_seconds: list[float] = []
+    fitting = tree == "auto" and d is not None
     while len(new) < max_new_tokens:
         t0 = time.perf_counter()
-        if d is None or budget == 0:
+        # a fitted budget of 0 (plain decoding) learns nothing new: every `refit` steps, one full tree
+        explore = fitting and budget == 0 and since >= refit
+        size = d.max_nodes if explore else budget
+        if explore:
+            d.set_budget(size)
+        if d is None or size == 0:
             draft = TreeDraft(torch.tensor([context[-1]]), torch.tensor([0]))
         else:
-            draft = d.draft(context, budget).prefix(budget + 1)
+            draft = d.draft(context, size).prefix(size + 1)
         t1 = time.perf_counter()
         v = verify(model, cache, draft)
         t2 = time.perf_counter()
@@ -206,10 +214,13 @@ def generate(
             streamer.put(torch.tensor(tokens))
         if hit is not None:
             break
-        if tree == "auto" and d is not None and len(draft) > 1:
-            d.draft_time = (d.draft_time[0] + draft_seconds[-1], d.draft_time[1] + 1)
+        if fitting:
             since += 1
-            if d.stats.steps == calibrate or (d.stats.steps > calibrate and since >= refit):
+            if len(draft) > 1:
+                d.draft_time = (d.draft_time[0] + draft_seconds[-1], d.draft_time[1] + 1)
+            if d.stats.steps == calibrate or (
+                d.stats.steps > calibrate and since >= refit and (budget or explore)
+            ):
                 budget, since = _budget(d, tree, costs, calibrate), 0
     if streamer is not None:
         streamer.end()

@@ -31,7 +31,8 @@ class RASD:
     Args:
         draft_model: a causal LM sharing the target's tokenizer; ``None`` = the target truncated to
             ``draft_layers`` layers; ``False`` = no draft model (retrieval-only trees).
-        draft_layers: layers of the truncated target (default 8, the spec's demonstration).
+        draft_layers: layers of the truncated target; default ``None``: 4/15 of them, at least 1 (8 of
+            SmolLM2's 30, the spec's demonstration).
         depth, top_k, expand, draft_nodes: the EAGLE-2 rule (depth 4, 4 children, 4 expanded per
             depth, 16 nodes kept: the spec's CPU-sized defaults; EAGLE-2's GPU defaults are 5, 10, -, 59).
         retrieval: add a prompt-lookup retrieval tree (``max_ngram``, ``min_ngram``, ``max_len``,
@@ -47,7 +48,7 @@ class RASD:
     def __init__(
         self,
         draft_model: nn.Module | bool | None = None,
-        draft_layers: int = 8,
+        draft_layers: int | None = None,
         depth: int = 4,
         top_k: int = 4,
         expand: int = 4,
@@ -117,9 +118,15 @@ class RASD:
             self.tree = None
             return
         if self._draft is None or self._target is not model:
-            self._draft = (
-                self.draft_model if self.draft_model is not None else truncated(model, self.draft_layers)
-            )
+            if self.draft_model is not None:
+                self._draft = self.draft_model
+            else:
+                layers = self.draft_layers
+                if layers is None:  # 4/15 of the target's layers: 8 of SmolLM2's 30, the spec's choice
+                    from ..models.decoder import decoder_layers
+
+                    layers = max(1, len(decoder_layers(model)[1]) * 4 // 15)
+                self._draft = truncated(model, layers)
             self._target = model
         self.tree = DraftModelTree(self._draft, **self.tree_options)
         self.tree.start(prompt)

@@ -11,9 +11,11 @@ every tree position, accepted or not.
 
 As in the official code: ``k = 8``; the 80-node template "2.2.2" (nodes per depth 8, 21, 25, 15, 8,
 3) as ``tree="official"``; a hot start (the matrix is kept across calls; :meth:`TokenRecycling.reset`
-clears it); a zero matrix at first (token 0 drafted, harmless); the prompt's prefill logits are not
-used. Departures:
+clears it); the prompt's prefill logits are not used. Departures:
 
+- rows not yet written draft nothing, and their nodes are left out of the tree; the official code
+  starts from a zero matrix and drafts token 0 there (kept under ``faithful=True``). That is not
+  harmless on a CPU: an 81-token SmolLM2 forward on token 0 runs on denormal floats, 27x slower;
 - the update is deterministic: where a token occurs at several nodes its row is written once, from
   its last node in tree order (the official ``index_put_`` leaves the winner undefined on CUDA);
 - the matrix is int32 (the official one is int64): half the memory, the same ids;
@@ -54,8 +56,6 @@ class TreeTemplate:
 
     def __init__(self, paths, k: int = 8) -> None:
         paths = [tuple(int(r) for r in p) for p in paths]
-        if not paths:
-            raise ValueError("a tree template needs at least one path")
         bad = [p for p in paths if not p or min(p) < 0 or max(p) >= k]
         if bad:
             raise ValueError(f"template paths must be non-empty with ranks in [0, {k - 1}]; got {bad[:3]}")
@@ -95,7 +95,9 @@ class TreeTemplate:
         ids[0] = root
         flat = matrix.view(-1)
         for level in self.levels:  # one gather per depth (6 for the official template)
-            ids[level] = flat[ids[self.parents[level]] * self.k + self.ranks[level]].long()
+            parent = ids[self.parents[level]]
+            got = flat[parent.clamp_min(0) * self.k + self.ranks[level]].long()
+            ids[level] = torch.where(parent < 0, -1, got)  # below an empty row, nothing (-1)
         return ids
 
 
@@ -121,13 +123,22 @@ class TokenRecycling:
         template: ``"official"`` (the 80-node "2.2.2" tree), a :class:`TreeTemplate`, or a list of paths.
         hot_start: keep the matrix across calls (official); ``False`` clears it at every call.
         seed_from_prompt: fill the matrix from the prompt's prefill logits (unofficial port, not the paper).
+        faithful: start from a zero matrix as the official code does (drafting token 0 from unwritten
+            rows). Default ``False``: unwritten rows draft nothing and those nodes are left out of the
+            tree. Token 0 is not harmless everywhere: on this CPU an 81-token forward of SmolLM2 on
+            token 0 drives activations denormal and takes 6.7 s instead of 0.25 s.
     """
 
     name = "token_recycling"
     sources = ("recycling",)
 
     def __init__(
-        self, k: int = 8, template="official", hot_start: bool = True, seed_from_prompt: bool = False
+        self,
+        k: int = 8,
+        template="official",
+        hot_start: bool = True,
+        seed_from_prompt: bool = False,
+        faithful: bool = False,
     ):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an int >= 1 (candidates per token); got {k!r}")
@@ -146,6 +157,7 @@ class TokenRecycling:
         self.active = template
         self.hot_start = hot_start
         self.seed_from_prompt = seed_from_prompt
+        self.faithful = faithful
         self.matrix: torch.Tensor | None = None
         self.fitted: int | None = None  # the node budget fitted to the device (decode.generate)
         self.draft_time = (0.0, 0)  # seconds drafting and steps that drafted, for the fit
@@ -167,7 +179,7 @@ class TokenRecycling:
     def start(self, model, prompt: torch.Tensor, prefill_logits: torch.Tensor | None) -> None:
         vocab = model.get_output_embeddings().weight.shape[0]
         if self.matrix is None or not self.hot_start or self.matrix.shape[0] != vocab:
-            self.matrix = torch.zeros(vocab, self.k, dtype=torch.int32)
+            self.matrix = torch.full((vocab, self.k), 0 if self.faithful else -1, dtype=torch.int32)
         if self.seed_from_prompt and prefill_logits is not None:
             self._write(prompt[: prefill_logits.shape[0]], prefill_logits)
 
@@ -196,13 +208,18 @@ class TokenRecycling:
     def draft(self, context: list[int], budget: int | None = None) -> TreeDraft:
         assert self.matrix is not None, "call start() first"
         ids = self.active.fill(self.matrix, context[-1])
-        return TreeDraft(ids, self.active.parents, torch.zeros(len(ids), dtype=torch.long))
+        keep = torch.nonzero(ids >= 0).flatten()  # rows not yet written hold -1: no candidate
+        where = torch.full((len(ids),), -1)
+        where[keep] = torch.arange(len(keep))
+        self._step = self._nodes[keep[1:] - 1]  # template node of each drafted node
+        src = torch.zeros(len(keep), dtype=torch.long)
+        return TreeDraft(ids[keep], where[self.active.parents[keep]], src)
 
     def update(self, draft: TreeDraft, verified: Verified) -> None:
         """Write every tree position's top-``k`` into the matrix, and count the accepted nodes."""
         self._write(draft.ids, verified.logits)
         path = np.asarray(verified.path[1:], int)
-        nodes = self._nodes.numpy()
+        nodes = self._step.numpy()[: len(draft) - 1]
         self.stats.observe(nodes - 1, nodes[path - 1] - 1)
 
     def _write(self, ids: torch.Tensor, logits: torch.Tensor) -> None:
