@@ -16,8 +16,10 @@ runs the whole tree through the target model in one forward:
   depths ``0..a``, so their cached keys carry contiguous RoPE positions.
 
 The verified recipe is ``specs/data-draft.md`` section 5.2. Flash attention takes no custom mask
-and is refused, as are batches of more than one sequence and caches with sliding-window layers
-(Gemma-3 trees need the context below the window; not supported yet).
+and is refused, as are batches of more than one sequence. Models with sliding-window layers
+(Gemma-3) work while the whole context, tree included, stays below the window: there the sliding
+layers still hold every position, so one mask and index compaction are exact. Beyond it the forward
+fails inside transformers and the cache drops positions, so :func:`check_window` refuses first.
 """
 
 from __future__ import annotations
@@ -77,6 +79,12 @@ class TreeDraft:
             cur = nxt
         return anc
 
+    def prefix(self, n: int) -> TreeDraft:
+        """The first ``n`` nodes (always a tree, since parents come before children)."""
+        n = max(1, min(n, len(self)))
+        src = None if self.source is None else self.source[:n]
+        return TreeDraft(self.ids[:n], self.parents[:n], src)
+
     def depths(self) -> torch.Tensor:
         """``(n,)`` depth of each node (the root is 0)."""
         return self.ancestors().sum(1) - 1
@@ -94,6 +102,28 @@ def check_model(model: nn.Module, input_ids: torch.Tensor) -> None:
         raise UnsupportedModelError(
             f"tree verification needs a custom 4-D attention mask; attn_implementation={impl!r} takes none. "
             f"Load the model with attn_implementation in {list(ATTENTION)}"
+        )
+
+
+def sliding_window(model: nn.Module) -> int | None:
+    """The smallest sliding window among the model's attention layers, or ``None`` if it has none."""
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None) or []
+    if window is None or not any("sliding" in str(t) for t in types):
+        return None
+    return int(window)
+
+
+def check_window(model: nn.Module, length: int) -> None:
+    """Refuse a context (prompt, new tokens and one tree) that would reach the sliding window."""
+    window = sliding_window(model)
+    if window is not None and length > window - 1:
+        raise UnsupportedModelError(
+            f"tree decoding on a model with sliding-window layers needs the whole context below the window: "
+            f"prompt + max_new_tokens + tree nodes = {length} must be <= sliding_window - 1 = {window - 1}. "
+            "Shorten the prompt or max_new_tokens, or use a smaller tree"
         )
 
 
@@ -130,17 +160,35 @@ def accept(draft: TreeDraft, pred: torch.Tensor) -> list[int]:
         path.append(cur)
 
 
-def compact(cache, keep: torch.Tensor) -> None:
-    """Keep only the positions ``keep`` in every layer of a DynamicCache (sequence axis 2)."""
+def compact(cache, past: int, path=()) -> None:
+    """Keep the first ``past`` positions of every cache layer, then the tree positions ``path``
+    (relative to ``past``): the accepted path is gathered in place into ``past .. past + len(path)``
+    and the rest is cut off as a view, so the committed past is not copied.
+
+    A sliding-window layer is compacted only while it still holds every position (below its window);
+    its ``cumulative_length`` (what ``get_seq_length`` reads) is set to the kept length."""
+    path = torch.as_tensor(list(path), dtype=torch.long)
+    length = past + len(path)
     for layer in cache.layers:
-        if type(layer).__name__ != "DynamicLayer":
+        kind = type(layer).__name__
+        if kind not in ("DynamicLayer", "DynamicSlidingWindowLayer"):
             raise UnsupportedModelError(
-                f"cache compaction handles full-attention DynamicLayer caches; got {type(layer).__name__} "
-                "(sliding-window layers, e.g. Gemma-3, drop old positions)"
+                f"cache compaction handles DynamicLayer and DynamicSlidingWindowLayer caches; got {kind}"
             )
-        k = keep.to(layer.keys.device)
-        layer.keys = layer.keys.index_select(2, k)
-        layer.values = layer.values.index_select(2, k)
+        if kind == "DynamicSlidingWindowLayer":
+            if layer.cumulative_length != layer.keys.shape[2]:
+                raise UnsupportedModelError(
+                    f"a sliding-window layer (window {layer.sliding_window}) already dropped positions "
+                    f"({layer.cumulative_length} seen, {layer.keys.shape[2]} kept): tree decoding needs the "
+                    "context below the window"
+                )
+            layer.cumulative_length = length
+        if len(path) and not torch.equal(path, torch.arange(len(path))):
+            src = (past + path).to(layer.keys.device)
+            layer.keys[:, :, past:length] = layer.keys.index_select(2, src)
+            layer.values[:, :, past:length] = layer.values.index_select(2, src)
+        layer.keys = layer.keys[:, :, :length]
+        layer.values = layer.values[:, :, :length]
 
 
 @torch.no_grad()
@@ -151,6 +199,7 @@ def verify(model: nn.Module, cache, draft: TreeDraft) -> Verified:
     dev = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     past = cache.get_seq_length()
+    check_window(model, past + len(draft))
     depth = draft.depths()
     out = model(
         input_ids=draft.ids[None].to(dev),
@@ -162,7 +211,7 @@ def verify(model: nn.Module, cache, draft: TreeDraft) -> Verified:
     logits = out.logits[0]
     pred = logits.argmax(-1)
     path = accept(draft, pred)
-    compact(cache, torch.cat([torch.arange(past), past + torch.tensor(path)]))
+    compact(cache, past, path)
     if cache.get_seq_length() != past + len(path):
         raise PrunekitError("cache compaction left the wrong length")  # a cache layout we do not know
     tokens = [int(draft.ids[i]) for i in path[1:]] + [int(pred[path[-1]])]
