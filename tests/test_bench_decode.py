@@ -26,19 +26,22 @@ from prunekit.speculative.tasks import task_inputs
 class FakeStats:
     new_tokens: int
     forwards: int
-    accepted_by_source: dict = field(default_factory=dict)
+    nodes: int = 0
+    accepted: dict = field(default_factory=dict)
 
 
 class Fake:
     """Greedy and three drafters on a fake clock. Per timed call (prompt 0, prompt 1):
     greedy 2 s + 2 s; token_recycling 1 + 1 s, forwards 2 + 1, identical;
     rasd 4 + 2 s, forwards 3 + 3, prompt 1 differs, accepted by source {draft 1, retrieval 3} + {draft 2};
-    prompt_lookup 0.5 + 0.5 s, forwards 1 + 1, identical. Every output has 3 new tokens. A warm-up
-    call (``WARMUP_TOKENS`` new tokens) costs 100 s that must not be counted."""
+    prompt_lookup 0.5 + 0.5 s, forwards 1 + 1, identical; draft nodes as in NODES. Every output has
+    3 new tokens. A warm-up call (``WARMUP_TOKENS`` new tokens) costs 100 s that must not be counted."""
 
     SECONDS: ClassVar = {"token_recycling": (1.0, 1.0), "rasd": (4.0, 2.0), "prompt_lookup": (0.5, 0.5)}
     FORWARDS: ClassVar = {"token_recycling": (2, 1), "rasd": (3, 3), "prompt_lookup": (1, 1)}
-    SOURCES: ClassVar = {"rasd": ({"draft": 1, "retrieval": 3}, {"draft": 2})}
+    NODES: ClassVar = {"token_recycling": (6, 6), "rasd": (12, 12), "prompt_lookup": (0, 3)}
+    SOURCES: ClassVar = {"rasd": ({"draft": 1, "retrieval": 3}, {"draft": 2}),
+                         "token_recycling": ({"recycling": 2}, {"recycling": 1})}  # fmt: skip
 
     def __init__(self):
         self.now = 0.0
@@ -66,13 +69,13 @@ class Fake:
             self.now += 2.0
         return self._seq(ids)
 
-    def speculative(self, model, ids, drafter, n, eos):
+    def speculative(self, model, ids, drafter, n, eos, **options):
         i = self._index(drafter, n)
         if i is None:
             return SimpleNamespace(sequences=self._seq(ids), stats=FakeStats(n, n))
         self.now += self.SECONDS[drafter][i]
         src = self.SOURCES.get(drafter, ({}, {}))[i]
-        stats = FakeStats(3, self.FORWARDS[drafter][i], src)
+        stats = FakeStats(3, self.FORWARDS[drafter][i], self.NODES[drafter][i], src)
         return SimpleNamespace(sequences=self._seq(ids, wrong=drafter == "rasd" and i == 1), stats=stats)
 
 
@@ -102,7 +105,11 @@ def test_metrics_on_a_hand_worked_case(tiny, monkeypatch):
     assert m["identical_token_recycling"] == 1.0 and m["identical_prompt_lookup"] == 1.0
     assert m["identical_rasd"] == 0.5 and m["identical"] == 0.5
     assert m["share_rasd_draft"] == pytest.approx(3 / 6) and m["share_rasd_retrieval"] == pytest.approx(3 / 6)
+    assert not any(k.startswith("share_token_recycling") for k in m)  # one source: no shares
     assert m["tok_s_rasd"] == pytest.approx(6 / 6)
+    # draft nodes per forward, summed: TR 12 nodes in 3 forwards (a mean of per-prompt ratios is 4.5)
+    assert m["nodes_token_recycling"] == pytest.approx(12 / 3)
+    assert m["nodes_prompt_lookup"] == pytest.approx(3 / 2)
     assert out.n == 2 and out.probe.shape == (2, tiny.model.config.vocab_size)
     # interleaved: per prompt greedy, then every drafter
     per_prompt = ["greedy", *D.DecodeSpeed.drafters]
@@ -145,3 +152,17 @@ def test_a_bench_run_with_dense_and_a_weight_method(tmp_path, monkeypatch):
     assert by["wanda"]["quality"]["kl"] > 0 and by["dense"]["quality"]["kl"] == pytest.approx(0, abs=1e-6)
     assert by["dense"]["latency"]["decode_tps"] is not None
     assert "decode-speed" in (tmp_path / "report.md").read_text()
+
+
+def test_the_real_engine_matches_greedy_on_a_tiny_llama(tiny):
+    """End to end with prunekit.speculative.generate: every drafter's output equals greedy
+    ``model.generate`` on every prompt (a random model repeats itself, so drafts are accepted)."""
+    task = make_task("decode-speed", limit=4)
+    task.max_new_tokens = 24
+    m = task.evaluate(tiny, lambda: torch.no_grad()).metrics
+    for name in D.DecodeSpeed.drafters:
+        assert m[f"identical_{name}"] == 1.0, name
+        assert m[f"mat_{name}"] >= 1.0 and m[f"speedup_{name}"] > 0
+    assert m["identical"] == 1.0 and m["new_tokens"] == 24
+    shares = [v for k, v in m.items() if k.startswith("share_rasd_")]
+    assert len(shares) >= 2 and sum(shares) == pytest.approx(1.0)

@@ -19,8 +19,10 @@ Metrics, per drafter ``<name>``:
 - ``identical_<name>``: the fraction of prompts whose output is token-identical to greedy (a
   lossless method must give 1.0); ``identical`` is the lowest over drafters;
 - ``tok_s_<name>`` and ``greedy_tok_s``: new tokens per second;
-- ``share_<name>_<source>``: that source's share of the accepted draft tokens, when the engine
-  reports acceptance by source.
+- ``nodes_<name>``: draft nodes verified per target forward (the tree size the engine's
+  ``tree="auto"`` budget chose, averaged over steps);
+- ``share_<name>_<source>``: that source's share of the accepted draft tokens (the engine's
+  ``stats.accepted``), for drafters with several sources (RASD: draft model, retrieval).
 
 Primary metric: ``speedup``, the best drafter's speedup (higher is better). Agreement with dense
 (KL and top-1 of the next-token distribution at the end of each prompt) says how far a pruned
@@ -57,13 +59,30 @@ def _sync(model) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _speculative(model, input_ids: torch.Tensor, drafter, max_new_tokens: int, eos_token_id):
+def _speculative(model, input_ids: torch.Tensor, drafter, max_new_tokens: int, eos_token_id, **options):
     """``prunekit.speculative.generate`` (imported at call time)."""
     from ...speculative import generate
 
     return generate(
-        model, input_ids, drafter=drafter, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id
+        model, input_ids, drafter=drafter, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, **options
     )
+
+
+def drafter_options(model, name: str) -> dict:
+    """Options for a named drafter on ``model``: none, except that a drafter with a truncated-target
+    draft model (``rasd``, ``draft_tree``) on a model with no more layers than its default
+    ``draft_layers`` (8) drafts with a quarter of the layers (at least 1) instead, so that small
+    and layer-pruned models run too (ours)."""
+    if name not in ("rasd", "draft_tree"):
+        return {}
+    import inspect
+
+    from ...models.decoder import decoder_layers
+    from ...speculative import RASD
+
+    default = inspect.signature(RASD).parameters["draft_layers"].default
+    total = len(decoder_layers(model)[1])
+    return {} if default < total else {"draft_layers": max(1, total // 4)}
 
 
 def _greedy(model, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id, pad_token_id) -> torch.Tensor:
@@ -118,6 +137,7 @@ class DecodeSpeed(LMTask):
         wall = {k: 0.0 for k in ["greedy", *names]}
         new = {k: 0 for k in ["greedy", *names]}
         forwards = {k: 0 for k in names}
+        nodes = {k: 0 for k in names}
         same = {k: 0 for k in names}
         sources: dict[str, dict[str, float]] = {k: {} for k in names}
         probe = []
@@ -132,8 +152,9 @@ class DecodeSpeed(LMTask):
         with torch.inference_mode(), treat():
             first = self.inputs[0].to(dev)
             _greedy(model, first, WARMUP_TOKENS, eos, pad)
+            opts = {name: drafter_options(model, name) for name in names}
             for name in names:
-                _speculative(model, first, name, WARMUP_TOKENS, eos)
+                _speculative(model, first, name, WARMUP_TOKENS, eos, **opts[name])
             for ids in self.inputs:
                 ids = ids.to(dev)
                 logits = model(input_ids=ids, logits_to_keep=1).logits[0, -1]
@@ -143,13 +164,16 @@ class DecodeSpeed(LMTask):
                 wall["greedy"] += dt
                 new["greedy"] += ref.shape[1] - ids.shape[1]
                 for name in names:
-                    out, dt = timed(lambda ids=ids, name=name: _speculative(model, ids, name, N, eos))
+                    out, dt = timed(
+                        lambda ids=ids, name=name: _speculative(model, ids, name, N, eos, **opts[name])
+                    )
                     seq, stats = out.sequences.cpu(), out.stats
                     wall[name] += dt
                     new[name] += int(stats.new_tokens)
                     forwards[name] += int(stats.forwards)
                     same[name] += int(seq.shape == ref.shape and torch.equal(seq, ref))
-                    for src, count in (getattr(stats, "accepted_by_source", None) or {}).items():
+                    nodes[name] += int(getattr(stats, "nodes", 0))
+                    for src, count in (getattr(stats, "accepted", None) or {}).items():
                         sources[name][str(src)] = sources[name].get(str(src), 0.0) + float(count)
         n = len(self.inputs)
         metrics = {"greedy_tok_s": new["greedy"] / wall["greedy"] if wall["greedy"] else 0.0}
@@ -158,8 +182,9 @@ class DecodeSpeed(LMTask):
             metrics[f"speedup_{name}"] = wall["greedy"] / wall[name] if wall[name] else 0.0
             metrics[f"identical_{name}"] = same[name] / n
             metrics[f"tok_s_{name}"] = new[name] / wall[name] if wall[name] else 0.0
+            metrics[f"nodes_{name}"] = nodes[name] / forwards[name] if forwards[name] else 0.0
             total = sum(sources[name].values())
-            for src, count in sorted(sources[name].items()):
+            for src, count in sorted(sources[name].items()) if len(sources[name]) > 1 else ():
                 metrics[f"share_{name}_{src}"] = count / total if total else 0.0
         metrics["speedup"] = max(metrics[f"speedup_{k}"] for k in names)
         metrics["identical"] = min(metrics[f"identical_{k}"] for k in names)
