@@ -7,7 +7,8 @@ The prompts are the Spec-Bench-like categories of :mod:`prunekit.speculative.tas
 ones are dropped, not cut). For each prompt, in one process and interleaved, the task runs plain
 greedy decoding (transformers' ``model.generate``, ``do_sample=False``, a bare generation config so
 that no logits processor of the checkpoint's defaults applies), then each drafter of
-:attr:`DecodeSpeed.drafters` through ``prunekit.speculative.generate``, all with the same
+:attr:`DecodeSpeed.drafters` through ``prunekit.speculative.generate`` (``tree=`` :attr:`DecodeSpeed.tree`,
+default ``"auto"``: the node budget fitted to this device's forward costs), all with the same
 ``max_new_tokens`` and EOS id (the tokenizer's). One untimed warm-up round of every variant on the
 first prompt (4 new tokens) comes first. Wall time is the host clock around each call (CUDA
 synchronised).
@@ -112,6 +113,8 @@ class DecodeSpeed(LMTask):
     #: the drafters compared with greedy (names of ``prunekit.speculative.generate``)
     drafters: ClassVar[tuple[str, ...]] = ("token_recycling", "rasd", "prompt_lookup")
     max_new_tokens: ClassVar[int] = 48
+    #: the engine's tree size: "auto" (fitted to the device's forward costs), "official" or an int
+    tree: ClassVar[str | int] = "auto"
     max_prompt_tokens: ClassVar[int] = 768
 
     def prepare(self, loaded: Loaded) -> None:
@@ -152,7 +155,7 @@ class DecodeSpeed(LMTask):
         with torch.inference_mode(), treat():
             first = self.inputs[0].to(dev)
             _greedy(model, first, WARMUP_TOKENS, eos, pad)
-            opts = {name: drafter_options(model, name) for name in names}
+            opts = {name: {"tree": self.tree, **drafter_options(model, name)} for name in names}
             for name in names:
                 _speculative(model, first, name, WARMUP_TOKENS, eos, **opts[name])
             for ids in self.inputs:
