@@ -5,12 +5,13 @@ from __future__ import annotations
 import difflib
 
 from .base import NotApplicableError, Task, TaskOutput, Treat
+from .decode import TASKS as _DECODE
 from .lm import TASKS as _LM
 from .text import TASKS as _TEXT
 from .vision import TASKS as _VISION
 from .vqa import TASKS as _VQA
 
-TASKS: dict[str, type[Task]] = {**_LM, **_VISION, **_TEXT, **_VQA}
+TASKS: dict[str, type[Task]] = {**_LM, **_DECODE, **_VISION, **_TEXT, **_VQA}
 
 
 def make_task(name: str, limit: int | None = None, seed: int = 0) -> Task:
