@@ -35,6 +35,7 @@ METHODS = [
     ("greedy", "hf", {}),
     ("hf prompt lookup", "hf", {"prompt_lookup_num_tokens": 10}),
     ("hf assistant (8 layers)", "hf", {"assistant": 8}),
+    ("greedy, prunekit loop", "ours", {"drafter": None, "tree": 0}),
     ("token recycling, official 80", "ours", {"drafter": "token_recycling", "tree": "official"}),
     (
         "token recycling, cold, official 80",
@@ -66,7 +67,7 @@ def run_ours(model, ids, new: int, label: str, opts: dict):
     opts = dict(opts)
     cold = opts.pop("cold", False)
     drafter, tree = opts.pop("drafter"), opts.pop("tree")
-    d = _kept.setdefault(label, make_drafter(drafter, None, **opts))  # one drafter (and its state) per method
+    d = None if drafter is None else _kept.setdefault(label, make_drafter(drafter, None, **opts))  # one per method
     if cold:
         d.reset()
     out = generate(model, ids, drafter=d, max_new_tokens=new, tree=tree)

@@ -43,6 +43,8 @@ USE = {
     "    out = model.generate(**inputs, max_new_tokens=32)",
     "weights": 'with prunekit.prune_weights(model, "{name}", 0.5, tokenizer=tok{opts}) as pruned:\n'
     "    print(pruned.report)",
+    "decode": 'out = prunekit.speculative.generate(model, input_ids, drafter="{name}", max_new_tokens=64{opts})\n'
+    "print(out.stats.mat, out.stats.as_dict())  # the same tokens as greedy generate()",
 }
 
 
@@ -232,6 +234,15 @@ def _criterion(info) -> str:
     if info.trains:
         return "learned (a small module trained on the frozen model)"
     sig = " ".join(info.signals).lower()
+    if info.family == "decode":
+        kinds = []
+        if "logits_topk" in sig:
+            kinds.append("the target's own top-k successors (no draft model)")
+        if "draft_probs" in sig:
+            kinds.append("a draft model's cumulative probability")
+        if "ngrams" in sig:
+            kinds.append("n-gram matches in the context")
+        return "draft-tree nodes kept by " + " and ".join(kinds)
     if info.family == "weights":
         kinds = []
         if "activation_variance" in sig:
@@ -304,6 +315,9 @@ def placement(info) -> dict[str, str]:
         which, speedup, when = "weights", "specific (unstructured, N:M)", "after training"
     elif f == "data":
         which, speedup, when = "data", "training cost", "before training"
+    elif f == "decode":
+        which = "draft tokens (speculative decoding)"
+        speedup, when = "universal (fewer target forwards; lossless)", "run time"
     else:
         raise ValueError(
             f"no taxonomy rule for family {f!r} (method {info.name!r}): add one in docgen.placement"

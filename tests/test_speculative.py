@@ -147,7 +147,9 @@ def test_hot_start_persists_and_reset_gives_a_cold_start():
 def test_accepted_tokens_by_source_add_up():
     m = llama("sdpa")
     ids = prompt(seed=9)
-    out = generate(m, ids, drafter="rasd", max_new_tokens=33, tree="official", eos_token_id=[], draft_layers=2)
+    out = generate(
+        m, ids, drafter="rasd", max_new_tokens=33, tree="official", eos_token_id=[], draft_layers=2
+    )
     s = out.stats
     assert set(s.accepted) == {"draft", "retrieval", "both"}
     # every step commits its accepted drafts and one bonus token; only the last step may be cut short
@@ -196,7 +198,12 @@ def test_fill_matches_a_hand_worked_template():
     #   root=5 -> M[5] = [7, 9];  M[7] = [3, 4];  M[9] = [6, 8];  M[3] = [1, 2]
     #   paths: [0]=7, [1]=9, [0,0]=3, [0,1]=4, [1,0]=6, [0,0,1]=2
     M = torch.full((10, 2), -1, dtype=torch.int32)
-    M[5], M[7], M[9], M[3] = torch.tensor([7, 9]), torch.tensor([3, 4]), torch.tensor([6, 8]), torch.tensor([1, 2])
+    M[5], M[7], M[9], M[3] = (
+        torch.tensor([7, 9]),
+        torch.tensor([3, 4]),
+        torch.tensor([6, 8]),
+        torch.tensor([1, 2]),
+    )
     t = TreeTemplate([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 1)], k=2)
     assert t.fill(M, 5).tolist() == [5, 7, 9, 3, 4, 6, 2]
     assert t.parents.tolist() == [0, 0, 0, 1, 1, 2, 3]
@@ -223,7 +230,7 @@ def test_update_writes_each_row_once_from_its_last_node():
     d = TokenRecycling(k=2, template=[(0,), (1,), (0, 0)])
     d.matrix = torch.full((6, 2), -1, dtype=torch.int32)
     draft = TreeDraft(torch.tensor([4, 2, 4, 1]), torch.tensor([0, 0, 0, 1]))
-    d._step = torch.tensor([1, 2, 3])
+    d._step, d._drafted = torch.tensor([1, 2, 3]), True
     logits = torch.tensor([
         [0.0, 1.0, 5.0, 3.0, 0.0, 0.0],  # node 0 (token 4): top-2 = [2, 3]
         [9.0, 8.0, 0.0, 0.0, 0.0, 0.0],  # node 1 (token 2): [0, 1]
@@ -231,22 +238,31 @@ def test_update_writes_each_row_once_from_its_last_node():
         [0.0, 0.0, 0.0, 2.0, 3.0, 0.0],  # node 3 (token 1): [4, 3]
     ])  # fmt: skip
     d.update(draft, Verified(tokens=[2, 0], path=[0, 1], logits=logits))
-    assert d.matrix[4].tolist() == [4, 5] and d.matrix[2].tolist() == [0, 1] and d.matrix[1].tolist() == [4, 3]
+    assert (
+        d.matrix[4].tolist() == [4, 5] and d.matrix[2].tolist() == [0, 1] and d.matrix[1].tolist() == [4, 3]
+    )
     assert d.matrix[0].tolist() == [-1, -1]
-    assert d.stats.trials.tolist() == [1, 1, 1] and d.stats.hits.tolist() == [1, 0, 0]
+    assert d.stats.steps == 1 and d.stats.hits.tolist() == [1, 0, 0] and list(d.stats.sizes) == [3]
 
 
 def test_pruned_template_keeps_the_most_accepted_nodes_as_a_tree():
     t = TreeTemplate([(0,), (1,), (0, 0), (0, 1), (1, 0)], k=2)
     #            root  [0]  [1]  [0,0] [0,1] [1,0]
     rates = np.array([1.0, 0.6, 0.2, 0.5, 0.05, 0.3])
-    assert closed_rates(rates, t.parents.numpy()).tolist() == [1.0, 0.6, 0.2, 0.5, 0.05, 0.2]  # [1,0] capped by [1]
+    assert closed_rates(rates, t.parents.numpy()).tolist() == [
+        1.0,
+        0.6,
+        0.2,
+        0.5,
+        0.05,
+        0.2,
+    ]  # [1,0] capped by [1]
     d = TokenRecycling(k=2, template=t)
-    d.stats.trials[:] = 10
+    d.stats.steps = 10
     d.stats.hits[:] = [6, 2, 5, 0.5, 3]
     d.set_budget(3)  # [0] (0.6), [0,0] (0.5), then [1] and [1,0] tie at 0.2 -> the shallower [1]
     assert d.active.paths == [(0,), (1,), (0, 0)]
-    assert np.allclose(d.gains()[:3], [6 / 11, 5 / 11, 2 / 11])
+    assert np.allclose(d.gains(), [0.6, 0.5, 0.2, 0.2, 0.05])
 
 
 # ------------------------------------------------------------------ retrieval, pruning, fusion
@@ -301,7 +317,9 @@ def test_fusion_properties_on_random_trees(seed):
 
     def random_tree(n):
         parents = [0] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, n)]
-        return TreeDraft(torch.cat([torch.tensor([0]), torch.randint(1, 4, (n - 1,), generator=g)]), torch.tensor(parents))
+        return TreeDraft(
+            torch.cat([torch.tensor([0]), torch.randint(1, 4, (n - 1,), generator=g)]), torch.tensor(parents)
+        )
 
     a, b = random_tree(12), random_tree(9)
     assert paths(fuse(a, a)) == paths(a)  # idempotent
@@ -366,6 +384,13 @@ def test_fit_budget_by_hand():
     assert fit_budget(gains, costs) == 2
     assert fit_budget(gains, costs, draft_seconds=2.0) == 0  # drafting costs more than it saves
     assert fit_budget([], costs) == 0
+    # trees that often have fewer nodes cost less: half the steps had 1 node, half 3
+    # n=3: 2.5 tokens / mean(c(2), c(4)) = 2.5 / 2.1 = 1.19 (vs 0.83 when every step verifies 3)
+    # n=2: 2.4 / mean(c(2), c(3)) = 2.4 / 1.35 = 1.78;  n=1: 1.9 / 1.2 = 1.58
+    assert fit_budget(gains, costs, sizes=[1, 3]) == 2
+    # 7 steps in 8 had 1 node: n=3: 2.85 / ((7 * 1.2 + 3.0) / 8) = 2.0 beats n=2: 2.4 / 1.2375 = 1.94
+    assert fit_budget([0.9, 0.5, 0.45], costs, sizes=[1] * 7 + [3]) == 3
+    assert fit_budget([0.9, 0.5, 0.45], costs, sizes=[1] * 3 + [3]) == 2  # 2.4 / 1.275 beats 2.85 / 1.65
 
 
 def test_forward_costs_interpolate_and_extrapolate():

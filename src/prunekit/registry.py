@@ -49,6 +49,8 @@ _METHOD_MODULES = (
     "prunekit.weights.methods.slicegpt",
     "prunekit.weights.methods.tyr",
     "prunekit.weights.methods.experts",
+    "prunekit.speculative.recycling",
+    "prunekit.speculative.rasd",
 )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,33 +107,43 @@ def measure_costs(
 
 
 class AcceptanceStats:
-    """How often each node slot was accepted: ``hits[i] / trials[i]``, with a Laplace prior that
-    starts an untried slot at ``prior``. Slots are what a drafter says they are (a template node for
-    Token Recycling, a rank in the tree for RASD)."""
+    """What a drafter's trees did, over the steps it drafted: how often each node slot was on the
+    accepted path, and how many nodes each tree had. Slots are what the drafter says they are (a
+    template node for Token Recycling, a rank in the tree for RASD).
 
-    def __init__(self, slots: int, prior: float = 0.0) -> None:
+    ``rates()`` are unconditional, ``hits / steps``: a slot that a step's tree lacked (a retrieval
+    tree with no match, a row of the matrix not yet written) counts as not accepted, and the cost
+    side sees the smaller tree through ``sizes``."""
+
+    def __init__(self, slots: int, window: int = 1024) -> None:
         self.hits = np.zeros(slots)
-        self.trials = np.zeros(slots)
-        self.prior = prior
+        self.steps = 0
+        self.sizes: deque[int] = deque(maxlen=window)
 
-    def observe(self, slots: np.ndarray, accepted: np.ndarray) -> None:
-        """``slots``: the slots verified this step; ``accepted``: the subset on the accepted path."""
-        np.add.at(self.trials, slots, 1)
-        np.add.at(self.hits, accepted, 1)
+    def observe(self, size: int, accepted: np.ndarray) -> None:
+        """One drafted step: the tree's draft nodes and the slots on the accepted path."""
+        self.steps += 1
+        self.sizes.append(int(size))
+        np.add.at(self.hits, np.asarray(accepted, int), 1)
 
     def rates(self) -> np.ndarray:
-        return (self.hits + self.prior) / (self.trials + 1)
-
-    @property
-    def steps(self) -> int:
-        return int(self.trials.max()) if len(self.trials) else 0
+        return self.hits / max(self.steps, 1)
 
 
-def fit_budget(gains: np.ndarray, costs: ForwardCosts, draft_seconds: float = 0.0) -> int:
+def fit_budget(gains, costs: ForwardCosts, draft_seconds: float = 0.0, sizes=None) -> int:
     """The number of draft nodes ``n`` (0 .. len(gains)) that maximises expected tokens per second,
-    given each node's acceptance rate ``gains`` in the order nodes are added (best first)."""
+    given each node's acceptance rate ``gains`` in the order nodes are added (best first).
+
+    ``sizes``: the draft nodes the drafter's trees had (recent steps); a step then verifies
+    ``min(n, size)`` nodes, so the cost of ``n`` is the mean of ``c(min(n, size) + 1)`` over them.
+    Without it every step verifies ``n``."""
     gains = np.asarray(gains, float)
     n = np.arange(len(gains) + 1)
     tokens = 1.0 + np.concatenate([[0.0], np.cumsum(gains)])
-    seconds = costs(n + 1) + np.where(n > 0, draft_seconds, 0.0)
+    if sizes is None or len(sizes) == 0:
+        seconds = costs(n + 1)
+    else:
+        verified = np.minimum(n[:, None], np.asarray(sizes)[None, :])
+        seconds = costs(verified + 1).mean(1)
+    seconds = seconds + np.where(n > 0, draft_seconds, 0.0)
     return int(np.argmax(tokens / seconds))

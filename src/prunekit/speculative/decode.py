@@ -108,7 +108,7 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     streamer=None,
     costs: ForwardCosts | None = None,
-    calibrate: int = 8,
+    calibrate: int = 16,
     refit: int = 32,
     **options,
 ) -> SpecOutput:
@@ -244,6 +244,6 @@ def _budget(d, tree, costs: ForwardCosts | None, calibrate: int) -> int:
         n = d.max_nodes
     else:
         total, count = d.draft_time
-        n = d.fitted = fit_budget(d.gains(), costs, total / max(count, 1))
+        n = d.fitted = fit_budget(d.gains(), costs, total / max(count, 1), d.stats.sizes)
     d.set_budget(n)
     return n

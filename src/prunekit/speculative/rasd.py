@@ -15,16 +15,28 @@ The same class gives the two ablations: ``retrieval=False`` (draft-only trees, d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
 
+from ..registry import register
 from .budget import AcceptanceStats
 from .draft import DraftModelTree, truncated
 from .retrieval import DRAFT, RETRIEVAL, fuse, prompt_lookup_tree, prune_by_draft
 from .tree import TreeDraft, Verified
 
 
+@register(
+    "rasd",
+    family="decode",
+    paper="RASD: Retrieval-Augmented Speculative Decoding",
+    stages=("decode",),
+    signals=("draft_probs", "context_ngrams"),
+    summary="lossless: a draft model's tree fused with a retrieval tree pruned by the draft's probabilities",
+)
+@dataclass(eq=False)
 class RASD:
     """RASD-style drafter.
 
@@ -45,53 +57,45 @@ class RASD:
     name = "rasd"
     sources = ("draft", "retrieval", "both")
 
-    def __init__(
-        self,
-        draft_model: nn.Module | bool | None = None,
-        draft_layers: int | None = None,
-        depth: int = 4,
-        top_k: int = 4,
-        expand: int = 4,
-        draft_nodes: int = 16,
-        retrieval: bool = True,
-        max_ngram: int = 3,
-        min_ngram: int = 1,
-        max_len: int = 10,
-        max_branches: int = 8,
-        prune: bool = True,
-        prune_top_k: int = 8,
-        p_min: float = 0.01,
-        retrieval_nodes: int = 16,
-        nodes: int = 24,
-    ) -> None:
+    draft_model: object = None  # an nn.Module, None (the truncated target) or False (no draft model)
+    draft_layers: int | None = None
+    depth: int = 4
+    top_k: int = 4
+    expand: int = 4
+    draft_nodes: int = 16
+    retrieval: bool = True
+    max_ngram: int = 3
+    min_ngram: int = 1
+    max_len: int = 10
+    max_branches: int = 8
+    prune: bool = True
+    prune_top_k: int = 8
+    p_min: float = 0.01
+    retrieval_nodes: int = 16
+    nodes: int = 24
+
+    def __post_init__(self) -> None:
+        draft_model, retrieval, nodes = self.draft_model, self.retrieval, self.nodes
         if draft_model is False and not retrieval:
             raise ValueError(
                 "RASD needs a draft model, retrieval, or both; got draft_model=False and retrieval=False"
             )
         if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
             raise ValueError(f"nodes must be an int >= 1 (the fused tree's node budget); got {nodes!r}")
-        self.draft_model, self.draft_layers = draft_model, draft_layers
-        self.tree_options = {"depth": depth, "top_k": top_k, "expand": expand, "nodes": draft_nodes}
+        self.tree_options = {"depth": self.depth, "top_k": self.top_k, "expand": self.expand,
+                             "nodes": self.draft_nodes}  # fmt: skip
         DraftModelTree(nn.Linear(1, 1), **self.tree_options)  # validates the options now
-        self.retrieval = retrieval
-        self.lookup = {
-            "max_ngram": max_ngram,
-            "min_ngram": min_ngram,
-            "max_len": max_len,
-            "max_branches": max_branches,
-        }
-        self.prune, self.prune_top_k, self.p_min, self.retrieval_nodes = (
-            prune,
-            prune_top_k,
-            p_min,
-            retrieval_nodes,
-        )
-        self.nodes = nodes
+        self.lookup = {"max_ngram": self.max_ngram, "min_ngram": self.min_ngram, "max_len": self.max_len,
+                       "max_branches": self.max_branches}  # fmt: skip
+        prompt_lookup_tree(torch.tensor([0, 0]), **self.lookup)  # validates the options now
+        if not 0.0 <= self.p_min <= 1.0:
+            raise ValueError(f"p_min must be in [0, 1]; got {self.p_min!r}")
         self.budget = nodes
         self.stats = AcceptanceStats(nodes)
         self.fitted: int | None = None  # the node budget fitted to the device (decode.generate)
         self.draft_time = (0.0, 0)  # seconds drafting and steps that drafted, for the fit
         self.tree: DraftModelTree | None = None
+        self._drafted = False
         self._target = None
         self._draft: nn.Module | None = None
         if draft_model is False:
@@ -141,6 +145,7 @@ class RASD:
 
     # ------------------------------------------------------------------ drafting
     def draft(self, context: list[int], budget: int | None = None) -> TreeDraft:
+        self._drafted = True
         root = context[-1]
         budget = self.budget if budget is None else budget
         draft_tree = TreeDraft(torch.tensor([root]), torch.tensor([0]), torch.tensor([DRAFT]))
@@ -170,6 +175,6 @@ class RASD:
     def update(self, draft: TreeDraft, verified: Verified) -> None:
         if self.tree is not None:
             self.tree.commit(verified.tokens)
-        n = len(draft) - 1
-        if n:
-            self.stats.observe(np.arange(min(n, self.nodes)), np.asarray(verified.path[1:], int) - 1)
+        if self._drafted:  # a step the engine ran without drafting (a budget of 0) teaches nothing
+            self.stats.observe(len(draft) - 1, np.asarray(verified.path[1:], int) - 1)
+        self._drafted = False

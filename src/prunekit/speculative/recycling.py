@@ -27,9 +27,12 @@ clears it); the prompt's prefill logits are not used. Departures:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
+from ..registry import register
 from .budget import AcceptanceStats
 from .tree import TreeDraft, Verified
 
@@ -114,6 +117,15 @@ def closed_rates(rates: np.ndarray, parents: np.ndarray) -> np.ndarray:
     return out
 
 
+@register(
+    "token_recycling",
+    family="decode",
+    paper="Turning Trash into Treasure: Accelerating Inference of Large Language Models with Token Recycling",
+    stages=("decode",),
+    signals=("logits_topk",),
+    summary="lossless draft trees from the top-k of every verified position, kept in an adjacency matrix",
+)
+@dataclass(eq=False)
 class TokenRecycling:
     """The Token Recycling drafter: an adjacency matrix of each token's top-``k`` successors and a
     static tree template.
@@ -132,14 +144,14 @@ class TokenRecycling:
     name = "token_recycling"
     sources = ("recycling",)
 
-    def __init__(
-        self,
-        k: int = 8,
-        template="official",
-        hot_start: bool = True,
-        seed_from_prompt: bool = False,
-        faithful: bool = False,
-    ):
+    k: int = 8
+    template: object = "official"  # "official", a TreeTemplate or a list of paths
+    hot_start: bool = True
+    seed_from_prompt: bool = False
+    faithful: bool = False
+
+    def __post_init__(self) -> None:
+        k, template = self.k, self.template
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an int >= 1 (candidates per token); got {k!r}")
         if isinstance(template, str):
@@ -152,17 +164,14 @@ class TokenRecycling:
             template = TreeTemplate(template, k)
         if template.k != k:
             raise ValueError(f"the template's ranks assume k={template.k}; got k={k}")
-        self.k = k
         self.template = template
         self.active = template
-        self.hot_start = hot_start
-        self.seed_from_prompt = seed_from_prompt
-        self.faithful = faithful
         self.matrix: torch.Tensor | None = None
         self.fitted: int | None = None  # the node budget fitted to the device (decode.generate)
         self.draft_time = (0.0, 0)  # seconds drafting and steps that drafted, for the fit
         self.stats = AcceptanceStats(len(template) - 1)
         self._nodes = torch.arange(1, len(template))  # template node of each active node (root excluded)
+        self._step, self._drafted = self._nodes, False
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
@@ -212,15 +221,18 @@ class TokenRecycling:
         where = torch.full((len(ids),), -1)
         where[keep] = torch.arange(len(keep))
         self._step = self._nodes[keep[1:] - 1]  # template node of each drafted node
+        self._drafted = True
         src = torch.zeros(len(keep), dtype=torch.long)
         return TreeDraft(ids[keep], where[self.active.parents[keep]], src)
 
     def update(self, draft: TreeDraft, verified: Verified) -> None:
         """Write every tree position's top-``k`` into the matrix, and count the accepted nodes."""
         self._write(draft.ids, verified.logits)
-        path = np.asarray(verified.path[1:], int)
-        nodes = self._step.numpy()[: len(draft) - 1]
-        self.stats.observe(nodes - 1, nodes[path - 1] - 1)
+        if self._drafted:  # a step the engine ran without drafting (a budget of 0) teaches nothing
+            path = np.asarray(verified.path[1:], int)
+            nodes = self._step.numpy()[: len(draft) - 1]
+            self.stats.observe(len(draft) - 1, nodes[path - 1] - 1)
+        self._drafted = False
 
     def _write(self, ids: torch.Tensor, logits: torch.Tensor) -> None:
         top = logits.topk(self.k, dim=-1).indices.to(torch.int32).cpu()
@@ -230,11 +242,3 @@ class TokenRecycling:
             0, inv, torch.arange(len(ids)), "amax", include_self=False
         )  # each token's last occurrence: one deterministic write per row
         self.matrix[ids[last]] = top[last]
-
-    # ------------------------------------------------------------------ persistence
-    def state_dict(self) -> dict:
-        return {
-            "matrix": self.matrix,
-            "hits": torch.from_numpy(self.stats.hits),
-            "trials": torch.from_numpy(self.stats.trials),
-        }

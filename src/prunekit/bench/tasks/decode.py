@@ -69,23 +69,6 @@ def _speculative(model, input_ids: torch.Tensor, drafter, max_new_tokens: int, e
     )
 
 
-def drafter_options(model, name: str) -> dict:
-    """Options for a named drafter on ``model``: none, except that a drafter with a truncated-target
-    draft model (``rasd``, ``draft_tree``) on a model with no more layers than its default
-    ``draft_layers`` (8) drafts with a quarter of the layers (at least 1) instead, so that small
-    and layer-pruned models run too (ours)."""
-    if name not in ("rasd", "draft_tree"):
-        return {}
-    import inspect
-
-    from ...models.decoder import decoder_layers
-    from ...speculative import RASD
-
-    default = inspect.signature(RASD).parameters["draft_layers"].default
-    total = len(decoder_layers(model)[1])
-    return {} if default < total else {"draft_layers": max(1, total // 4)}
-
-
 def _greedy(model, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id, pad_token_id) -> torch.Tensor:
     """Plain greedy ``model.generate`` with a bare generation config: ``(1, prompt + new)``."""
     from transformers import GenerationConfig
@@ -155,7 +138,7 @@ class DecodeSpeed(LMTask):
         with torch.inference_mode(), treat():
             first = self.inputs[0].to(dev)
             _greedy(model, first, WARMUP_TOKENS, eos, pad)
-            opts = {name: {"tree": self.tree, **drafter_options(model, name)} for name in names}
+            opts = {name: {"tree": self.tree} for name in names}
             for name in names:
                 _speculative(model, first, name, WARMUP_TOKENS, eos, **opts[name])
             for ids in self.inputs:
