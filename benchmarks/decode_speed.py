@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=3, help="prompts per task")
     ap.add_argument("--new", type=int, default=64, help="max new tokens")
     ap.add_argument("--out", default="benchmarks/results/decode_speed")
-    ap.add_argument("--methods", default="", help="comma-separated labels to run (default: all)")
+    ap.add_argument("--methods", default="", help="labels to run, separated by semicolons (default: all)")
     args = ap.parse_args()
 
     from prunekit.zoo import smollm2
@@ -93,7 +93,7 @@ def main() -> None:
     costs = measure_costs(model)
     (pathlib.Path(args.out + "-costs.json")).write_text(json.dumps(costs.as_dict()))
     print("forward cost ratios c(n)/c(1):", {n: round(costs.ratio(n), 2) for n in costs.sizes}, flush=True)
-    methods = [m for m in METHODS if not args.methods or m[0] in args.methods.split(",")]
+    methods = [m for m in METHODS if not args.methods or m[0] in args.methods.split(";")]
     assistants: dict = {}
     eos = model.generation_config.eos_token_id
     with path.open("a") as f:

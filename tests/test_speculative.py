@@ -230,14 +230,17 @@ def test_update_writes_each_row_once_from_its_last_node():
     d = TokenRecycling(k=2, template=[(0,), (1,), (0, 0)])
     d.matrix = torch.full((6, 2), -1, dtype=torch.int32)
     draft = TreeDraft(torch.tensor([4, 2, 4, 1]), torch.tensor([0, 0, 0, 1]))
-    d._step, d._drafted = torch.tensor([1, 2, 3]), True
+    d._step = torch.tensor([1, 2, 3])
     logits = torch.tensor([
         [0.0, 1.0, 5.0, 3.0, 0.0, 0.0],  # node 0 (token 4): top-2 = [2, 3]
         [9.0, 8.0, 0.0, 0.0, 0.0, 0.0],  # node 1 (token 2): [0, 1]
         [0.0, 0.0, 0.0, 0.0, 7.0, 6.0],  # node 2 (token 4 again, the last): [4, 5]
         [0.0, 0.0, 0.0, 2.0, 3.0, 0.0],  # node 3 (token 1): [4, 3]
     ])  # fmt: skip
-    d.update(draft, Verified(tokens=[2, 0], path=[0, 1], logits=logits))
+    v = Verified(tokens=[2, 0], path=[0, 1], logits=logits)
+    d.update(draft, v)
+    assert d.stats.steps == 0  # the engine counts full-tree steps only, through observe()
+    d.observe(draft, v)
     assert (
         d.matrix[4].tolist() == [4, 5] and d.matrix[2].tolist() == [0, 1] and d.matrix[1].tolist() == [4, 3]
     )
@@ -258,8 +261,9 @@ def test_pruned_template_keeps_the_most_accepted_nodes_as_a_tree():
         0.2,
     ]  # [1,0] capped by [1]
     d = TokenRecycling(k=2, template=t)
-    d.stats.steps = 10
-    d.stats.hits[:] = [6, 2, 5, 0.5, 3]
+    for accepted in [[0, 2]] * 5 + [[0]] + [[1, 4]] * 2 + [[4]] + [[]]:  # 10 steps, hits [6, 2, 5, 0, 3]
+        d.stats.observe(5, accepted)
+    d.stats.hits[3] = 0.5  # [0,1]: half a hit, to give it 0.05
     d.set_budget(3)  # [0] (0.6), [0,0] (0.5), then [1] and [1,0] tie at 0.2 -> the shallower [1]
     assert d.active.paths == [(0,), (1,), (0, 0)]
     assert np.allclose(d.gains(), [0.6, 0.5, 0.2, 0.2, 0.05])

@@ -107,27 +107,34 @@ def measure_costs(
 
 
 class AcceptanceStats:
-    """What a drafter's trees did, over the steps it drafted: how often each node slot was on the
-    accepted path, and how many nodes each tree had. Slots are what the drafter says they are (a
-    template node for Token Recycling, a rank in the tree for RASD).
+    """What a drafter's full trees did over the last ``window`` steps that verified one: how often
+    each node slot was on the accepted path, and how many nodes each tree had. Slots are what the
+    drafter says they are (a template node for Token Recycling, a rank in the tree for RASD).
 
     ``rates()`` are unconditional, ``hits / steps``: a slot that a step's tree lacked (a retrieval
     tree with no match, a row of the matrix not yet written) counts as not accepted, and the cost
-    side sees the smaller tree through ``sizes``."""
+    side sees the smaller tree through ``sizes``. Only full trees are counted (the engine's
+    calibration and exploration steps), so a pruned tree never biases the counts of the slots it
+    left out; the window lets early steps (a cold matrix) age out."""
 
-    def __init__(self, slots: int, window: int = 1024) -> None:
+    def __init__(self, slots: int, window: int = 256) -> None:
         self.hits = np.zeros(slots)
-        self.steps = 0
+        self.steps = 0  # full-tree steps seen in all
         self.sizes: deque[int] = deque(maxlen=window)
+        self._accepted: deque[np.ndarray] = deque(maxlen=window)
 
     def observe(self, size: int, accepted: np.ndarray) -> None:
-        """One drafted step: the tree's draft nodes and the slots on the accepted path."""
+        """One full-tree step: its number of draft nodes and the slots on the accepted path."""
+        accepted = np.asarray(accepted, int)
+        if len(self._accepted) == self._accepted.maxlen:
+            np.subtract.at(self.hits, self._accepted[0], 1)  # the oldest step leaves the window
         self.steps += 1
         self.sizes.append(int(size))
-        np.add.at(self.hits, np.asarray(accepted, int), 1)
+        self._accepted.append(accepted)
+        np.add.at(self.hits, accepted, 1)
 
     def rates(self) -> np.ndarray:
-        return self.hits / max(self.steps, 1)
+        return self.hits / max(len(self._accepted), 1)
 
 
 def fit_budget(gains, costs: ForwardCosts, draft_seconds: float = 0.0, sizes=None) -> int:

@@ -126,9 +126,9 @@ def generate(
         streamer: a transformers streamer (``put``/``end``), e.g. ``TextStreamer``.
         costs: forward costs for ``tree="auto"`` (default: measured once per model, see
             :func:`~prunekit.speculative.budget.measure_costs`).
-        calibrate, refit: steps at the full tree before the first fit, and between refits. When the
-            fit says 0 nodes (no tree pays), one step in ``refit`` still verifies the full tree, so
-            the acceptance counts keep up with the text.
+        calibrate, refit: steps at the full tree before the first fit; afterwards one step in
+            ``refit`` verifies the full tree again (also when the fit says no tree pays), and the
+            budget is refitted on the counts of the last 256 full-tree steps.
     """
     t_start = time.perf_counter()
     check_model(model, input_ids)
@@ -179,10 +179,10 @@ def generate(
     fitting = tree == "auto" and d is not None
     while len(new) < max_new_tokens:
         t0 = time.perf_counter()
-        # a fitted budget of 0 (plain decoding) learns nothing new: every `refit` steps, one full tree
-        explore = fitting and budget == 0 and since >= refit
-        size = d.max_nodes if explore else budget
-        if explore:
+        # the counts come from full trees only: while calibrating, and one step in `refit` afterwards
+        full = fitting and (d.stats.steps < calibrate or (budget < d.max_nodes and since >= refit))
+        size = d.max_nodes if full else budget
+        if full:
             d.set_budget(size)
         if d is None or size == 0:
             draft = TreeDraft(torch.tensor([context[-1]]), torch.tensor([0]))
@@ -193,6 +193,8 @@ def generate(
         t2 = time.perf_counter()
         if d is not None:
             d.update(draft, v)
+            if full:
+                d.observe(draft, v)
             if draft.source is not None:
                 src = draft.source[v.path[1:]].tolist()
                 for s in src:
@@ -218,9 +220,7 @@ def generate(
             since += 1
             if len(draft) > 1:
                 d.draft_time = (d.draft_time[0] + draft_seconds[-1], d.draft_time[1] + 1)
-            if d.stats.steps == calibrate or (
-                d.stats.steps > calibrate and since >= refit and (budget or explore)
-            ):
+            if full and d.stats.steps >= calibrate:
                 budget, since = _budget(d, tree, costs, calibrate), 0
     if streamer is not None:
         streamer.end()

@@ -95,7 +95,6 @@ class RASD:
         self.fitted: int | None = None  # the node budget fitted to the device (decode.generate)
         self.draft_time = (0.0, 0)  # seconds drafting and steps that drafted, for the fit
         self.tree: DraftModelTree | None = None
-        self._drafted = False
         self._target = None
         self._draft: nn.Module | None = None
         if draft_model is False:
@@ -145,7 +144,6 @@ class RASD:
 
     # ------------------------------------------------------------------ drafting
     def draft(self, context: list[int], budget: int | None = None) -> TreeDraft:
-        self._drafted = True
         root = context[-1]
         budget = self.budget if budget is None else budget
         draft_tree = TreeDraft(torch.tensor([root]), torch.tensor([0]), torch.tensor([DRAFT]))
@@ -175,6 +173,7 @@ class RASD:
     def update(self, draft: TreeDraft, verified: Verified) -> None:
         if self.tree is not None:
             self.tree.commit(verified.tokens)
-        if self._drafted:  # a step the engine ran without drafting (a budget of 0) teaches nothing
-            self.stats.observe(len(draft) - 1, np.asarray(verified.path[1:], int) - 1)
-        self._drafted = False
+
+    def observe(self, draft: TreeDraft, verified: Verified) -> None:
+        """Count which slots of a full-budget step were accepted."""
+        self.stats.observe(len(draft) - 1, np.asarray(verified.path[1:], int) - 1)

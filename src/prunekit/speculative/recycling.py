@@ -171,7 +171,7 @@ class TokenRecycling:
         self.draft_time = (0.0, 0)  # seconds drafting and steps that drafted, for the fit
         self.stats = AcceptanceStats(len(template) - 1)
         self._nodes = torch.arange(1, len(template))  # template node of each active node (root excluded)
-        self._step, self._drafted = self._nodes, False
+        self._step = self._nodes
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
@@ -221,18 +221,18 @@ class TokenRecycling:
         where = torch.full((len(ids),), -1)
         where[keep] = torch.arange(len(keep))
         self._step = self._nodes[keep[1:] - 1]  # template node of each drafted node
-        self._drafted = True
         src = torch.zeros(len(keep), dtype=torch.long)
         return TreeDraft(ids[keep], where[self.active.parents[keep]], src)
 
     def update(self, draft: TreeDraft, verified: Verified) -> None:
-        """Write every tree position's top-``k`` into the matrix, and count the accepted nodes."""
+        """Write every tree position's top-``k`` into the matrix (accepted or not)."""
         self._write(draft.ids, verified.logits)
-        if self._drafted:  # a step the engine ran without drafting (a budget of 0) teaches nothing
-            path = np.asarray(verified.path[1:], int)
-            nodes = self._step.numpy()[: len(draft) - 1]
-            self.stats.observe(len(draft) - 1, nodes[path - 1] - 1)
-        self._drafted = False
+
+    def observe(self, draft: TreeDraft, verified: Verified) -> None:
+        """Count which template nodes of a full-template step were accepted."""
+        path = np.asarray(verified.path[1:], int)
+        nodes = self._step.numpy()[: len(draft) - 1]
+        self.stats.observe(len(draft) - 1, nodes[path - 1] - 1)
 
     def _write(self, ids: torch.Tensor, logits: torch.Tensor) -> None:
         top = logits.topk(self.k, dim=-1).indices.to(torch.int32).cpu()
