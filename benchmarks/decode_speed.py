@@ -25,10 +25,10 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from structured_smollm2 import resume  # noqa: E402
+from structured_smollm2 import resume
 
-from prunekit.speculative import generate, make_drafter, measure_costs, truncated  # noqa: E402
-from prunekit.speculative.tasks import TASKS, task_inputs  # noqa: E402
+from prunekit.speculative import generate, make_drafter, measure_costs, truncated
+from prunekit.speculative.tasks import TASKS, task_inputs
 
 #: (label, kind, options): kind "hf" runs model.generate, "ours" runs prunekit.speculative.generate
 METHODS = [
@@ -67,7 +67,9 @@ def run_ours(model, ids, new: int, label: str, opts: dict):
     opts = dict(opts)
     cold = opts.pop("cold", False)
     drafter, tree = opts.pop("drafter"), opts.pop("tree")
-    d = None if drafter is None else _kept.setdefault(label, make_drafter(drafter, None, **opts))  # one per method
+    d = (
+        None if drafter is None else _kept.setdefault(label, make_drafter(drafter, None, **opts))
+    )  # one per method
     if cold:
         d.reset()
     out = generate(model, ids, drafter=d, max_new_tokens=new, tree=tree)
@@ -111,9 +113,10 @@ def main() -> None:
                     if key in done:
                         continue
                     new = out.shape[1] - ids.shape[1]
-                    row = {"key": key, "task": task, "prompt": i, "method": label, "prompt_tokens": ids.shape[1],
-                           "new_tokens": new, "seconds": secs, "identical": bool(ref is not None and torch.equal(out, ref)),
-                           "eos": eos, "stats": stats}  # fmt: skip
+                    same = bool(ref is not None and torch.equal(out, ref))
+                    row = {"key": key, "task": task, "prompt": i, "method": label,
+                           "prompt_tokens": ids.shape[1], "new_tokens": new, "seconds": secs,
+                           "identical": same, "eos": eos, "stats": stats}  # fmt: skip
                     f.write(json.dumps(row) + "\n")
                     f.flush()
                     mat = f"{stats['mat']:.2f}" if stats else "-"
@@ -143,16 +146,23 @@ def report(out: str, costs=None) -> None:
             for r in rs:
                 for k, v in ((r["stats"] or {}).get("accepted") or {}).items():
                     acc[k] = acc.get(k, 0) + v
+            nodes = sum(r["stats"]["nodes"] for r in rs) if forwards else None
             table.setdefault(m, {})[task] = {
-                "speedup": g / s, "mat": tokens / forwards if forwards else None, "identical": sum(r["identical"] for r in rs) / len(rs),
-                "n": len(rs), "accepted": acc, "nodes": (sum(r["stats"]["nodes"] for r in rs) / forwards) if forwards else None,
+                "speedup": g / s,
+                "mat": tokens / forwards if forwards else None,
+                "identical": sum(r["identical"] for r in rs) / len(rs),
+                "n": len(rs),
+                "accepted": acc,
+                "nodes": nodes / forwards if forwards else None,
                 "budget": rs[-1]["stats"]["budget"] if rs[0]["stats"] else None,
-            }  # fmt: skip
+            }
     lines = [
         "# Draft trees on SmolLM2-135M-Instruct (fp32, SDPA, CPU)",
         "",
-        f"Command: `python benchmarks/decode_speed.py` ({len(greedy)} prompts; rows in `{pathlib.Path(out).name}.jsonl`).",
-        "Speedup: greedy `generate()` seconds / method seconds over the same prompts (interleaved, one process).",
+        f"Command: `python benchmarks/decode_speed.py` ({len(greedy)} prompts; rows in "
+        f"`{pathlib.Path(out).name}.jsonl`).",
+        "Speedup: greedy `generate()` seconds / method seconds over the same prompts (interleaved, one "
+        "process).",
         "MAT: new tokens per target forward. Identical: the share of prompts whose output equals greedy's.",
         "",
         "| method | "
@@ -197,9 +207,15 @@ def report(out: str, costs=None) -> None:
         c = json.loads(pathlib.Path(out + "-costs.json").read_text())
         costs = ForwardCosts(tuple(c["sizes"]), tuple(c["seconds"]), c["past"])
     if costs is not None:
-        lines += ["", f"Forward cost on this device, {costs.past} cached tokens (c(n) / c(1); c(1) = {costs(1) * 1000:.1f} ms):", "",
-                  "| tokens | " + " | ".join(map(str, costs.sizes)) + " |", "|---|" + "---|" * len(costs.sizes),
-                  "| cost | " + " | ".join(f"{costs.ratio(n):.2f}" for n in costs.sizes) + " |"]  # fmt: skip
+        head = f"Forward cost, {costs.past} cached tokens (c(n) / c(1); c(1) = {costs(1) * 1e3:.1f} ms):"
+        lines += [
+            "",
+            head,
+            "",
+            "| tokens | " + " | ".join(map(str, costs.sizes)) + " |",
+            "|---|" + "---|" * len(costs.sizes),
+            "| cost | " + " | ".join(f"{costs.ratio(n):.2f}" for n in costs.sizes) + " |",
+        ]
     pathlib.Path(out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(out, table)
@@ -212,7 +228,7 @@ def plot(out: str, table: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    markers = dict(zip(TASKS, "osD^"))
+    markers = dict(zip(TASKS, "osD^", strict=True))
     colors = plt.cm.tab20.colors
     for j, (m, per) in enumerate(table.items()):
         for t in TASKS:
@@ -223,8 +239,10 @@ def plot(out: str, table: dict) -> None:
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("MAT (tokens per target forward)")
     ax.set_ylabel("wall-clock speedup vs greedy generate()")
-    ax.set_title("Draft trees on SmolLM2-135M, CPU (marker = task: o summ., s context QA, D numbers, ^ continuation)",
-                 fontsize=8)  # fmt: skip
+    title = (
+        "Draft trees on SmolLM2-135M, CPU (marker = task: o summ., s context QA, D numbers, ^ continuation)"
+    )
+    ax.set_title(title, fontsize=8)
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(out + ".png", dpi=120)

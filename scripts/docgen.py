@@ -43,7 +43,7 @@ USE = {
     "    out = model.generate(**inputs, max_new_tokens=32)",
     "weights": 'with prunekit.prune_weights(model, "{name}", 0.5, tokenizer=tok{opts}) as pruned:\n'
     "    print(pruned.report)",
-    "decode": 'out = prunekit.speculative.generate(model, input_ids, drafter="{name}", max_new_tokens=64{opts})\n'
+    "decode": 'out = prunekit.speculative.generate(model, ids, drafter="{name}", max_new_tokens=64{opts})\n'
     "print(out.stats.mat, out.stats.as_dict())  # the same tokens as greedy generate()",
 }
 

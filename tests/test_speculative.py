@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny import llama, mistral, qwen2
 from transformers.generation.streamers import BaseStreamer
 
 from prunekit.errors import UnsupportedModelError
@@ -32,6 +31,7 @@ from prunekit.speculative import (
 from prunekit.speculative.recycling import closed_rates
 from prunekit.speculative.retrieval import BOTH, DRAFT, RETRIEVAL
 from prunekit.speculative.tree import Verified
+from tiny import llama, mistral, qwen2
 
 
 def prompt(length: int = 24, seed: int = 1, vocab: int = 200) -> torch.Tensor:
@@ -59,8 +59,9 @@ def test_generate_equals_greedy_generate(drafter, options, tree):
     m = llama("sdpa")
     ids = prompt()
     ref = greedy(m, ids, 40, eos=[])
-    out = generate(m, ids, drafter=drafter, max_new_tokens=40, tree=tree, eos_token_id=[], calibrate=3, refit=4,
-                   **options)  # fmt: skip
+    out = generate(
+        m, ids, drafter, max_new_tokens=40, tree=tree, eos_token_id=[], calibrate=3, refit=4, **options
+    )
     assert torch.equal(out.sequences, ref)
     s = out.stats
     assert s.new_tokens == 40 and 1 <= s.forwards <= 40
@@ -126,7 +127,7 @@ def test_streamer_gets_the_prompt_then_every_committed_token():
     rec = Recorder()
     out = generate(m, ids, drafter="token_recycling", max_new_tokens=20, eos_token_id=[], streamer=rec)
     assert rec.chunks[0] == ids[0].tolist() and rec.ended
-    assert sum(rec.chunks[1:], []) == out.sequences[0, ids.shape[1] :].tolist()
+    assert [t for chunk in rec.chunks[1:] for t in chunk] == out.sequences[0, ids.shape[1] :].tolist()
     assert len(rec.chunks) - 1 == out.stats.forwards  # one chunk per verify step
 
 
@@ -163,7 +164,7 @@ def test_clear_errors():
     ids = prompt()
     with pytest.raises(ValueError, match="batch 1"):
         generate(m, ids.repeat(2, 1), max_new_tokens=4)
-    with pytest.raises(ValueError, match="unknown drafter 'medusa'.*token_recycling"):
+    with pytest.raises(ValueError, match=r"unknown drafter 'medusa'.*token_recycling"):
         generate(m, ids, drafter="medusa", max_new_tokens=4)
     with pytest.raises(ValueError, match="tree must be 'auto', 'official' or an int >= 0"):
         generate(m, ids, tree="big", max_new_tokens=4)
@@ -410,3 +411,14 @@ def test_rasd_options_are_checked():
         RASD(nodes=0)
     with pytest.raises(ValueError, match="top_k must be an int >= 1"):
         RASD(top_k=0)
+
+
+def test_acceptance_counts_age_out_of_their_window():
+    from prunekit.speculative import AcceptanceStats
+
+    s = AcceptanceStats(3, window=2)
+    s.observe(3, [0, 1])
+    s.observe(1, [0])
+    assert s.rates().tolist() == [1.0, 0.5, 0.0] and list(s.sizes) == [3, 1]
+    s.observe(0, [])  # the first step leaves the window
+    assert s.rates().tolist() == [0.5, 0.0, 0.0] and list(s.sizes) == [1, 0] and s.steps == 3
