@@ -5,19 +5,26 @@
   same call on one CPU here and, unchanged, on several GPUs under ``accelerate launch``.
 - :func:`recover` is LoRA recovery after structured pruning (LLM-Pruner, CFSP): PEFT LoRA adapters
   trained with :func:`train_causal_lm`, then merged into the weights.
+- :mod:`~prunekit.training.hooks`: straight-through estimators, step schedules and gradient masks
+  for training-aware methods; ``train_causal_lm(loss_fn=...)`` adds their loss terms.
 """
 
 from __future__ import annotations
 
+from .hooks import GradientMask, StepSchedule, ste_heaviside, straight_through
 from .loop import TrainResult, token_windows, train_causal_lm
 from .recover import DEFAULT_TARGETS, RecoveryReport, lora_targets, recover
 
 __all__ = [
     "DEFAULT_TARGETS",
+    "GradientMask",
     "RecoveryReport",
+    "StepSchedule",
     "TrainResult",
     "lora_targets",
     "recover",
+    "ste_heaviside",
+    "straight_through",
     "token_windows",
     "train_causal_lm",
 ]

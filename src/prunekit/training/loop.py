@@ -28,6 +28,8 @@ class TrainResult:
     steps: int
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    #: the named terms of ``loss_fn`` per forward pass (floats), when it returns a dict
+    terms: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,6 +87,8 @@ def train_causal_lm(
     save_steps: int | None = None,
     resume: bool | str = False,
     progress: bool = True,
+    loss_fn=None,
+    lm_loss: bool = True,
     **trainer_args,
 ) -> TrainResult:
     """Train ``model`` (its trainable parameters: freeze the rest, or wrap it with PEFT first) for
@@ -92,7 +96,12 @@ def train_causal_lm(
     position. Batches are ``batch_size`` windows per device; the data are
     reshuffled every pass (seeded), so ``steps`` may exceed one epoch.
 
-    ``callbacks``: transformers ``TrainerCallback`` objects (schedules, gradient masks, ...).
+    ``callbacks``: transformers ``TrainerCallback`` objects (schedules, gradient masks, ...; see
+    :mod:`prunekit.training.hooks`).
+    ``loss_fn(model, inputs, outputs, step)``: extra loss terms, added to the next-token loss (or
+    alone with ``lm_loss=False``): a scalar tensor, or a dict of named scalar tensors (summed; each
+    term is recorded in ``TrainResult.terms``). ``step`` is the optimiser step being taken (0-based),
+    for schedules; ``outputs`` are the model's outputs on ``inputs`` (logits included).
     ``checkpoint_dir``: where the ``Trainer`` saves checkpoints every ``save_steps`` steps (default:
     at the end only); ``resume=True`` (or a checkpoint path) continues from the latest one. Without
     it a throw-away folder is used and nothing is saved. Extra keyword arguments go to
@@ -110,12 +119,28 @@ def train_causal_lm(
         raise ValueError(f"lr must be > 0; got {lr!r}")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameter (requires_grad=True)")
+    if loss_fn is None and not lm_loss:
+        raise ValueError("lm_loss=False needs a loss_fn: there would be nothing to train on")
+    if loss_fn is not None and not callable(loss_fn):
+        raise ValueError(f"loss_fn must be callable (model, inputs, outputs, step) -> loss; got {loss_fn!r}")
     losses: list[float] = []
+
+    terms: list[dict] = []
 
     class _Recording(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, **kw):
-            out = super().compute_loss(model, inputs, return_outputs=return_outputs, **kw)
-            loss = out[0] if return_outputs else out
+            if loss_fn is None:
+                out = super().compute_loss(model, inputs, return_outputs=return_outputs, **kw)
+                loss = out[0] if return_outputs else out
+            else:
+                loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kw)
+                extra = loss_fn(model, inputs, outputs, self.state.global_step)
+                if isinstance(extra, dict):
+                    if model.training:
+                        terms.append({k: float(v.detach()) for k, v in extra.items()})
+                    extra = sum(extra.values())
+                loss = loss + extra if lm_loss else extra
+                out = (loss, outputs) if return_outputs else loss
             if model.training:
                 losses.append(float(loss.detach()))
             return out
@@ -153,4 +178,4 @@ def train_causal_lm(
         t0 = time.perf_counter()
         trainer.train(resume_from_checkpoint=resume or None)
         seconds = time.perf_counter() - t0
-    return TrainResult(steps=trainer.state.global_step, losses=losses, seconds=seconds)
+    return TrainResult(steps=trainer.state.global_step, losses=losses, seconds=seconds, terms=terms)
