@@ -13,8 +13,8 @@ import json
 import time
 from pathlib import Path
 
-from prunekit.models.atp_training import train_atp
 from prunekit.tokens.methods.atp_llava import save_atp
+from prunekit.training.atp import train_atp
 from prunekit.zoo.llava_dino_smol import answer_batches, llava_dino_smol
 
 OUT = Path(__file__).parent / "results"

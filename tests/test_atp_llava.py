@@ -11,7 +11,6 @@ import torch
 
 import prunekit
 from invariants import assert_same, snapshot
-from prunekit.models.atp_training import SoftATP, train_atp
 from prunekit.tokens.context import Selection
 from prunekit.tokens.methods.atp_llava import (
     ATPLLaVA,
@@ -24,6 +23,7 @@ from prunekit.tokens.methods.atp_llava import (
     soft_keep,
     spatial_score,
 )
+from prunekit.training.atp import SoftATP, train_atp
 from reference import greedy, masked_reference_cuts
 from tiny import DECODERS, VLMS, reset, text_inputs, vlm_inputs
 

@@ -5,6 +5,8 @@
   same call on one CPU here and, unchanged, on several GPUs under ``accelerate launch``.
 - :func:`recover` is LoRA recovery after structured pruning (LLM-Pruner, CFSP): PEFT LoRA adapters
   trained with :func:`train_causal_lm`, then merged into the weights.
+- :func:`train_batches` trains on ready-made batches (any model inputs, in order), e.g. ATP-LLaVA's
+  threshold modules on a frozen VLM (:func:`prunekit.training.atp.train_atp`).
 - :mod:`~prunekit.training.hooks`: straight-through estimators, step schedules and gradient masks
   for training-aware methods; ``train_causal_lm(loss_fn=...)`` adds their loss terms.
 """
@@ -12,7 +14,7 @@
 from __future__ import annotations
 
 from .hooks import GradientMask, StepSchedule, ste_heaviside, straight_through
-from .loop import TrainResult, token_windows, train_causal_lm
+from .loop import TrainResult, token_windows, train_batches, train_causal_lm
 from .recover import DEFAULT_TARGETS, RecoveryReport, lora_targets, recover
 
 __all__ = [
@@ -26,5 +28,6 @@ __all__ = [
     "ste_heaviside",
     "straight_through",
     "token_windows",
+    "train_batches",
     "train_causal_lm",
 ]

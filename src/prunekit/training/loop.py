@@ -110,11 +110,85 @@ def train_causal_lm(
     Deterministic under ``seed`` on a given machine and thread count (the ``Trainer`` seeds torch,
     numpy and Python before building the model's data order and dropout masks).
     """
-    from transformers import PrinterCallback, Trainer, TrainingArguments
-
     for name, v, lo in (("steps", steps, 1), ("batch_size", batch_size, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an int >= {lo}; got {v!r}")
+    return _run(
+        model, _Windows(windows), None, steps=steps, lr=lr, batch_size=batch_size, warmup_steps=warmup_steps,
+        weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, callbacks=callbacks,
+        checkpoint_dir=checkpoint_dir, save_steps=save_steps, resume=resume, progress=progress,
+        loss_fn=loss_fn, lm_loss=lm_loss, in_order=False, **trainer_args,
+    )  # fmt: skip
+
+
+def train_batches(
+    model: nn.Module,
+    batches: Sequence[dict],
+    *,
+    steps: int,
+    lr: float = 1e-4,
+    seed: int = 0,
+    callbacks: Sequence = (),
+    loss_fn=None,
+    lm_loss: bool = True,
+    progress: bool = True,
+    **options,
+) -> TrainResult:
+    """Train ``model``'s trainable parameters for ``steps`` optimiser steps on ready-made batches
+    (dicts of model inputs, e.g. a VLM's ``input_ids``, ``pixel_values`` and ``labels``), taken in
+    order and cycled. The model's own loss (``outputs.loss``) plus ``loss_fn``'s terms, as in
+    :func:`train_causal_lm`, whose other options (``lr_scheduler_type``, ``max_grad_norm``,
+    checkpoints, resume, ...) apply too."""
+    if not batches:
+        raise ValueError("train_batches needs at least one batch; got none")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1; got {steps!r}")
+    return _run(model, _Batches(list(batches)), _first, steps=steps, lr=lr, batch_size=1, seed=seed,
+                callbacks=callbacks, loss_fn=loss_fn, lm_loss=lm_loss, progress=progress, in_order=True,
+                **options)  # fmt: skip
+
+
+class _Batches(torch.utils.data.Dataset):
+    def __init__(self, batches: list[dict]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.batches[i]
+
+
+def _first(items: list[dict]) -> dict:
+    return items[0]  # each item is a whole batch already
+
+
+def _run(
+    model: nn.Module,
+    dataset,
+    collator,
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    callbacks: Sequence,
+    loss_fn,
+    lm_loss: bool,
+    progress: bool,
+    in_order: bool,
+    warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
+    checkpoint_dir: str | None = None,
+    save_steps: int | None = None,
+    resume: bool | str = False,
+    **trainer_args,
+) -> TrainResult:
+    """The ``Trainer`` run behind :func:`train_causal_lm` and :func:`train_batches`."""
+
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+
     if not lr > 0:
         raise ValueError(f"lr must be > 0; got {lr!r}")
     if not any(p.requires_grad for p in model.parameters()):
@@ -128,6 +202,11 @@ def train_causal_lm(
     terms: list[dict] = []
 
     class _Recording(Trainer):
+        def _get_train_sampler(self, *args, **kw):
+            if in_order:  # ready-made batches are taken in order, as a hand-written loop would
+                return torch.utils.data.SequentialSampler(self.train_dataset)
+            return super()._get_train_sampler(*args, **kw)
+
         def compute_loss(self, model, inputs, return_outputs=False, **kw):
             if loss_fn is None:
                 out = super().compute_loss(model, inputs, return_outputs=return_outputs, **kw)
@@ -146,6 +225,7 @@ def train_causal_lm(
             return out
 
     device = next(model.parameters()).device
+    schedule = trainer_args.pop("lr_scheduler_type", "linear")
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=checkpoint_dir or tmp,
@@ -155,7 +235,7 @@ def train_causal_lm(
             warmup_steps=warmup_steps,
             weight_decay=weight_decay,
             max_grad_norm=max_grad_norm,
-            lr_scheduler_type="linear",
+            lr_scheduler_type=schedule,
             optim="adamw_torch",
             seed=seed,
             data_seed=seed,
@@ -171,7 +251,7 @@ def train_causal_lm(
             **trainer_args,
         )
         trainer = _Recording(
-            model=model, args=args, train_dataset=_Windows(windows), callbacks=list(callbacks)
+            model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=list(callbacks)
         )
         if not progress:
             trainer.remove_callback(PrinterCallback)  # it would print the final metrics

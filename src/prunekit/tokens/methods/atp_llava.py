@@ -15,7 +15,7 @@ option ``layers``). At each one, for the visual tokens still present (spec §12)
   ``theta_r = sigmoid(Linear(D, 1)(z))``, ``theta_s = sigmoid(Linear(D, 1)(z))``;
 - kept: ``(S_red > theta_r) or (S_spat > theta_s)``; so the count varies per image and per layer.
 
-Training (:func:`prunekit.models.atp_training.train_atp`) relaxes the keep rule to the soft mask
+Training (:func:`prunekit.training.atp.train_atp`) relaxes the keep rule to the soft mask
 ``max(sigmoid((S_red - theta_r) T), sigmoid((S_spat - theta_s) T))``, ``T = 10``, applied as
 ``log(mask)`` on the token's attention key from the module's layer on, and minimises the
 next-token loss plus ``lambda_atp * sum_i i * kept_i / N + lambda_target * |mean kept - target|``
@@ -232,7 +232,7 @@ class ATPLLaVA(ProgressiveMethod):
         if not self.modules:
             raise ValueError(
                 "atp_llava needs its trained module: train one with "
-                "prunekit.models.atp_training.train_atp(model, batches, keep) and pass it (or the file "
+                "prunekit.training.atp.train_atp(model, batches, keep) and pass it (or the file "
                 "save_atp wrote) as weights="
             )
         have = ", ".join(f"{round(m.target * n)} ({m.target:.3f})" for m in self.modules)

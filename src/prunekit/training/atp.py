@@ -10,6 +10,10 @@ The signals are recomputed from each cut layer's own q/k as the inference path d
 logits; post-softmax instruction attention under the mask), detached; only the modules learn.
 The model is restored afterwards (hooks, ``requires_grad``, train/eval mode), also after an
 exception.
+
+The loop is the transformers ``Trainer`` (:func:`prunekit.training.train_batches`): Adam (AdamW
+without weight decay), a constant learning rate, no gradient clipping, the batches in order, as the
+hand-written loop this replaces; so it also runs under ``accelerate launch``.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import PrunekitError, UnsupportedModelError
+from ..models.attention import causal_allowed, decoder_logits
+from ..models.base import HookSet
+from ..models.sequence import attention_mask_4d, gather_square
 from ..tokens.methods.atp_llava import (
     ATPLLaVA,
     ATPModule,
@@ -32,9 +38,7 @@ from ..tokens.methods.atp_llava import (
     spatial_score,
 )
 from ..tokens.schedule import mean_tokens
-from .attention import causal_allowed, decoder_logits
-from .base import HookSet
-from .sequence import attention_mask_4d, gather_square
+from .loop import train_batches
 
 LOG_FLOOR = 1e-6  # log(mask) is clamped here: a fully dropped key gets -13.8, not -inf
 
@@ -213,35 +217,49 @@ def _train_one(model, batches, k, cuts, n_layers, steps, lr, hidden, temperature
         )
     device = next(model.parameters()).device
     module = ATPModule(cuts, k / N, hidden, n_layers).to(device)
-    opt = torch.optim.Adam(module.parameters(), lr=lr)
     log = []
-    bar = tqdm(range(steps), desc=f"training ATP-LLaVA (keep {k} of {N})", unit="step", disable=not progress)
-    with SoftATP(model, module, temperature, r_s, lam, straight_through) as soft, torch.enable_grad():
-        for step in bar:
-            batch = {
-                name: t.to(device) if torch.is_tensor(t) else t
-                for name, t in batches[step % len(batches)].items()
-            }
-            soft.prepare(batch["input_ids"], batch["attention_mask"], batch.get("labels"))
-            ntp = model(**batch).loss
+    with SoftATP(model, module, temperature, r_s, lam, straight_through) as soft:
+        wrapped = _Training(model, module, soft)
+
+        def terms(_, inputs, outputs, step):
             kept = [m.sum(dim=-1) for m in soft.masks]  # (B,) soft counts after each cut
             mean = mean_tokens(cuts, kept, N, n_layers)  # (B,) mean visual tokens per layer
             layer_cost = sum((i + 1) * c.mean() / N for i, c in enumerate(kept))
-            loss = ntp + lambda_atp * layer_cost + lambda_target * (mean - k).abs().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            log.append(
-                {"step": step, "loss": loss.item(), "ntp": ntp.item(), "mean_kept": mean.mean().item()}
-            )
-            bar.set_postfix(ntp=f"{ntp.item():.3f}", kept=f"{mean.mean().item():.1f}")
+            out = {"layer_cost": lambda_atp * layer_cost, "target": lambda_target * (mean - k).abs().mean()}
+            ntp = outputs.loss.detach()
+            log.append({"step": step, "loss": float(ntp + sum(v.detach() for v in out.values())),
+                        "ntp": float(ntp), "mean_kept": float(mean.mean().detach())})  # fmt: skip
+            return out
+
+        train_batches(wrapped, batches, steps=steps, lr=lr, seed=seed, loss_fn=terms, progress=progress,
+                      lr_scheduler_type="constant", max_grad_norm=0.0)  # fmt: skip
     module.log = log
     return module.eval()
 
 
+class _Training(nn.Module):
+    """What the ``Trainer`` trains: the ATP module (the only parameters it sees) driving the frozen
+    VLM through the soft-mask hooks. ``train()`` switches the module only; the VLM stays in eval."""
+
+    def __init__(self, vlm: nn.Module, module: ATPModule, soft: SoftATP) -> None:
+        super().__init__()
+        self.atp = module
+        self.soft = soft
+        object.__setattr__(self, "vlm", vlm)  # not a submodule: its weights stay out of the optimiser
+
+    def forward(self, **batch):
+        self.soft.prepare(batch["input_ids"], batch["attention_mask"], batch.get("labels"))
+        return self.vlm(**batch)
+
+    def train(self, mode: bool = True):
+        self.training = mode
+        self.atp.train(mode)
+        return self
+
+
 def _vlm_adapter(model: nn.Module):
-    from . import get_adapter
-    from .vlm import VLMAdapter
+    from ..models import get_adapter
+    from ..models.vlm import VLMAdapter
 
     adapter = get_adapter(model)
     if not isinstance(adapter, VLMAdapter):
