@@ -43,7 +43,7 @@ from prunekit.assets import book_text
 from prunekit.bench.measure import interleaved_latency
 from prunekit.bench.models import BUILTIN
 from prunekit.bench.tasks import make_task
-from prunekit.training import pat as P
+from prunekit.training import pat_tuning as P
 
 
 def params(model) -> int:
@@ -164,7 +164,8 @@ def main() -> None:
         loaded.model.save_pretrained(work / "baseline")
         d = rec.to_dict()
         d.pop("modules")
-        emit({"stage": "baseline", "ppl": ppl(loaded), "ppl_pruned": pruned_ppl, "params": params(loaded.model),
+        emit({"stage": "baseline", "ppl": ppl(loaded), "ppl_pruned": pruned_ppl,
+              "params": params(loaded.model),
               "shrink_s": shrink_s, "train_s": rec.seconds, "kept": kept,
               "hidden_after": loaded.model.config.hidden_size, **d})  # fmt: skip
 
@@ -229,14 +230,16 @@ def write_md(out: pathlib.Path, done: dict) -> None:
         f"| dense | {pt['hidden_before']} | {dn['params']:,} | {dn['ppl']:.2f} | - | 1.00 | 1.00 |",
         f"| PAT (merged) | {pt['hidden_after']} | {pt['params']:,} | {pt['ppl']:.2f} | {pt['train_s']:.0f} | "
         f"{lat['prefill_speedup_pat']:.2f} | {lat['decode_speedup_pat']:.2f} |",
-        f"| magnitude prune, no training | {bl['hidden_after']} | {bl['params']:,} | {bl['ppl_pruned']:.2f} | - "
-        f"| - | - |",
-        f"| magnitude prune + LoRA r={bl['lora_rank']} | {bl['hidden_after']} | {bl['params']:,} | {bl['ppl']:.2f} "
-        f"| {bl['train_s']:.0f} | {lat['prefill_speedup_baseline']:.2f} | {lat['decode_speedup_baseline']:.2f} |",
+        f"| magnitude prune, no training | {bl['hidden_after']} | {bl['params']:,} | "
+        f"{bl['ppl_pruned']:.2f} | - | - | - |",
+        f"| magnitude prune + LoRA r={bl['lora_rank']} | {bl['hidden_after']} | {bl['params']:,} | "
+        f"{bl['ppl']:.2f} | {bl['train_s']:.0f} | {lat['prefill_speedup_baseline']:.2f} | "
+        f"{lat['decode_speedup_baseline']:.2f} |",
         "",
         f"PAT merged vs hooked (eval gate): max |logit| error {pt['merge_error']:.2e}; reload identical: "
         f"{pt['reload_identical']}; channels with m > 0 at the end: {pt['above_threshold']} (asked "
-        f"{pt['keep']}); last loss terms {json.dumps({k: round(v, 4) for k, v in pt['terms_last'].items()})}.",
+        f"{pt['keep']}); last loss terms "
+        f"{json.dumps({k: round(v, 4) for k, v in pt['terms_last'].items()})}.",
         f"Greedy generation of the reloaded PAT model: {pt['generated']!r}.",
         f"Prefill of 1x{lat['prefill_tokens']} tokens: dense {lat['prefill_s_dense'] * 1e3:.0f} ms, PAT "
         f"{lat['prefill_s_pat'] * 1e3:.0f} ms; decode dense {lat['decode_tok_s_dense']:.1f} tok/s, PAT "

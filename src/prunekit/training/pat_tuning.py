@@ -333,7 +333,7 @@ def attach(
     try:
         mods._handles.append(inner.register_forward_pre_hook(set_gate))
         mods._handles.append(inner.embed_tokens.register_forward_hook(on_embed))
-        for layer, ha, hm in zip(layers, mods.attn, mods.mlp):
+        for layer, ha, hm in zip(layers, mods.attn, mods.mlp, strict=True):
             mods._handles.append(layer.self_attn.register_forward_hook(hook(ha)))
             mods._handles.append(layer.mlp.register_forward_hook(hook(hm)))
         model._modules[_ATTR] = mods
@@ -404,7 +404,7 @@ def merge(model: nn.Module, mods: PATModules, *, tied: str = "mask") -> dict:
     e_new = fold(mods.embed, e_old.T).T  # E' = (E Mᵀ diag(s))[:, keep]
     emb.weight = nn.Parameter(e_new.contiguous(), requires_grad=e_old.requires_grad)
     emb.embedding_dim = d2
-    for layer, ha, hm in zip(layers, mods.attn, mods.mlp):
+    for layer, ha, hm in zip(layers, mods.attn, mods.mlp, strict=True):
         norm(layer.input_layernorm)
         norm(layer.post_attention_layernorm)
         for n in ("q_proj", "k_proj", "v_proj"):
@@ -621,7 +621,8 @@ def pat(
     last = result.terms[-1] if result.terms else {}
     return PATReport(
         hidden_before=d, hidden_after=info["hidden"][1], keep=n_keep, above_threshold=above,
-        steps=result.steps, seconds=result.seconds, merge_seconds=merge_s, merge_error=merge_error, params_before=params_before,
+        steps=result.steps, seconds=result.seconds, merge_seconds=merge_s, merge_error=merge_error,
+        params_before=params_before,
         params_after=sum(p.numel() for p in model.parameters()), loss_first=result.losses[0],
         loss_last=result.losses[-1], terms_last=last, faithful=faithful, tied=tied, hsm_rank=rank,
         lora_rank=lora_rank, lora_alpha=lora_alpha, lr=lr, mask_lr=mask_lr, batch_size=batch_size,
