@@ -517,6 +517,13 @@ def pat(
     ``lr``: LoRA and HSMs; ``mask_lr``: the mask (see the module docstring for every choice that is
     ours and the quirks ``faithful=True`` keeps). T (of the schedule) = ``steps``.
 
+    ``checkpoint_dir``: the ``Trainer`` saves a PEFT model's adapters only, so the checkpoints hold
+    the LoRA weights but not the HSMs or the mask; resuming a PAT run is not supported (yet).
+
+    Not in the method registry: registered weights methods run through ``prune_weights``
+    (calibrate, score, mask, ``finalize``) and the registry's test matrix calls them that way,
+    while PAT trains with peft and changes ``hidden_size``; it is a training call, like ``recover``.
+
     If anything fails before the merge, the LoRA adapters and HSMs are removed unmerged and the
     model is restored exactly (parameters, dtypes, ``requires_grad``). Comes back in eval mode.
     """
