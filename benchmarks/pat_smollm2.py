@@ -86,6 +86,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--stages", nargs="*", default=["dense", "pat", "baseline", "latency"],
+                   help="run only these stages (e.g. the baseline in a second process)")  # fmt: skip
     p.add_argument("--work", default="/tmp/pat_smollm2")
     p.add_argument("--out", default="benchmarks/results/pat_smollm2.jsonl")
     a = p.parse_args()
@@ -122,13 +124,13 @@ def main() -> None:
         n = ids.numel() // a.seq_len
         return ids[: n * a.seq_len].view(n, a.seq_len)
 
-    if "dense" not in done:
+    if "dense" not in done and "dense" in a.stages:
         loaded = fresh()
         emit(
             {"stage": "dense", "ppl": ppl(loaded), "params": params(loaded.model), "ppl_chunks": a.ppl_chunks}
         )
 
-    if "pat" not in done:
+    if "pat" not in done and "pat" in a.stages:
         loaded = fresh()
         t0 = time.perf_counter()
         rep = P.pat(
@@ -150,7 +152,7 @@ def main() -> None:
               "train_s": rep.seconds, "reload_identical": same,
               "generated": loaded.tokenizer.decode(gen[0], skip_special_tokens=True), **d})  # fmt: skip
 
-    if "baseline" not in done:
+    if "baseline" not in done and "baseline" in a.stages:
         loaded = fresh()
         t0 = time.perf_counter()
         kept = magnitude_shrink(loaded.model, a.keep)
@@ -169,11 +171,12 @@ def main() -> None:
               "shrink_s": shrink_s, "train_s": rec.seconds, "kept": kept,
               "hidden_after": loaded.model.config.hidden_size, **d})  # fmt: skip
 
-    if "latency" not in done:
+    if "latency" not in done and "latency" in a.stages:
         dense = BUILTIN["smollm2"](torch.float32).model.eval()
         models = {"dense": dense}
         for name in ("pat", "baseline"):
-            models[name] = prunekit.load_pruned(work / name, dtype=torch.float32).eval()
+            if (work / name / "config.json").is_file():
+                models[name] = prunekit.load_pruned(work / name, dtype=torch.float32).eval()
         g = torch.Generator().manual_seed(0)
         x = torch.randint(3, 40000, (1, a.prefill), generator=g)
         prompt = torch.randint(3, 40000, (1, 64), generator=g)
@@ -207,7 +210,7 @@ def main() -> None:
             row[f"prefill_s_{k}"] = statistics.median(tp[k])
             row[f"decode_tok_s_{k}"] = a.new_tokens / statistics.median(td[k])
             row[f"params_{k}"] = params(models[k])
-        for k in ("pat", "baseline"):
+        for k in [k for k in models if k != "dense"]:
             row[f"prefill_speedup_{k}"] = row["prefill_s_dense"] / row[f"prefill_s_{k}"]
             row[f"decode_speedup_{k}"] = row[f"decode_tok_s_{k}"] / row["decode_tok_s_dense"]
         emit(row)
