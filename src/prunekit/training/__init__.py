@@ -7,6 +7,9 @@
   trained with :func:`train_causal_lm`, then merged into the weights.
 - :func:`train_batches` trains on ready-made batches (any model inputs, in order), e.g. ATP-LLaVA's
   threshold modules on a frozen VLM (:func:`prunekit.training.atp.train_atp`).
+- :func:`pat` is PAT (pruning-aware tuning, AAAI'25): a trained mask over the hidden size with
+  identity-plus-low-rank modules on hooks, merged into a physically narrower model
+  (:mod:`~prunekit.training.pat_tuning`).
 - :mod:`~prunekit.training.hooks`: straight-through estimators, step schedules and gradient masks
   for training-aware methods; ``train_causal_lm(loss_fn=...)`` adds their loss terms.
 """
@@ -15,15 +18,18 @@ from __future__ import annotations
 
 from .hooks import GradientMask, StepSchedule, ste_heaviside, straight_through
 from .loop import TrainResult, token_windows, train_batches, train_causal_lm
+from .pat_tuning import PATReport, pat
 from .recover import DEFAULT_TARGETS, RecoveryReport, lora_targets, recover
 
 __all__ = [
     "DEFAULT_TARGETS",
     "GradientMask",
+    "PATReport",
     "RecoveryReport",
     "StepSchedule",
     "TrainResult",
     "lora_targets",
+    "pat",
     "recover",
     "ste_heaviside",
     "straight_through",
