@@ -70,7 +70,9 @@ def received_attention(probs: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Te
     return total / seen
 
 
-def router_features(att: torch.Tensor, sparsity: float, positions: torch.Tensor | None = None) -> torch.Tensor:
+def router_features(
+    att: torch.Tensor, sparsity: float, positions: torch.Tensor | None = None
+) -> torch.Tensor:
     """The 4 router inputs ``(B, T, 4)`` in [0, 1]: ``pos = j/(T-1)``, ``att``, ``rank(att)/(T-1)``
     (0 = least attended; equal values ranked by index), and the block target ``s_l``.
     ``att (B, T)``; ``positions`` overrides ``j`` (default ``0..T-1``). [ours, unconfirmed]"""
@@ -159,14 +161,17 @@ def renormalise(genome: torch.Tensor, target: float, pinned: torch.Tensor) -> to
     free = ~pinned
     need = target * s.numel()
     for _ in range(100):
-        tot = s[free].sum()
-        if tot <= 0:
-            s[free] = need / int(free.sum())
-        else:
-            s[free] = s[free] * (need / tot)
-        s.clamp_(0.0, MAX_SPARSITY)
-        if abs(float(s.sum()) - need) < 1e-9:
+        capped = free & (s >= MAX_SPARSITY)
+        loose = free & ~capped
+        rem = need - float(s[capped].sum())
+        if not bool(loose.any()) or abs(float(s[loose].sum()) - rem) < 1e-12:
             break
+        tot = float(s[loose].sum())
+        if tot > 0:  # scale the uncapped entries (their proportions kept) ...
+            s[loose] = s[loose] * (rem / tot)
+        else:  # ... or share the remainder equally when they are all 0
+            s[loose] = rem / int(loose.sum())
+        s.clamp_(0.0, MAX_SPARSITY)
     return s
 
 
@@ -185,6 +190,11 @@ class _Skip:
         self.kept: list[float] = []  # fraction of tokens computed per routed block, last forward
         self.prev_att: torch.Tensor | None = None
         self.prev_rank: torch.Tensor | None = None
+
+    def needs_attention(self, idx: int) -> bool:
+        """Does block ``idx + 1`` route with the learned router (so it needs block idx's attention)."""
+        nxt = idx + 1
+        return isinstance(self.router, nn.Module) and nxt < len(self.schedule) and self.schedule[nxt] > 0
 
     # --- routing
     def scores(self, layer: int, B: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -205,7 +215,12 @@ class _Skip:
         s = self.schedule[layer]
         if isinstance(self.router, nn.Module):
             feats = torch.stack(
-                [torch.ones(B), self.prev_att.float().cpu(), self.prev_rank.float().cpu(), torch.full((B,), s)],
+                [
+                    torch.ones(B),
+                    self.prev_att.float().cpu(),
+                    self.prev_rank.float().cpu(),
+                    torch.full((B,), s),
+                ],
                 dim=-1,
             ).to(device)
             with torch.no_grad():
@@ -217,7 +232,7 @@ class _Skip:
 
     # --- the block
     def forward(self, layer_mod, idx, hidden, position_embeddings, past_key_values):
-        B, T, D = hidden.shape
+        B, T, _ = hidden.shape
         s = self.schedule[idx]
         past = past_key_values is not None and past_key_values.get_seq_length(idx) > 0
         if idx == 0:
@@ -241,11 +256,14 @@ class _Skip:
             if B > 1 or self.kv == "keep":
                 if self.kv == "drop":
                     raise NotImplementedError(
-                        "kv='drop' decodes batch size 1 only (per-row cache lengths would differ); use kv='keep'"
+                        "kv='drop' decodes batch size 1 only (per-row cache lengths would differ); "
+                        "use kv='keep'"
                     )
                 out = self.run(layer_mod, hidden, None, position_embeddings, past_key_values, idx, None)
                 self.prev_att = torch.where(keep_mask.cpu(), self.prev_att, torch.zeros_like(self.prev_att))
-                self.prev_rank = torch.where(keep_mask.cpu(), self.prev_rank, torch.zeros_like(self.prev_rank))
+                self.prev_rank = torch.where(
+                    keep_mask.cpu(), self.prev_rank, torch.zeros_like(self.prev_rank)
+                )
                 return torch.where(keep_mask[:, None, None], out, hidden)
             self.prev_att = torch.zeros(B)  # skipped: received nothing here
             self.prev_rank = torch.zeros(B)
@@ -308,25 +326,37 @@ class _Skip:
             kk, v = cache.update(kk, v, idx)
         rep = q.shape[1] // kk.shape[1]
         kk, v = kk.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        logits = (q.float() @ kk.float().transpose(-1, -2)) * attn.scaling  # (B, H, Tq, Tk)
         if decoding:  # one new query sees every cached key
-            probs = logits.softmax(-1)
-        else:
-            allowed = q_pos[:, None, :, None] >= k_pos[:, None, None, :]
-            probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
-        o = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(B, q.shape[2], -1)
+            mask, causal = None, False
+        elif q_ix is kv_ix:  # the same (sorted) tokens as queries and keys: plain causal
+            mask, causal = None, True
+        else:  # kv="keep": kept queries over all keys, by original position
+            mask, causal = (q_pos[:, None, :, None] >= k_pos[:, None, None, :]), False
+        o = nn.functional.scaled_dot_product_attention(
+            q, kk, v, attn_mask=mask, is_causal=causal, scale=attn.scaling
+        )
+        o = o.transpose(1, 2).reshape(B, q.shape[2], -1)
         h1 = h_q + attn.o_proj(o)
         h2 = h1 + layer.mlp(layer.post_attention_layernorm(h1))
-        # the next block's features
-        if decoding:
-            row = probs.mean(1)[:, 0]  # (B, Tk): the new token's row; it is the last key
-            self.prev_att = row[:, -1].detach().float().cpu()
-            n = row.shape[1]
-            self.prev_rank = (row < row[:, -1:]).sum(1).float().cpu() / max(n - 1, 1)
-        else:
-            att_k = received_attention(probs.detach(), q_pos, k_pos)
-            att = att_k if kv_ix is None else torch.zeros(B, T, device=hidden.device).scatter(1, kv_ix, att_k)
-            self.prev_att = att.detach()
+        if self.needs_attention(idx):  # the next block's router features
+            with torch.no_grad():
+                logits = (q.float() @ kk.float().transpose(-1, -2)) * attn.scaling  # (B, H, Tq, Tk)
+                if not decoding:
+                    allowed = q_pos[:, None, :, None] >= k_pos[:, None, None, :]
+                    logits = logits.masked_fill(~allowed, float("-inf"))
+                probs = logits.softmax(-1)
+            if decoding:
+                row = probs.mean(1)[:, 0]  # (B, Tk): the new token's row; it is the last key
+                self.prev_att = row[:, -1].float().cpu()
+                self.prev_rank = (row < row[:, -1:]).sum(1).float().cpu() / max(row.shape[1] - 1, 1)
+            else:
+                att_k = received_attention(probs, q_pos, k_pos)
+                att = (
+                    att_k
+                    if kv_ix is None
+                    else torch.zeros(B, T, device=hidden.device).scatter(1, kv_ix, att_k)
+                )
+                self.prev_att = att
         if q_ix is None:
             return h2
         delta = h2 - h_q
@@ -394,7 +424,8 @@ def token_skipping(
         def forward(hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
                     use_cache=False, position_embeddings=None, **kw):  # fmt: skip
             if state.bypass:
-                return original(layer, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                return original(layer, hidden_states, attention_mask=attention_mask,
+                                position_ids=position_ids,
                                 past_key_values=past_key_values, use_cache=use_cache,
                                 position_embeddings=position_embeddings, **kw)  # fmt: skip
             return state.forward(layer, idx, hidden_states, position_embeddings, past_key_values)
@@ -420,14 +451,27 @@ def token_skipping(
 # ---------------------------------------------------------------------------------- GA search
 
 
-def lm_loss(model, ids: torch.Tensor) -> float:
-    """Mean next-token cross-entropy of ``model`` on ``ids (N, T)``, one window at a time."""
+def _check_tail(tail, T: int | None = None) -> None:
+    if tail is not None and (isinstance(tail, bool) or not isinstance(tail, int) or tail < 1):
+        raise ValueError(f"tail must be None (every position) or an int >= 1; got {tail!r}")
+    if tail is not None and T is not None and tail > T - 1:
+        raise ValueError(f"tail={tail} exceeds the {T - 1} predicted positions of a {T}-token window")
+
+
+def lm_loss(model, ids: torch.Tensor, tail: int | None = None) -> float:
+    """Mean next-token cross-entropy of ``model`` on ``ids (N, T)``, one window at a time; with
+    ``tail``, only the last ``tail`` predictions of each window count (the whole window is context).
+    """
+    _check_tail(tail, ids.shape[1])
     tot, n = 0.0, 0
     with torch.no_grad():
         for x in ids.split(1):
             logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
-            tot += float(nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum"))
-            n += x.shape[1] - 1
+            y = x[:, 1:]
+            if tail is not None:
+                logits, y = logits[:, -tail:], y[:, -tail:]
+            tot += float(nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
+            n += y.numel()
     return tot / n
 
 
@@ -441,15 +485,21 @@ def ga_schedule(
     sigma: float = 0.05,
     elite: int = 2,
     kv: str = "drop",
+    tail: int | None = None,
+    router: FTPRouter | str = "static",
     seed: int = 0,
 ) -> tuple[list[float], list[float]]:
     """FTP's genetic search of per-block sparsity [3rd-party: GA, static router, pop. 16, 10
     generations, uniform crossover, Gaussian mutation 0.05; fitness = -loss on a few calibration
-    sequences]. Genome ``s in [0, 0.9]^L``, renormalised to mean ``target``; blocks 0 and L-1
+    sequences; ``tail``: only the last ``tail`` predictions count, see :func:`lm_loss`].
+    Genome ``s in [0, 0.9]^L``, renormalised to mean ``target``; blocks 0 and L-1
     pinned to 0 [ours: "pinned low"]. Selection [ours]: the ``elite`` best survive; children of two
     parents drawn uniformly from the better half. Generation 0 = the uniform schedule (over the
     free blocks) + ``population - 1`` Gaussian perturbations of it. Deterministic under ``seed``
     (its own generator; fitness ties broken by index).
+
+    ``router``: the static router (stage 1); a trained :class:`FTPRouter` fine-tunes the schedule
+    with it (FTP's stage 3, repeatable).
 
     Returns ``(best schedule, best fitness per generation)``.
     """
@@ -462,7 +512,10 @@ def ga_schedule(
     if L < 3:
         raise ValueError(f"the GA needs at least 3 decoder layers (first and last are pinned); got {L}")
     if not 0.0 < target <= MAX_SPARSITY * (L - 2) / L:
-        raise ValueError(f"target must be in (0, {MAX_SPARSITY * (L - 2) / L:.3f}] for {L} blocks; got {target!r}")
+        raise ValueError(
+            f"target must be in (0, {MAX_SPARSITY * (L - 2) / L:.3f}] for {L} blocks; got {target!r}"
+        )
+    _check_tail(tail, calibration.shape[1])
     if not sigma >= 0:
         raise ValueError(f"sigma must be >= 0; got {sigma!r}")
     g = torch.Generator().manual_seed(seed)
@@ -475,8 +528,8 @@ def ga_schedule(
     ]
 
     def fitness(s):
-        with token_skipping(model, "static", s.tolist(), kv=kv):
-            return -lm_loss(model, calibration)
+        with token_skipping(model, router, s.tolist(), kv=kv):
+            return -lm_loss(model, calibration, tail)
 
     history = []
     fit = torch.tensor([fitness(s) for s in pop], dtype=torch.float64)
@@ -492,7 +545,9 @@ def ga_schedule(
             a, b = torch.randint(len(parents), (2,), generator=g).tolist()
             take = torch.rand(L, generator=g) < 0.5
             child = torch.where(take, parents[a], parents[b])
-            child = renormalise(child + sigma * torch.randn(L, generator=g, dtype=torch.float64), target, pinned)
+            child = renormalise(
+                child + sigma * torch.randn(L, generator=g, dtype=torch.float64), target, pinned
+            )
             nxt.append(child)
             nfit.append(fitness(child))
         pop, fit = nxt, torch.tensor(nfit, dtype=torch.float64)
@@ -514,15 +569,20 @@ def ftp_loss(
     sparsity: float = 1.0,
     guide: float = 1.0,
     guide_until: float = 0.5,
+    tail: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """The three FTP losses [3rd-party names; forms and weights ours]:
 
-    - ``distill``: ``KL(p_dense || p_routed)`` of the final logits, mean per token;
+    - ``distill``: ``KL(p_dense || p_routed)`` of the final logits, mean per token (the last
+      ``tail`` positions only, when given [ours]: the positions a prefill is used for);
     - ``sparsity`` (asymmetric: only under-pruning is penalised): ``sum_l max(0, s_l - ŝ_l)`` with
       the soft achieved sparsity ``ŝ_l = 1 - mean_j p_keep``;
     - ``guide``: mean BCE of ``p_keep`` to the static router's decisions, weight decayed linearly
       from ``guide`` to 0 at ``guide_until * max_steps``.
     """
+    _check_tail(tail)
+    if tail is not None:
+        routed_logits, dense_logits = routed_logits[:, -tail:], dense_logits[:, -tail:]
     logp = routed_logits.float().log_softmax(-1)
     logq = dense_logits.float().log_softmax(-1)
     kl = (logq.exp() * (logq - logp)).sum(-1).mean()
