@@ -256,3 +256,19 @@ def test_straight_through_keeps_values():
         b.sum().backward()
     torch.testing.assert_close(a, b.detach())
     assert r.net[0].weight.grad is not None and r.net[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("router", ["random", "learned"])
+def test_batched_decode_keep(router):
+    """Batch 2 decoding under kv='keep' (rows decide separately); kv='drop' refuses it clearly."""
+    m = tiny.llama()
+    r = ftp.FTPRouter(seed=2) if router == "learned" else "random"
+    x = _ids(B=2, n=12)
+    kw = dict(
+        attention_mask=torch.ones_like(x), max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0
+    )
+    with torch.no_grad(), ftp.token_skipping(m, r, [0.0, 0.6, 0.6, 0.6], kv="keep", threshold=0.9):
+        assert m.generate(input_ids=x, **kw).shape == (2, 16)
+    with torch.no_grad(), ftp.token_skipping(m, "random", [0.0, 0.9, 0.9, 0.9], kv="drop", seed=1):
+        with pytest.raises(NotImplementedError, match="batch size 1"):
+            m.generate(input_ids=x, **kw)

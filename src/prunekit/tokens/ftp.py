@@ -260,10 +260,9 @@ class _Skip:
                         "use kv='keep'"
                     )
                 out = self.run(layer_mod, hidden, None, position_embeddings, past_key_values, idx, None)
-                self.prev_att = torch.where(keep_mask.cpu(), self.prev_att, torch.zeros_like(self.prev_att))
-                self.prev_rank = torch.where(
-                    keep_mask.cpu(), self.prev_rank, torch.zeros_like(self.prev_rank)
-                )
+                if self.needs_attention(idx):  # a skipped row received nothing here
+                    self.prev_att = torch.where(keep_mask.cpu(), self.prev_att, 0.0)
+                    self.prev_rank = torch.where(keep_mask.cpu(), self.prev_rank, 0.0)
                 return torch.where(keep_mask[:, None, None], out, hidden)
             self.prev_att = torch.zeros(B)  # skipped: received nothing here
             self.prev_rank = torch.zeros(B)
