@@ -36,6 +36,16 @@ post-attention RMSNorm, q/k/v/o projections with RoPE and GQA, gated MLP); the a
 explicit softmax (its probabilities are the router's features), so FTP with every ``s_l = 0``
 equals the dense model to float precision (tested), not bit-exactly.
 
+Use (the three stages)::
+
+    from prunekit.tokens import ftp
+    sched, _ = ftp.ga_schedule(model, calib_ids, 0.3, tail=32)           # 1. GA, static router
+    router = ftp.FTPRouter()
+    ftp.train_router(model, router, train_ids, sched, steps=300, tail=32)   # 2. router, LLM frozen
+    sched, _ = ftp.ga_schedule(model, calib_ids, 0.3, router=router)      # 3. (optional) re-tune
+    with ftp.token_skipping(model, router, sched, kv="drop"):
+        model.generate(...)
+
 Module choice: FTP removes token computation, not tokens, so it is a context manager on the
 model (like the KV-cache methods), not a :class:`~prunekit.tokens.TokenMethod` of the token
 engine (which shortens the sequence for all later layers).
