@@ -219,13 +219,13 @@ def write_table(out: pathlib.Path, rows: list[dict], a) -> None:
         "",
         f"Wikipedia perplexity ({a.ppl_chunks} chunks x 512 tokens), over every position and over the "
         f"last {a.tail} of each chunk (the positions a prefill serves); dense = {dense}. "
-        f"GA: population {a.population}, {a.generations} generations, {a.ga_seqs} x {a.ga_len} LAMBADA "
-        f"tokens, static router, fitness = -loss on the last {a.ga_tail} positions. Router: {a.steps} steps, "
-        f"batch 1 x {a.train_len} tokens, lr {a.lr}, distillation on the last {a.ga_tail} positions. "
+        "GA: static router, fitness = -loss on the last --ga-tail positions of the LAMBADA calibration "
+        "windows (settings per sparsity below). Router: batch 1, distillation on the last --ga-tail "
+        f"positions, lr {a.lr}; steps per row. "
         f"`computed` = fraction of token-block computations done (FLOPs proxy). Prefill speed-up: "
         f"batch 1 x {a.prefill_len}, {a.threads} threads, medians of {a.repeats}, interleaved with dense.",
         "",
-        "| sparsity | method | ppl (all) | ppl (tail) | computed | train s | prefill speed-up drop / keep |",
+        "| sparsity | method | ppl (all) | ppl (tail) | computed | train steps / s | prefill speed-up drop / keep |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["sparsity"], r["method"])):
@@ -233,7 +233,7 @@ def write_table(out: pathlib.Path, rows: list[dict], a) -> None:
             continue
         sp = (f"{r['prefill_speedup_drop']:.2f}x / {r['prefill_speedup_keep']:.2f}x"
               if "prefill_speedup_drop" in r else "")  # fmt: skip
-        tr = f"{r['train_s']:.0f}" if "train_s" in r else ""
+        tr = f"{r['steps']} / {r['train_s']:.0f}" if "train_s" in r else ""
         lines.append(
             f"| {r['sparsity']:.2f} | {r['method']} | {r['ppl']:.2f} | {r['ppl_tail']:.2f} "
             f"| {r.get('computed', 0):.3f} | {tr} | {sp} |"
@@ -242,7 +242,7 @@ def write_table(out: pathlib.Path, rows: list[dict], a) -> None:
     for r in rows:
         if r["method"] == "ga":
             lines.append(
-                f"GA at {r['sparsity']:.2f} ({r['seconds']:.0f} s): best fitness by generation "
+                f"GA at {r['sparsity']:.2f} ({r['settings']}, {r['seconds']:.0f} s): best fitness by generation "
                 f"{', '.join(f'{v:.3f}' for v in r['fitness'])} (uniform: {r['uniform_fitness']:.3f}); "
                 f"schedule {', '.join(f'{v:.2f}' for v in r['schedule'])}"
             )
