@@ -225,7 +225,7 @@ def write_table(out: pathlib.Path, rows: list[dict], a) -> None:
         f"`computed` = fraction of token-block computations done (FLOPs proxy). Prefill speed-up: "
         f"batch 1 x {a.prefill_len}, {a.threads} threads, medians of {a.repeats}, interleaved with dense.",
         "",
-        "| sparsity | method | ppl (all) | ppl (tail) | computed | train steps / s | prefill speed-up drop / keep |",
+        "| sparsity | method | ppl (all) | ppl (tail) | computed | steps / s | speed-up drop / keep |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["sparsity"], r["method"])):
@@ -242,7 +242,7 @@ def write_table(out: pathlib.Path, rows: list[dict], a) -> None:
     for r in rows:
         if r["method"] == "ga":
             lines.append(
-                f"GA at {r['sparsity']:.2f} ({r['settings']}, {r['seconds']:.0f} s): best fitness by generation "
+                f"GA at {r['sparsity']:.2f} ({r['settings']}, {r['seconds']:.0f} s): best by generation "
                 f"{', '.join(f'{v:.3f}' for v in r['fitness'])} (uniform: {r['uniform_fitness']:.3f}); "
                 f"schedule {', '.join(f'{v:.2f}' for v in r['schedule'])}"
             )
