@@ -25,9 +25,13 @@ import json
 import math
 import pathlib
 import statistics
+import sys
 import time
 
 import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from structured_smollm2 import resume
 
 import prunekit
 from prunekit.assets import book_text
@@ -35,17 +39,6 @@ from prunekit.bench.measure import interleaved_latency
 from prunekit.bench.models import BUILTIN
 from prunekit.bench.tasks import make_task
 from prunekit.tokens import ftp
-
-
-def resume(path: str) -> tuple[pathlib.Path, dict]:
-    out = pathlib.Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = {}
-    if out.exists():
-        for line in out.read_text().splitlines():
-            row = json.loads(line)
-            done[row["key"]] = row
-    return out, done
 
 
 def main() -> None:

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import statistics
+import sys
 
 import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from ftp_smollm2 import _prefill
 
 from prunekit import zoo
 from prunekit.bench.measure import interleaved_latency
@@ -33,15 +38,7 @@ def main() -> None:
     router = ftp.FTPRouter(seed=0)
 
     def run(cfg):
-        def f():
-            with torch.inference_mode():
-                if cfg is None:
-                    model(input_ids=x, use_cache=False)
-                else:
-                    with ftp.token_skipping(model, cfg[0], cfg[1], kv=cfg[2]):
-                        model(input_ids=x, use_cache=False)
-
-        return f
+        return _prefill(model, x, cfg)
 
     L = len(model.model.layers)
     for s in a.sparsities:
