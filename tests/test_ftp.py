@@ -11,6 +11,7 @@ import torch
 from transformers import DynamicCache
 
 import tiny
+from prunekit.models.compat import cache_keyword, output_cache
 from prunekit.tokens import ftp
 
 T = 10
@@ -158,7 +159,7 @@ def test_generate_with_skipping(kv):
             do_sample=False, pad_token_id=0, return_dict_in_generate=True,
         )  # fmt: skip
     assert out.sequences.shape == (1, 16)
-    lens = [out.past_key_values.layers[i].keys.shape[2] for i in range(4)]
+    lens = [output_cache(out).layers[i].keys.shape[2] for i in range(4)]
     assert lens[0] == 15  # block 0 is dense: 12 prompt + 3 decoded tokens of K/V
     if kv == "drop":
         assert all(n <= 6 + 3 for n in lens[1:])  # 6 of 12 prompt tokens computed, at most all decoded
@@ -219,8 +220,8 @@ def test_clear_errors():
         pytest.raises(NotImplementedError, match="one token"),
     ):
         cache = DynamicCache(config=m.config)
-        m(input_ids=_ids(), past_key_values=cache, use_cache=True)
-        m(input_ids=_ids(n=3), past_key_values=cache, use_cache=True)
+        m(input_ids=_ids(), **{cache_keyword(): cache}, use_cache=True)
+        m(input_ids=_ids(n=3), **{cache_keyword(): cache}, use_cache=True)
     with pytest.raises(ValueError, match="target must be in"):
         ftp.ga_schedule(m, _ids(B=1), 0.6)
     with pytest.raises(ValueError, match="tail"):

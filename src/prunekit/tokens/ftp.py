@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from ..models.attention import _heads, _rope
+from ..models.compat import cache_of
 
 KV_MODES = ("drop", "keep")
 MAX_SPARSITY = 0.9
@@ -430,14 +431,14 @@ def token_skipping(
     def patched(idx, layer):
         original = type(layer).forward
 
-        def forward(hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
-                    use_cache=False, position_embeddings=None, **kw):  # fmt: skip
+        def forward(hidden_states, attention_mask=None, position_ids=None, use_cache=False,
+                    position_embeddings=None, **kw):  # fmt: skip
+            # the cache keyword is `past_key_values` before transformers 5.24, `cache` from 5.24 on
             if state.bypass:
                 return original(layer, hidden_states, attention_mask=attention_mask,
-                                position_ids=position_ids,
-                                past_key_values=past_key_values, use_cache=use_cache,
+                                position_ids=position_ids, use_cache=use_cache,
                                 position_embeddings=position_embeddings, **kw)  # fmt: skip
-            return state.forward(layer, idx, hidden_states, position_embeddings, past_key_values)
+            return state.forward(layer, idx, hidden_states, position_embeddings, cache_of(kw))
 
         return forward
 
