@@ -175,7 +175,6 @@ def generate(
     budget, since = _budget(d, tree, costs, calibrate), 0
     context = prompt.tolist()
     new: list[int] = []
-    draft_seconds: list[float] = []
     fitting = tree == "auto" and d is not None
     while len(new) < max_new_tokens:
         t0 = time.perf_counter()
@@ -200,9 +199,8 @@ def generate(
                 for s in src:
                     stats.accepted[d.sources[s]] = stats.accepted.get(d.sources[s], 0) + 1
         t3 = time.perf_counter()
-        if len(draft) > 1:
-            draft_seconds.append((t1 - t0) + (t3 - t2))
-        stats.draft_s += (t1 - t0) + (t3 - t2)
+        drafting = (t1 - t0) + (t3 - t2)
+        stats.draft_s += drafting
         stats.verify_s += t2 - t1
         stats.forwards += 1
         stats.nodes += len(draft) - 1
@@ -219,7 +217,7 @@ def generate(
         if fitting:
             since += 1
             if len(draft) > 1:
-                d.draft_time = (d.draft_time[0] + draft_seconds[-1], d.draft_time[1] + 1)
+                d.draft_time = (d.draft_time[0] + drafting, d.draft_time[1] + 1)
             if full and d.stats.steps >= calibrate:
                 budget, since = _budget(d, tree, costs, calibrate), 0
     if streamer is not None:
