@@ -17,6 +17,14 @@ run continues; the merged models are kept in ``--work`` for the latency stage):
   the same surgery (``pat.merge`` with a pure mask), then ``prunekit.recover`` (LoRA; r, alpha as
   ``--base-rank``/``--base-alpha``, LLM-Pruner's r=8 / alpha 16 by default, the same lr, steps,
   batches and data as PAT); perplexity before and after recovery.
+- ``structured``: structured pruning plus recovery **at equal parameters**: ``--struct-method``
+  (CFSP, the best structured method at 20-30 % in ``structured_smollm2.md``) at the sparsity that
+  leaves the PAT model's parameter count (from the ``pat`` row; heads and FFN channels, the hidden
+  size kept), finalized, then the same LoRA recovery as the baseline (steps, data, lr, r, alpha);
+  perplexity before and after recovery.
+- ``zeroshot``: the 7 zero-shot tasks (BoolQ, RTE, HellaSwag, WinoGrande, ARC-e, ARC-c, OpenBookQA;
+  ``--zs-limit`` questions each, the same for every model; acc or acc_norm as the Wanda tables) of
+  dense and every saved model (PAT, baseline, structured).
 - ``latency``: prefill (batch 1 x ``--prefill`` tokens) and greedy decode (64-token prompt,
   ``--new-tokens`` tokens) of dense, PAT-merged and baseline (same shape as PAT), interleaved in one
   process, medians of ``--repeats``, fp32, ``--threads`` threads.
@@ -41,7 +49,7 @@ import torch
 import prunekit
 from prunekit.assets import book_text
 from prunekit.bench.measure import interleaved_latency
-from prunekit.bench.models import BUILTIN
+from prunekit.bench.models import BUILTIN, Loaded
 from prunekit.bench.tasks import make_task
 from prunekit.training import pat_tuning as P
 
@@ -86,7 +94,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--stages", nargs="*", default=["dense", "pat", "baseline", "latency"],
+    p.add_argument("--struct-method", default="cfsp")
+    p.add_argument("--zs-limit", type=int, default=50)
+    stages = ["dense", "pat", "baseline", "structured", "zeroshot", "latency"]
+    p.add_argument("--stages", nargs="*", default=stages,
                    help="run only these stages (e.g. the baseline in a second process)")  # fmt: skip
     p.add_argument("--work", default="/tmp/pat_smollm2")
     p.add_argument("--out", default="benchmarks/results/pat_smollm2.jsonl")
@@ -171,10 +182,59 @@ def main() -> None:
               "shrink_s": shrink_s, "train_s": rec.seconds, "kept": kept,
               "hidden_after": loaded.model.config.hidden_size, **d})  # fmt: skip
 
+    if "structured" not in done and "structured" in a.stages:
+        if "pat" not in done:
+            raise SystemExit("the structured stage matches the PAT model's parameters: run pat first")
+        loaded = fresh()
+        before = params(loaded.model)
+        prunable = sum(
+            m.weight.numel() for ly in loaded.model.model.layers
+            for m in (*(getattr(ly.self_attn, f"{x}_proj") for x in "qkvo"),
+                      *(getattr(ly.mlp, f"{x}_proj") for x in ("gate", "up", "down")))
+        )  # fmt: skip
+        sparsity = (before - done["pat"]["params"]) / prunable
+        t0 = time.perf_counter()
+        pr = prunekit.prune_weights(loaded.model, a.struct_method, sparsity, tokenizer=loaded.tokenizer)
+        pr.finalize()
+        prune_s = time.perf_counter() - t0
+        pruned_ppl = ppl(loaded)
+        rec = prunekit.recover(
+            loaded.model, windows(loaded.tokenizer), steps=a.steps, lora_rank=a.base_rank,
+            lora_alpha=a.base_alpha, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len, seed=a.seed,
+            progress=False,
+        )  # fmt: skip
+        loaded.model.save_pretrained(work / "structured")
+        d = rec.to_dict()
+        d.pop("modules")
+        emit({"stage": "structured", "method": a.struct_method, "sparsity": sparsity, "ppl": ppl(loaded),
+              "ppl_pruned": pruned_ppl, "params": params(loaded.model), "prune_s": prune_s,
+              "train_s": rec.seconds, **d})  # fmt: skip
+
+    if "zeroshot" not in done and "zeroshot" in a.stages:
+        from prunekit.bench.tasks.lm import MC_TASKS
+
+        zs_tasks = [make_task(n, limit=a.zs_limit) for n in MC_TASKS]
+        row = {"stage": "zeroshot", "zs_limit": a.zs_limit}
+        dense = fresh()
+        for name in ("dense", "pat", "baseline", "structured"):
+            if name == "dense":
+                loaded = dense
+            elif (work / name / "config.json").is_file():
+                model = prunekit.load_pruned(work / name, dtype=torch.float32).eval()
+                loaded = Loaded(f"smollm2-{name}", "lm", model, dense.tokenizer)
+            else:
+                continue
+            t0 = time.perf_counter()
+            acc = {t.name: t.evaluate(loaded, nullcontext).metrics[t.primary] for t in zs_tasks}
+            row[f"zs_{name}"] = acc
+            row[f"zs_mean_{name}"] = statistics.fmean(acc.values())
+            print(name, json.dumps(acc), f"{time.perf_counter() - t0:.0f} s", flush=True)
+        emit(row)
+
     if "latency" not in done and "latency" in a.stages:
         dense = BUILTIN["smollm2"](torch.float32).model.eval()
         models = {"dense": dense}
-        for name in ("pat", "baseline"):
+        for name in ("pat", "baseline", "structured"):
             if (work / name / "config.json").is_file():
                 models[name] = prunekit.load_pruned(work / name, dtype=torch.float32).eval()
         g = torch.Generator().manual_seed(0)
@@ -222,22 +282,47 @@ def write_md(out: pathlib.Path, done: dict) -> None:
     if not all(k in done for k in ("dense", "pat", "baseline", "latency")):
         return
     dn, pt, bl, lat = done["dense"], done["pat"], done["baseline"], done["latency"]
+    st, zs = done.get("structured"), done.get("zeroshot", {})
+
+    def zero(name: str) -> str:
+        v = zs.get(f"zs_mean_{name}")
+        return "-" if v is None else f"{v:.3f}"
+
+    def speed(name: str) -> str:
+        if f"prefill_speedup_{name}" not in lat:
+            return "- | -"
+        return f"{lat[f'prefill_speedup_{name}']:.2f} | {lat[f'decode_speedup_{name}']:.2f}"
+
     lines = [
         f"# PAT on SmolLM2-135M-Instruct: hidden {pt['hidden_before']} -> {pt['hidden_after']}",
         "",
         f"{pt['steps']} steps of {pt['batch_size']}x{pt['seq_len']} LAMBADA tokens, lr {pt['lr']}, "
-        f"fp32, {pt['threads']} thread(s); Wikipedia perplexity, {dn['ppl_chunks']} chunks of 512 tokens.",
+        f"fp32, {pt['threads']} thread(s); Wikipedia perplexity, {dn['ppl_chunks']} chunks of 512 tokens"
+        + (f"; zero-shot: mean of 7 tasks, {zs['zs_limit']} questions each" if zs else "")
+        + ".",
         "",
-        "| model | hidden | params | Wikipedia ppl | training s | prefill speed-up | decode speed-up |",
-        "|---|---|---|---|---|---|---|",
-        f"| dense | {pt['hidden_before']} | {dn['params']:,} | {dn['ppl']:.2f} | - | 1.00 | 1.00 |",
-        f"| PAT (merged) | {pt['hidden_after']} | {pt['params']:,} | {pt['ppl']:.2f} | {pt['train_s']:.0f} | "
-        f"{lat['prefill_speedup_pat']:.2f} | {lat['decode_speedup_pat']:.2f} |",
+        "| model | hidden | params | Wikipedia ppl | zero-shot | training s | prefill speed-up "
+        "| decode speed-up |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| dense | {pt['hidden_before']} | {dn['params']:,} | {dn['ppl']:.2f} | {zero('dense')} | - "
+        "| 1.00 | 1.00 |",
+        f"| PAT (merged) | {pt['hidden_after']} | {pt['params']:,} | {pt['ppl']:.2f} | {zero('pat')} | "
+        f"{pt['train_s']:.0f} | {speed('pat')} |",
         f"| magnitude prune, no training | {bl['hidden_after']} | {bl['params']:,} | "
-        f"{bl['ppl_pruned']:.2f} | - | - | - |",
+        f"{bl['ppl_pruned']:.2f} | - | - | - | - |",
         f"| magnitude prune + LoRA r={bl['lora_rank']} | {bl['hidden_after']} | {bl['params']:,} | "
-        f"{bl['ppl']:.2f} | {bl['train_s']:.0f} | {lat['prefill_speedup_baseline']:.2f} | "
-        f"{lat['decode_speedup_baseline']:.2f} |",
+        f"{bl['ppl']:.2f} | {zero('baseline')} | {bl['train_s']:.0f} | {speed('baseline')} |",
+    ]
+    if st:
+        lines += [
+            f"| {st['method']} {st['sparsity']:.3f}, no training | {pt['hidden_before']} | "
+            f"{st['params']:,} | "
+            f"{st['ppl_pruned']:.2f} | - | - | - | - |",
+            f"| {st['method']} {st['sparsity']:.3f} + LoRA r={st['lora_rank']} | {pt['hidden_before']} | "
+            f"{st['params']:,} | {st['ppl']:.2f} | {zero('structured')} | {st['train_s']:.0f} | "
+            f"{speed('structured')} |",
+        ]
+    lines += [
         "",
         f"PAT merged vs hooked (eval gate): max |logit| error {pt['merge_error']:.2e}; reload identical: "
         f"{pt['reload_identical']}; channels with m > 0 at the end: {pt['above_threshold']} (asked "
@@ -247,9 +332,17 @@ def write_md(out: pathlib.Path, done: dict) -> None:
         f"Prefill of 1x{lat['prefill_tokens']} tokens: dense {lat['prefill_s_dense'] * 1e3:.0f} ms, PAT "
         f"{lat['prefill_s_pat'] * 1e3:.0f} ms; decode dense {lat['decode_tok_s_dense']:.1f} tok/s, PAT "
         f"{lat['decode_tok_s_pat']:.1f} tok/s (medians, interleaved, one process).",
-        "",
     ]
-    out.with_suffix(".md").write_text("\n".join(lines))
+    if zs:
+        names = list(zs["zs_dense"])
+        lines += ["", "| zero-shot | " + " | ".join(names) + " | mean |", "|---|" + "---|" * (len(names) + 1)]
+        for name in ("dense", "pat", "baseline", "structured"):
+            if f"zs_{name}" in zs:
+                acc = zs[f"zs_{name}"]
+                lines.append(
+                    f"| {name} | " + " | ".join(f"{acc[n]:.2f}" for n in names) + f" | {zero(name)} |"
+                )
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib
 import inspect
 import pathlib
 import re
@@ -32,6 +33,7 @@ FAMILY_TITLES = {
     "weights": "Weights",
     "data": "Data",
     "decode": "Decoding",
+    "training": "Pruning that trains",
 }
 # How a method of each family is called (the method pages' "Use" block)
 USE = {
@@ -45,6 +47,8 @@ USE = {
     "    print(pruned.report)",
     "decode": 'out = prunekit.speculative.generate(model, ids, drafter="{name}", max_new_tokens=64{opts})\n'
     "print(out.stats.mat, out.stats.as_dict())  # the same tokens as greedy generate()",
+    "training": "result = prunekit.training.{name}(model, texts, tokenizer=tok{opts})  # trains (Trainer)\n"
+    "print(result.to_json() if hasattr(result, 'to_json') else result.to_dict())",
 }
 
 
@@ -93,7 +97,9 @@ def _docstrings(cls: type) -> str:
     and the class docstring, without duplicates."""
     parts = []
     mod = sys.modules.get(cls.__module__)
-    for doc in (getattr(mod, "__doc__", None), cls.__dict__.get("__doc__")):
+    extra = getattr(cls, "docs_from", None)  # a module holding the method's notes (e.g. a reconstruction)
+    more = importlib.import_module(extra).__doc__ if extra else None
+    for doc in (getattr(mod, "__doc__", None), more, cls.__dict__.get("__doc__")):
         doc = inspect.cleandoc(doc) if doc else ""
         if doc and doc not in parts and not doc.startswith(f"{cls.__name__}("):  # dataclass auto-doc
             parts.append(doc)
@@ -231,6 +237,8 @@ SURVEY = (
 
 def _criterion(info) -> str:
     """How a method decides what goes, read from the signals it declares."""
+    if getattr(info.factory, "taxonomy", None):
+        return info.factory.taxonomy["how"]
     if info.trains:
         return "learned (a small module trained on the frozen model)"
     sig = " ".join(info.signals).lower()
@@ -318,6 +326,13 @@ def placement(info) -> dict[str, str]:
     elif f == "decode":
         which = "draft tokens (speculative decoding)"
         speedup, when = "universal (fewer target forwards; lossless)", "run time"
+    elif f == "training":  # each class says what it prunes: ``taxonomy = {"which", "speedup", "how"}``
+        tax = info.factory.taxonomy
+        which, speedup = tax["which"], tax["speedup"]
+        when = {"fine-tuning": "during fine-tuning", "after-training": "after training",
+                "before-training": "before training", "during-training": "during training"}  # fmt: skip
+        when = when[info.stages[0]]
+        return {"which": which, "speedup": speedup, "when": when, "how": _criterion(info)}
     else:
         raise ValueError(
             f"no taxonomy rule for family {f!r} (method {info.name!r}): add one in docgen.placement"

@@ -273,3 +273,76 @@ def test_batched_decode_keep(router):
     with torch.no_grad(), ftp.token_skipping(m, "random", [0.0, 0.9, 0.9, 0.9], kv="drop", seed=1):
         with pytest.raises(NotImplementedError, match="batch size 1"):
             m.generate(input_ids=x, **kw)
+
+
+# --------------------------------------------------------------------------- the one call
+
+
+def test_one_call_is_the_three_stages_and_round_trips(tmp_path):
+    from prunekit.training import FTPResult
+    from prunekit.training import ftp as ftp_call
+
+    m = tiny.llama()
+    weights = {k: v.clone() for k, v in m.state_dict().items()}
+    ids = _ids(B=6, n=16)
+    kw = {"population": 4, "generations": 2, "tail": None}
+    res = ftp_call(m, ids, sparsity=0.3, seq_len=16, calib_windows=2, steps=3, lr=1e-2, hidden=8,
+                   progress=False, **kw)  # fmt: skip
+    # the same stages called one by one: the GA on the first 2 windows, the router on the other 4
+    sched, hist = ftp.ga_schedule(m, ids[:2], 0.3, seed=0, **kw)
+    assert res.schedule == sched and res.ga_fitness == hist
+    assert sum(sched) / len(sched) == pytest.approx(0.3)
+    router = ftp.FTPRouter(hidden=8, seed=0)
+    ftp.train_router(m, router, ids[2:], sched, steps=3, lr=1e-2, seed=0, tail=None)
+    for k, v in router.state_dict().items():
+        assert torch.allclose(res.router.state_dict()[k], v), k
+    assert all(torch.equal(v, weights[k]) for k, v in m.state_dict().items())  # the LLM is untouched
+    assert len(res.losses) == 3 and set(res.seconds) == {"ga", "router"}
+
+    res.save(tmp_path / "ftp.safetensors")
+    back = FTPResult.load(tmp_path / "ftp.safetensors")
+    assert (back.schedule, back.sparsity, back.kv) == (res.schedule, 0.3, "drop")
+    x = _ids(seed=5)
+    with torch.no_grad():
+        with res.skipping(m):
+            a = m(input_ids=x).logits
+        with back.skipping(m):
+            b = m(input_ids=x).logits
+        dense = m(input_ids=x).logits
+    assert torch.equal(a, b) and not torch.allclose(a, dense)
+
+
+def test_one_call_errors(tmp_path):
+    from prunekit.training import FTPResult
+    from prunekit.training import ftp as ftp_call
+
+    m = tiny.llama()
+    with pytest.raises(ValueError, match="kv must be one of"):
+        ftp_call(m, _ids(B=4, n=16), seq_len=16, kv="skip", progress=False)
+    with pytest.raises(ValueError, match="give 2 windows of 16 tokens; the GA needs calib_windows=4"):
+        ftp_call(m, _ids(B=2, n=16), seq_len=16, progress=False)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['temperature'\]"):
+        ftp_call(m, _ids(B=4, n=16), seq_len=16, temperature=2.0, progress=False)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="is not an FTP router saved by prunekit"):
+        FTPResult.load(tmp_path / "other.safetensors")
+
+
+@pytest.mark.parametrize("name", ["pat", "ftp"])
+def test_registry_entries_match_the_calls(name):
+    """The registered option classes carry the functions' own defaults (no second copy drifting)."""
+    import dataclasses
+    import inspect
+
+    import prunekit
+    import prunekit.training as training
+
+    info = prunekit.registry.get(name, "training")
+    params = inspect.signature(getattr(training, name)).parameters
+    for f in dataclasses.fields(info.factory):
+        assert f.name in params and params[f.name].kind is inspect.Parameter.KEYWORD_ONLY, f.name
+        assert f.default == params[f.name].default, f.name
+    obj = prunekit.registry.instantiate(name, "training", {"steps": 7}, "test")
+    assert obj.steps == 7 and callable(obj)

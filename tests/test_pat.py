@@ -245,6 +245,45 @@ def test_pat_trains_and_merges():
     assert torch.isfinite(logits(model)).all()
 
 
+def test_pat_resumes_from_a_checkpoint_to_the_same_model(tmp_path):
+    from transformers import TrainerCallback
+
+    class Stop(TrainerCallback):  # an interrupted run: 6 steps planned, killed after the step-3 save
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                control.should_training_stop = True
+
+    ids = torch.randint(3, 250, (24, 32), generator=torch.Generator().manual_seed(0))
+    kw = {"keep": 0.75, "steps": 6, "rank": 8, "lora_rank": 4, "lr": 1e-2, "progress": False}
+    straight = llama(tie_word_embeddings=True)
+    P.pat(straight, ids, **kw)
+    P.pat(llama(tie_word_embeddings=True), ids, **kw, checkpoint_dir=str(tmp_path), save_steps=3,
+          callbacks=[Stop()])  # fmt: skip
+    assert (tmp_path / "checkpoint-3" / P.MODULES_FILE).is_file()
+    resumed = llama(tie_word_embeddings=True)
+    rep = P.pat(resumed, ids, **kw, checkpoint_dir=str(tmp_path), save_steps=3, resume=True)
+    assert rep.steps == 6 and len(rep.losses) == 3  # only steps 4..6 ran here
+    assert torch.allclose(logits(resumed), logits(straight), atol=1e-5)
+    # without the saved HSMs and mask the resumed run would differ: the mask moved in steps 1..3
+    from safetensors.torch import load_file
+
+    theta = load_file(str(tmp_path / "checkpoint-3" / P.MODULES_FILE))["mask.theta"]
+    assert theta.abs().max() > 0  # the mask starts at 0 and had moved, so the resume had to load it
+
+
+def test_pat_resume_errors(tmp_path):
+    ids = torch.randint(3, 250, (8, 32))
+    model = llama()
+    with pytest.raises(ValueError, match="resume=True needs checkpoint_dir"):
+        P.pat(model, ids, steps=2, resume=True, progress=False)
+    with pytest.raises(FileNotFoundError, match="no checkpoint-N folder"):
+        P.pat(model, ids, steps=2, resume=True, checkpoint_dir=str(tmp_path), progress=False)
+    (tmp_path / "checkpoint-2").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"has no prunekit_pat\.safetensors"):
+        P.pat(model, ids, steps=2, resume=True, checkpoint_dir=str(tmp_path), progress=False)
+    assert no_hooks(model) and model.config.hidden_size == 64
+
+
 def test_pat_restores_the_model_after_an_exception():
     from transformers import TrainerCallback
 

@@ -54,6 +54,9 @@ def test_registry_rows_have_every_field():
             assert set(r["stages"]) <= {"prefill", "after-prefill", "decode"}
         elif m.family == "decode":  # draft trees: while decoding
             assert r["stages"] == ["decode"]
+        elif m.family == "training":  # methods that train: when, relative to the model's training
+            assert len(r["stages"]) == 1 and m.trains
+            assert r["stages"][0] in {"before-training", "during-training", "fine-tuning", "after-training"}
         else:  # weights: one-shot, on a trained model
             assert m.family == "weights" and r["stages"] == ["after-training"]
     assert {m.name for m in prunekit.methods(family="weights")} >= {

@@ -51,6 +51,8 @@ _METHOD_MODULES = (
     "prunekit.weights.methods.experts",
     "prunekit.speculative.recycling",
     "prunekit.speculative.rasd",
+    "prunekit.training.pat_tuning",
+    "prunekit.training.ftp_routing",
 )
 
 
@@ -59,7 +61,7 @@ class MethodInfo:
     """What the registry knows of one method."""
 
     name: str
-    family: str  # "tokens" | "kv" | "weights" | "data" | "decode"
+    family: str  # "tokens" | "kv" | "weights" | "data" | "decode" | "training"
     paper: str  # the paper's title
     stages: tuple[
         str, ...
@@ -115,7 +117,7 @@ def _load() -> None:
         _loaded = True
 
 
-FAMILIES = ("tokens", "kv", "weights", "data", "decode")
+FAMILIES = ("tokens", "kv", "weights", "data", "decode", "training")
 
 
 def methods(family: str | None = None) -> list[MethodInfo]:

@@ -10,24 +10,34 @@
 - :func:`pat` is PAT (pruning-aware tuning, AAAI'25): a trained mask over the hidden size with
   identity-plus-low-rank modules on hooks, merged into a physically narrower model
   (:mod:`~prunekit.training.pat_tuning`).
+- :func:`ftp` is FTP (token-wise block skipping with a learned router, a reconstruction): the GA
+  schedule search, the router training and an optional re-tune in one call
+  (:mod:`~prunekit.training.ftp_routing`; the skipping itself is :mod:`prunekit.tokens.ftp`).
+- The registry's ``training`` family (``prunekit.methods("training")``) lists them: ``pat`` and
+  ``ftp``, each a dataclass of options called like the function.
 - :mod:`~prunekit.training.hooks`: straight-through estimators, step schedules and gradient masks
   for training-aware methods; ``train_causal_lm(loss_fn=...)`` adds their loss terms.
 """
 
 from __future__ import annotations
 
+from .ftp_routing import FTP, FTPResult, ftp
 from .hooks import GradientMask, StepSchedule, ste_heaviside, straight_through
 from .loop import TrainResult, token_windows, train_batches, train_causal_lm
-from .pat_tuning import PATReport, pat
+from .pat_tuning import PAT, PATReport, pat
 from .recover import DEFAULT_TARGETS, RecoveryReport, lora_targets, recover
 
 __all__ = [
     "DEFAULT_TARGETS",
+    "FTP",
+    "PAT",
+    "FTPResult",
     "GradientMask",
     "PATReport",
     "RecoveryReport",
     "StepSchedule",
     "TrainResult",
+    "ftp",
     "lora_targets",
     "pat",
     "recover",

@@ -65,12 +65,16 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from transformers import TrainerCallback
 
 from ..errors import PrunekitError, UnsupportedModelError
+from ..registry import register
 from .hooks import StepSchedule, straight_through
 from .loop import train_causal_lm
 from .recover import DEFAULT_TARGETS, _windows, lora_targets
@@ -482,6 +486,65 @@ class PATReport:
         )
 
 
+MODULES_FILE = "prunekit_pat.safetensors"  # PAT's HSMs and mask, in each Trainer checkpoint
+
+
+def _resume_path(resume: bool | str, checkpoint_dir: str | None) -> str | None:
+    """The checkpoint folder a PAT run resumes from (``None``: a fresh run)."""
+    if resume is False or resume is None:
+        return None
+    if resume is True:
+        if checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir= (the folder the interrupted run saved to)")
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(checkpoint_dir) if Path(checkpoint_dir).is_dir() else None
+        if last is None:
+            raise FileNotFoundError(f"resume=True: no checkpoint-N folder in {checkpoint_dir!r}")
+        resume = last
+    if not isinstance(resume, (str, Path)):
+        raise ValueError(f"resume must be False, True or a checkpoint folder; got {resume!r}")
+    if not (Path(resume) / MODULES_FILE).is_file():
+        raise FileNotFoundError(
+            f"{resume!r} has no {MODULES_FILE}: it was not saved by prunekit.training.pat (or by an older "
+            "prunekit, whose checkpoints held the LoRA adapters only)"
+        )
+    return str(resume)
+
+
+def _load_modules(mods: PATModules, folder: str) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(folder) / MODULES_FILE))
+    own = mods.state_dict()
+    bad = sorted(k for k in own.keys() | state.keys() if k not in state or k not in own)
+    bad += sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
+    if bad:
+        raise ValueError(
+            f"{folder}/{MODULES_FILE} does not match this run's PAT modules (keep, rank, tied or model "
+            f"differ): mismatched entries {bad[:5]}{' ...' if len(bad) > 5 else ''}"
+        )
+    mods.load_state_dict(state)
+
+
+class _SaveModules(TrainerCallback):
+    """A ``Trainer`` callback: after each checkpoint, write the HSMs and the mask into it (the
+    ``Trainer`` saves a PEFT model's adapters only)."""
+
+    def __init__(self, mods: PATModules) -> None:
+        self.mods = mods
+
+    def on_save(self, args, state, control, **kw):
+        from safetensors.torch import save_file
+
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            state_dict = {k: v.detach().contiguous().cpu() for k, v in self.mods.state_dict().items()}
+            save_file(state_dict, str(folder / MODULES_FILE))
+        return control
+
+
 def pat(
     model: nn.Module,
     texts: Sequence[str] | torch.Tensor | Sequence[torch.Tensor],
@@ -503,6 +566,8 @@ def pat(
     tied: str = "mask",
     callbacks: Sequence = (),
     checkpoint_dir: str | None = None,
+    save_steps: int | None = None,
+    resume: bool | str = False,
     progress: bool = True,
 ) -> PATReport:
     """Prune ``model``'s hidden size with PAT, in place: attach the HSMs and the shared mask, train
@@ -517,12 +582,14 @@ def pat(
     ``lr``: LoRA and HSMs; ``mask_lr``: the mask (see the module docstring for every choice that is
     ours and the quirks ``faithful=True`` keeps). T (of the schedule) = ``steps``.
 
-    ``checkpoint_dir``: the ``Trainer`` saves a PEFT model's adapters only, so the checkpoints hold
-    the LoRA weights but not the HSMs or the mask; resuming a PAT run is not supported (yet).
+    ``checkpoint_dir``, ``save_steps``, ``resume``: as in :func:`~prunekit.training.train_causal_lm`.
+    The ``Trainer`` saves a PEFT model's LoRA adapters (and the optimiser, scheduler and RNG states);
+    PAT adds its HSMs and mask to each checkpoint as ``prunekit_pat.safetensors``, and
+    ``resume=True`` (the latest checkpoint in ``checkpoint_dir``) or a checkpoint path loads them
+    back, so a resumed run ends where an uninterrupted one would (tested).
 
-    Not in the method registry: registered weights methods run through ``prune_weights``
-    (calibrate, score, mask, ``finalize``) and the registry's test matrix calls them that way,
-    while PAT trains with peft and changes ``hidden_size``; it is a training call, like ``recover``.
+    In the method registry as ``"pat"`` (family ``training``): :class:`PAT` holds these options and
+    is called like this function.
 
     If anything fails before the merge, the LoRA adapters and HSMs are removed unmerged and the
     model is restored exactly (parameters, dtypes, ``requires_grad``). Comes back in eval mode.
@@ -551,6 +618,7 @@ def pat(
     d = inner.embed_tokens.weight.shape[1]
     n_keep = _keep_count(keep, d)
     windows = _windows(texts, tokenizer, seq_len)
+    resume_from = _resume_path(resume, checkpoint_dir)
     names = lora_targets(model, DEFAULT_TARGETS)
     if not names:
         raise UnsupportedModelError(f"no q/k/v/o/gate/up/down Linear in {type(model).__name__} for LoRA")
@@ -579,6 +647,8 @@ def pat(
         mods._grads = grads
         for p in mods.parameters():
             p.requires_grad_(True)
+        if resume_from is not None:
+            _load_modules(mods, resume_from)
         schedule = StepSchedule(mods.mask.set_step)
 
         def loss_fn(m, inputs, outputs, step):
@@ -586,8 +656,8 @@ def pat(
 
         result = train_causal_lm(
             peft_model, windows, steps=steps, lr=lr, batch_size=batch_size, warmup_steps=warmup_steps,
-            seed=seed, callbacks=[schedule, *callbacks], checkpoint_dir=checkpoint_dir, progress=progress,
-            loss_fn=loss_fn,
+            seed=seed, callbacks=[schedule, _SaveModules(mods), *callbacks], checkpoint_dir=checkpoint_dir,
+            save_steps=save_steps, resume=resume_from or False, progress=progress, loss_fn=loss_fn,
         )  # fmt: skip
         above = int((mods.mask.m > 0).sum())
         with torch.no_grad():
@@ -635,3 +705,38 @@ def pat(
         lora_rank=lora_rank, lora_alpha=lora_alpha, lr=lr, mask_lr=mask_lr, batch_size=batch_size,
         seq_len=windows.shape[1], seed=seed, kept=info["kept"], losses=result.losses,
     )  # fmt: skip
+
+
+@register(
+    "pat",
+    family="training",
+    paper="PAT: Pruning-Aware Tuning for Large Language Models",
+    stages=("fine-tuning",),
+    signals=("hidden_mask (trained, shared)", "lora"),
+    trains=True,
+    summary="one trained mask over the hidden size during LoRA tuning, folded into a narrower model",
+)
+@dataclass
+class PAT:
+    """PAT's options as a registry method: ``PAT(keep=0.75)(model, texts, tokenizer=tok)`` is
+    :func:`pat` (every option and the model's handling are documented there)."""
+
+    taxonomy: ClassVar[dict] = {
+        "which": "weights: hidden size (structured)",
+        "speedup": "universal (smaller dense tensors)",
+        "how": "learned (a mask trained jointly with LoRA tuning)",
+    }
+    keep: float | int = 0.75
+    steps: int = 150
+    rank: int = 32
+    lora_rank: int = 20
+    lora_alpha: float = 4.0
+    lr: float = 2e-4
+    mask_lr: float | None = None
+    batch_size: int = 2
+    seq_len: int = 256
+    faithful: bool = False
+    tied: str = "mask"
+
+    def __call__(self, model: nn.Module, texts, **kw) -> PATReport:
+        return pat(model, texts, **asdict(self), **kw)

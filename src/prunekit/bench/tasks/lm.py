@@ -257,17 +257,21 @@ class ZeroShot(LMTask):
     def evaluate(self, loaded: Loaded, treat: Treat) -> TaskOutput:
         self.prepare(loaded)
         s = score_pairs(loaded, self.pairs, treat)
+        return TaskOutput(self.accuracy(s["logprob"]), s["probe"], len(self.docs), s["tokens_kept"])
+
+    def accuracy(self, logprob: torch.Tensor) -> dict[str, float]:
+        """``acc`` and ``acc_norm`` from the log-likelihood of every pair (``self.pairs``' order)."""
         flat = [c for choices, _ in self.docs for _, c in choices]
         nbytes = torch.tensor([len(c.encode()) for c in flat], dtype=torch.float64)
         C = max(self.n_choices)
         doc_of = torch.repeat_interleave(torch.arange(len(self.docs)), torch.tensor(self.n_choices))
         slot = torch.cat([torch.arange(n) for n in self.n_choices])
         acc = {}
-        for key, score in (("acc", s["logprob"]), ("acc_norm", s["logprob"] / nbytes)):
+        for key, score in (("acc", logprob.double()), ("acc_norm", logprob.double() / nbytes)):
             table = torch.full((len(self.docs), C), -math.inf, dtype=torch.float64)
             table[doc_of, slot] = score
             acc[key] = (table.argmax(1) == self.gold).double().mean().item()
-        return TaskOutput(acc, s["probe"], len(self.docs), s["tokens_kept"])
+        return acc
 
 
 def _mc(name: str) -> type[ZeroShot]:
