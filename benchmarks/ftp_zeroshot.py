@@ -10,8 +10,8 @@ For each mean token sparsity (``--sparsities``):
 2. zero-shot accuracy on the 7 tasks (BoolQ, RTE, HellaSwag, WinoGrande, ARC-e, ARC-c, OpenBookQA;
    ``--zs-limit`` questions each) and Wikipedia perplexity over the last ``--tail`` positions of
    ``--ppl-chunks`` chunks of 512 tokens, for: the trained router (its GA schedule), the static
-   router with uniform allocation, random skipping (the GA schedule), and ShortGPT removing
-   ``round(s * 30)`` blocks (matched FLOPs); dense once.
+   router with the GA schedule and with uniform allocation, random skipping (the GA schedule),
+   and ShortGPT removing ``round(s * 30)`` blocks (matched FLOPs); dense once.
 
 Zero-shot scoring here is lm-eval's: one forward over context + continuation, no cache, batch 1
 (FTP routes the whole sequence, as in a prefill; its padded-batch refusal rules out the bench's
@@ -123,7 +123,11 @@ def main() -> None:
             emit({"key": k, "method": "ftp (router+ga)", "sparsity": s, "train": train,
                   **measure(lambda r=res: r.skipping(model), model)})  # fmt: skip
         sched = FTPResult.load(path).schedule
-        runs = {"static+uniform": ("static", ftp.uniform_schedule(L, s)), "random+ga": ("random", sched)}
+        runs = {
+            "static+ga": ("static", sched),
+            "static+uniform": ("static", ftp.uniform_schedule(L, s)),
+            "random+ga": ("random", sched),
+        }
         for name, (router, sc) in runs.items():
             k = f"{name}/{s}"
             if k not in done:

@@ -346,3 +346,29 @@ def test_registry_entries_match_the_calls(name):
         assert f.default == params[f.name].default, f.name
     obj = prunekit.registry.instantiate(name, "training", {"steps": 7}, "test")
     assert obj.steps == 7 and callable(obj)
+
+
+def test_one_call_restores_the_model_after_an_exception(monkeypatch):
+    from prunekit.training import ftp as ftp_call
+
+    m = tiny.llama()
+    m.train()
+    x = _ids(seed=3)
+    m.eval()
+    with torch.no_grad():
+        dense = m(input_ids=x).logits
+    m.train()
+    calls = []
+
+    def boom(model, calibration, target, **kw):
+        calls.append(target)
+        with ftp.token_skipping(model, "static", ftp.uniform_schedule(4, target)):
+            raise RuntimeError("GA failed")
+
+    monkeypatch.setattr(ftp, "ga_schedule", boom)
+    with pytest.raises(RuntimeError, match="GA failed"):
+        ftp_call(m, _ids(B=6, n=16), seq_len=16, calib_windows=2, progress=False)
+    assert calls == [0.3] and m.training and not hasattr(m, "ftp_router")
+    m.eval()
+    with torch.no_grad():
+        assert torch.equal(m(input_ids=x).logits, dense)  # no layer left patched
