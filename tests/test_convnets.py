@@ -394,3 +394,12 @@ def test_convnet_trains_with_train_batches():
     assert last < 0.6 * first, (first, last)
     after = evaluate_classifier(model, limit=500)
     assert after > 0.6 and after > before + 0.3, (before, after)
+
+
+def test_rebuilt_without_blocks_inherits_the_same_initial_weights():
+    # Layers-Lottery trains F' from the kept blocks' theta_0: building with `dropped` and the same
+    # seed gives exactly the dense network's initial weights minus the dropped blocks
+    dense, thin = ResNetLite(blocks=4, seed=5), ResNetLite(blocks=4, dropped=["0.2", "2.3"], seed=5)
+    d, t = dense.state_dict(), thin.state_dict()
+    assert set(t) == {k for k in d if not k.startswith(("stages.0.2.", "stages.2.3."))}
+    assert all(torch.equal(t[k], d[k]) for k in t)

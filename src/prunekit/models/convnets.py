@@ -257,6 +257,8 @@ class ResNetLite(nn.Module):
         with _seeded(seed):
             self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
             self.stem_bn = nn.BatchNorm2d(widths[0])
+            self.stem.apply(_init_conv)
+            self.stem_bn.apply(_init_conv)
             self.stages = nn.ModuleList()
             c_in = widths[0]
             for s in range(stages):
@@ -264,12 +266,12 @@ class ResNetLite(nn.Module):
                 for b in range(per[s]):
                     stride = 2 if s > 0 and b == 0 else 1
                     block = BasicBlock(c_in, inner.get(f"{s}.{b}", widths[s]), widths[s], stride)
+                    block.apply(_init_conv)  # here, so a dropped block draws its init too
                     if f"{s}.{b}" not in dropped:  # built anyway, so the seed gives the same weights
                         stage[str(b)] = block
                     c_in = widths[s]
                 self.stages.append(stage)
             self.fc = nn.Linear(widths[-1], classes)
-            self.apply(_init_conv)
 
     def stream_width(self, s: int) -> int:
         """The residual width of stage ``s`` (read from the weights)."""
@@ -719,7 +721,8 @@ def count_flops(model: nn.Module, input_shape: Sequence[int] = (1, 1, 28, 28)) -
     """Multiply-accumulates of the convolutions and Linears for one sample of ``input_shape``
     ``(B, C, H, W)`` (per sample: divided by ``B``); BatchNorm, pooling, activations and residual
     additions are not counted. Measured by forward hooks on a zero input, in eval mode (the
-    model's mode is restored)."""
+    model's mode is restored). Masks do not lower the count (the zeros are still multiplied):
+    count a sliced copy (:func:`remove_channels`, :func:`remove_blocks`) for the pruned cost."""
     shape = tuple(input_shape)
     if len(shape) != 4 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in shape):
         raise ValueError(f"input_shape must be 4 ints >= 1 (B, C, H, W); got {input_shape!r}")
