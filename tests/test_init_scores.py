@@ -260,3 +260,27 @@ def test_bad_inputs():
         snip(two_layer(), X, T, closure=lambda m: m(X).sum())
     with pytest.raises(ValueError, match="input_shape"):
         synflow(two_layer(), (0, 2))
+
+
+def test_hf_llama_through_a_closure():
+    """A Hugging Face decoder (SDPA attention) scored through a closure: SNIP equals |grad * w| from
+    an ordinary backward pass on a copy; GraSP's double backward runs; the model is untouched."""
+    import copy
+
+    from tiny import llama, text_inputs
+
+    model = llama().train()
+    inp = text_inputs(batch=2, length=12)
+    closure = lambda m: m(**inp, labels=inp["input_ids"]).loss  # noqa: E731
+    before = _state(model)
+    s = snip(model, closure=closure)
+    ref = copy.deepcopy(model)
+    closure(ref).backward()
+    mods = dict(ref.named_modules())
+    for name, v in s.items():
+        w = mods[name.removesuffix(".weight")].weight
+        assert torch.allclose(v, (w.grad * w).abs(), atol=1e-7), name
+    g = grasp(model, closure=closure)
+    assert set(g) == set(s) and all(torch.isfinite(v).all() for v in g.values())
+    assert any(v.abs().sum() > 0 for v in g.values())
+    assert _same(model, before) and all(p.grad is None for p in model.parameters())

@@ -33,6 +33,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -181,13 +182,16 @@ def grasp(
     summed over the halves, which for equal halves is 4× the one-batch value: the ranking is the
     same); one forward pass feeds both ``g`` and ``Hg`` (the official code runs two, which differ
     only by dropout); the official ``reinit`` (xavier on every Linear before scoring) is not done.
-    Restores the model as :func:`snip` does.
+    Scaled-dot-product attention runs on its math kernel here (the fused kernels have no double
+    backward), so Hugging Face models loaded with ``attn_implementation="sdpa"`` work. Restores
+    the model as :func:`snip` does.
     """
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"temperature must be a number > 0 (official: 200); got {temperature!r}")
     weights = prunable_weights(model)
     ws = list(weights.values())
-    with _preserved(model, weights):
+    # the fused attention kernels have no double backward; the math kernel is composed of ops
+    with _preserved(model, weights), sdpa_kernel(SDPBackend.MATH):
         loss = _loss(model, inputs, labels, loss_fn, closure, float(temperature))
         gf = _grads(loss, ws, create_graph=True)
         z = sum((g.detach() * g).sum() for g in gf if g.requires_grad)
@@ -276,7 +280,8 @@ def synflow_mask(
     model: nn.Module,
     density: float,
     rounds: int = 100,
-    input_shape: Sequence[int] = (3, 32, 32),
+    *,
+    input_shape: Sequence[int],
     schedule: str = "exponential",
 ) -> dict[str, torch.Tensor]:
     """Iterative SynFlow (Tanaka et al., NeurIPS 2020; official ``prune_loop``): ``rounds`` rounds of
