@@ -166,3 +166,13 @@ def test_pqi_table_on_tiny_llama():
     assert row["pqi"] == pytest.approx(ref, rel=1e-6)
     assert all(0 < r["pqi"] < 1 for r in rows)
     assert rows[-1]["numel"] == sum(r["numel"] for r in rows[:-1])
+
+
+def test_gaussian_matches_its_closed_form():
+    """For w ~ N(0, σ²): E|w|^s = σ^s 2^{s/2} Γ((s+1)/2) / √π, so I_{½,1} = 1 − (E√|w|)² / E|w|
+    = 1 − √2 Γ(3/4)² / (π √(2/π)) ≈ 0.1528, whatever σ."""
+    e_half = 2**0.25 * math.gamma(0.75) / math.sqrt(math.pi)
+    ref = 1 - e_half**2 / math.sqrt(2 / math.pi)
+    assert ref == pytest.approx(0.1528, abs=1e-4)
+    w = 3.0 * torch.randn(400_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert pq_index(w, 0.5, 1.0).item() == pytest.approx(ref, abs=2e-3)
