@@ -214,6 +214,8 @@ def test_precrop_densities_closed_form():
     assert d == pytest.approx({"a": 1.0, "b": 0.505, "c": 0.0505})
     assert precrop_densities([100, 1000, 10000], 0.001) == pytest.approx([0.037, 0.0037, 0.00037])
     assert precrop_densities([5, 7], 1.0) == [1.0, 1.0]
+    assert precrop_densities([10, 10, 10], 0.5) == pytest.approx([0.5, 0.5, 0.5])
+    assert precrop_densities([100, 200], 200 / 300) == pytest.approx([1.0, 0.5])  # λ = 100 exactly
     g = torch.Generator().manual_seed(0)
     counts = torch.randint(1, 5000, (12,), generator=g).tolist()
     for budget in (0.02, 0.3, 0.9):

@@ -387,9 +387,10 @@ def precrop_densities(param_counts, budget: float):
     fixed = torch.cat([torch.zeros(1, dtype=torch.float64), srt.cumsum(0)[:-1]])  # Σ of the k smallest
     free = torch.arange(len(counts), 0, -1, dtype=torch.float64)  # layers left unsaturated
     lam = (b - fixed) / free  # λ if exactly the k smallest layers are kept whole
-    lower = torch.cat([torch.zeros(1, dtype=torch.float64), srt[:-1]])
-    valid = (lam >= lower) & (lam <= srt)
-    lam_star = lam[valid][0] if bool(valid.any()) else srt[-1]
+    # the first k whose λ_k fits under the next layer's count is the solution (too few layers kept
+    # whole give λ_k above it; more give λ_k below λ*); k = L-1 always fits since budget <= 1
+    fits = lam <= srt * (1 + 1e-12)
+    lam_star = lam[int(torch.argmax(fits.to(torch.int8)))]
     d = torch.clamp(lam_star / n, max=1.0).tolist()
     return dict(zip(names, d, strict=True)) if names is not None else d
 
