@@ -303,7 +303,7 @@ def parse_prune_mode(mode: str) -> PruneMode:
     raise ValueError(f"prune_mode {mode!r}: the kind must be one of ('si', 'lt', 'os')")
 
 
-def prunable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+def pqi_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The official pick of prunable tensors: parameters whose last name part contains ``'weight'``
     and with ``dim > 1`` (biases and norms excluded). Tied parameters appear once (ours: the
     official code walks ``state_dict``, which lists a tied tensor under each name)."""
@@ -312,11 +312,11 @@ def prunable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def pqi_table(model: nn.Module, p: float = 0.5, q: float = 1.0, masks: Mapping | None = None) -> list[dict]:
     """A per-layer PQI table for any model, a diagnostic (spec §6: "ship PQI also as a
-    diagnostic"): one row per tensor of :func:`prunable_weights` with ``name``, ``shape``,
+    diagnostic"): one row per tensor of :func:`pqi_weights` with ``name``, ``shape``,
     ``numel``, ``kept`` (unmasked count d), ``pqi`` (layer scope), ``pqi_neuron_mean`` (mean of the
     neuron-scope indices over rows) and ``effective`` (the η = 0 keep bound m, when p < q), then a
     last row ``name="global"`` over all of them."""
-    weights = prunable_weights(model)
+    weights = pqi_weights(model)
     if not weights:
         raise ValueError("the model has no parameter named '*weight*' with dim > 1 (Linear, Conv, Embedding)")
     if masks is not None:
