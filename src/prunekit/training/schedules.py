@@ -131,7 +131,7 @@ def average_param_count(
             raise ValueError(f"total_steps={total_steps} but {values.size} densities were given")
     if np.any(~np.isfinite(values)) or np.any(values < 0) or np.any(values > 1):
         bad = values[(~np.isfinite(values)) | (values < 0) | (values > 1)][0]
-        raise ValueError(f"densities must be in [0, 1]; got {bad!r}")
+        raise ValueError(f"densities must be in [0, 1]; got {float(bad)!r}")
     if not (isinstance(n_params, (int, float)) and n_params > 0):
         raise ValueError(f"n_params must be a number > 0; got {n_params!r}")
     return float(n_params * values.mean())
