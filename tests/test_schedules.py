@@ -102,6 +102,13 @@ def test_discrete_geometric_average_approaches_the_closed_form():
         assert got == pytest.approx(want, rel=1e-12)
         errs.append(abs(got - journey_average_fraction(S, 0.25, 0.75)))
     assert errs == sorted(errs, reverse=True) and errs[-1] < 1e-4 and errs[0] > 1e-3
+    # cubic from 0: the density's mean over the ramp is 1 - S * (1 - 1/4)
+    kw = dict(start=1000, end=3000, final=S)
+    got = average_param_count(lambda t: 1 - cubic_sparsity(t, **kw), T)
+    assert journey_average_fraction(S, 0.25, 0.75, "cubic") == 0.25 + 0.5 * (1 - 0.375) + 0.125
+    assert got == pytest.approx(0.6875, abs=1e-3)
+    with pytest.raises(ValueError, match="schedule must be 'geometric' or 'cubic'"):
+        journey_average_fraction(S, 0.25, 0.75, "linear")
 
 
 # --- the scaling-law fit ---------------------------------------------------------------------------

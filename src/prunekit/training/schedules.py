@@ -137,16 +137,25 @@ def average_param_count(
     return float(n_params * values.mean())
 
 
-def journey_average_fraction(sparsity: float, start: float, end: float) -> float:
-    """N̄/N of the geometric schedule in the continuous limit [ours, spec §10]:
-    ``f0 + (f1 - f0)·S/(-ln(1 - S)) + (1 - f1)(1 - S)`` with ``f0, f1`` = ``start``, ``end`` as
-    fractions of training (0.736 for S = 0.5 from 25 % to 75 %). The discrete schedule's average
-    approaches it as the number of events grows."""
+def journey_average_fraction(sparsity: float, start: float, end: float, schedule: str = "geometric") -> float:
+    """N̄/N of a gradual schedule in the continuous limit, with ``f0, f1`` = ``start``, ``end`` as
+    fractions of training and ``S`` = ``sparsity``:
+
+    - ``"geometric"`` [ours, spec §10]: ``f0 + (f1 - f0)·S/(-ln(1 - S)) + (1 - f1)(1 - S)``
+      (0.736 for S = 0.5 from 25 % to 75 %);
+    - ``"cubic"`` (Zhu-Gupta from 0) [ours]: ``f0 + (f1 - f0)(1 - 3S/4) + (1 - f1)(1 - S)``.
+
+    The discrete schedules' averages approach these as the number of events grows."""
     s = _fraction("sparsity", sparsity)
     f0, f1 = _fraction("start", start, closed=True), _fraction("end", end, closed=True)
     if f1 < f0:
         raise ValueError(f"end must be >= start; got start={start}, end={end}")
-    mid = 1.0 if s == 0 else s / -math.log1p(-s)
+    if schedule == "geometric":
+        mid = 1.0 if s == 0 else s / -math.log1p(-s)
+    elif schedule == "cubic":
+        mid = 1.0 - 0.75 * s
+    else:
+        raise ValueError(f"schedule must be 'geometric' or 'cubic'; got {schedule!r}")
     return f0 + (f1 - f0) * mid + (1.0 - f1) * (1.0 - s)
 
 
