@@ -35,7 +35,8 @@ from . import schedules as S
 def prunable_linears(model: nn.Module, exclude: str | Sequence[str] = ()) -> list[tuple[str, nn.Linear]]:
     """``(name, module)`` of every ``nn.Linear`` in ``model`` whose weight is not shared with an
     embedding (a tied ``lm_head``) and whose name contains none of ``exclude`` (substrings, as the
-    Journey code's ``do_not_prune_kw``); each weight once."""
+    Journey code's ``do_not_prune_kw``); each weight once. Every Linear of the model counts (exclude
+    a vision tower by name); GPT-2's ``Conv1D`` is not an ``nn.Linear`` and is not taken."""
     if isinstance(exclude, str):
         exclude = (exclude,)
     exclude = tuple(exclude)

@@ -10,7 +10,11 @@ sparsity 0.5, the official config's default. Departures: the Journey code sets s
 frequency in steps (defaults 300, 800 and 100, placeholders); here ``start`` and ``end`` are
 fractions of ``steps``, ``frequency=None`` picks about 10 intervals [ours], and the end step is
 snapped to ``start_step + k·frequency`` (the schedule needs ``end - start`` divisible by the
-frequency) [ours]; :class:`JourneyReport` records the steps used.
+frequency) [ours]; :class:`JourneyReport` records the steps used. Unlike the official code, pruned
+weights are zeroed in place with masked gradients (not a mask multiplied in the forward pass; the
+forward pass is the same), and events are counted from ``start`` (the official code fires on
+``step % frequency == 0``): see :mod:`~prunekit.training.gradual` and
+:func:`~prunekit.training.schedules.geometric_sparsity`.
 """
 
 from __future__ import annotations
