@@ -132,6 +132,18 @@ def test_fit_recovers_known_parameters():
     assert law.B == 0 and law.beta == 0 and len(law.residuals) == 6
 
 
+def test_fit_huber_ignores_an_outlier():
+    """δ = 1e-3 on log L: one point 20 % off barely moves the fit; a squared loss (δ large) is pulled."""
+    n = np.logspace(5, 9, 9)
+    loss = 2.0 + 50.0 / n**0.3
+    loss[4] *= 1.2
+    law = fit_scaling_law(n, None, loss, form="N")
+    assert (law.E, law.A, law.alpha) == pytest.approx((2.0, 50.0, 0.3), rel=2e-2)
+    assert law.residuals[4] == pytest.approx(math.log(1.2), abs=2e-3)
+    squared = fit_scaling_law(n, None, loss, form="N", delta=10.0)
+    assert abs(squared.alpha - 0.3) > 0.05
+
+
 def test_fit_errors():
     with pytest.raises(ValueError, match=r"same token count.*form='N'"):
         fit_scaling_law([1e6, 1e7, 1e8], [1e9] * 3, [3.0, 2.5, 2.2])
