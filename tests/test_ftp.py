@@ -330,7 +330,7 @@ def test_one_call_errors(tmp_path):
         FTPResult.load(tmp_path / "other.safetensors")
 
 
-@pytest.mark.parametrize("name", ["pat", "ftp"])
+@pytest.mark.parametrize("name", ["pat", "ftp", "journey"])
 def test_registry_entries_match_the_calls(name):
     """The registered option classes carry the functions' own defaults (no second copy drifting)."""
     import dataclasses

@@ -53,6 +53,7 @@ _METHOD_MODULES = (
     "prunekit.speculative.rasd",
     "prunekit.training.pat_tuning",
     "prunekit.training.ftp_routing",
+    "prunekit.training.journey",
 )
 
 

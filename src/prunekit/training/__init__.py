@@ -13,8 +13,12 @@
 - :func:`ftp` is FTP (token-wise block skipping with a learned router, a reconstruction): the GA
   schedule search, the router training and an optional re-tune in one call
   (:mod:`~prunekit.training.ftp_routing`; the skipping itself is :mod:`prunekit.tokens.ftp`).
-- The registry's ``training`` family (``prunekit.methods("training")``) lists them: ``pat`` and
-  ``ftp``, each a dataclass of options called like the function.
+- :func:`journey` is sparse pre-training with gradual global magnitude pruning (The Journey
+  Matters, ICLR'25): a :class:`SparsityScheduler` (geometric, cubic or one-shot schedules in steps,
+  :mod:`~prunekit.training.schedules`) for a plain loop or the ``Trainer``, the average parameter
+  count N̄, and :func:`fit_scaling_law` (Chinchilla's fit with N̄).
+- The registry's ``training`` family (``prunekit.methods("training")``) lists them: ``pat``,
+  ``ftp`` and ``journey``, each a dataclass of options called like the function.
 - :mod:`~prunekit.training.hooks`: straight-through estimators, step schedules and gradient masks
   for training-aware methods; ``train_causal_lm(loss_fn=...)`` adds their loss terms.
 """
@@ -22,10 +26,21 @@
 from __future__ import annotations
 
 from .ftp_routing import FTP, FTPResult, ftp
+from .gradual import SparsityScheduler, global_magnitude_masks, prunable_linears
 from .hooks import GradientMask, StepSchedule, ste_heaviside, straight_through
+from .journey import Journey, JourneyReport, journey
 from .loop import TrainResult, token_windows, train_batches, train_causal_lm
 from .pat_tuning import PAT, PATReport, pat
 from .recover import DEFAULT_TARGETS, RecoveryReport, lora_targets, recover
+from .schedules import (
+    ScalingLaw,
+    average_param_count,
+    cubic_sparsity,
+    fit_scaling_law,
+    geometric_sparsity,
+    journey_average_fraction,
+    one_shot_sparsity,
+)
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -33,13 +48,26 @@ __all__ = [
     "PAT",
     "FTPResult",
     "GradientMask",
+    "Journey",
+    "JourneyReport",
     "PATReport",
     "RecoveryReport",
+    "ScalingLaw",
+    "SparsityScheduler",
     "StepSchedule",
     "TrainResult",
+    "average_param_count",
+    "cubic_sparsity",
+    "fit_scaling_law",
     "ftp",
+    "geometric_sparsity",
+    "global_magnitude_masks",
+    "journey",
+    "journey_average_fraction",
     "lora_targets",
+    "one_shot_sparsity",
     "pat",
+    "prunable_linears",
     "recover",
     "ste_heaviside",
     "straight_through",
