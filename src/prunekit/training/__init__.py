@@ -13,6 +13,11 @@
 - :func:`ftp` is FTP (token-wise block skipping with a learned router, a reconstruction): the GA
   schedule search, the router training and an optional re-tune in one call
   (:mod:`~prunekit.training.ftp_routing`; the skipping itself is :mod:`prunekit.tokens.ftp`).
+- :func:`precrop` is PreCropping (channel widths from layer densities at initialisation, a narrow
+  network built and trained; a reconstruction) and :func:`layer_lottery` is Layers-Lottery
+  (residual blocks scored at initialisation and removed before training); both return a new
+  network, trained with :func:`train_network` or any loop (:mod:`~prunekit.training.precrop`,
+  :mod:`~prunekit.training.layer_lottery`).
 - The registry's ``training`` family (``prunekit.methods("training")``) lists them: ``pat`` and
   ``ftp``, each a dataclass of options called like the function.
 - :mod:`~prunekit.training.hooks`: straight-through estimators, step schedules and gradient masks
@@ -23,8 +28,10 @@ from __future__ import annotations
 
 from .ftp_routing import FTP, FTPResult, ftp
 from .hooks import GradientMask, StepSchedule, ste_heaviside, straight_through
+from .layer_lottery import LayerLottery, LotteryReport, layer_lottery, layer_lottery_and_train
 from .loop import TrainResult, token_windows, train_batches, train_causal_lm
 from .pat_tuning import PAT, PATReport, pat
+from .precrop import PreCrop, PreCropReport, precrop, precrop_and_train, train_network
 from .recover import DEFAULT_TARGETS, RecoveryReport, lora_targets, recover
 
 __all__ = [
@@ -33,17 +40,26 @@ __all__ = [
     "PAT",
     "FTPResult",
     "GradientMask",
+    "LayerLottery",
+    "LotteryReport",
     "PATReport",
+    "PreCrop",
+    "PreCropReport",
     "RecoveryReport",
     "StepSchedule",
     "TrainResult",
     "ftp",
+    "layer_lottery",
+    "layer_lottery_and_train",
     "lora_targets",
     "pat",
+    "precrop",
+    "precrop_and_train",
     "recover",
     "ste_heaviside",
     "straight_through",
     "token_windows",
     "train_batches",
     "train_causal_lm",
+    "train_network",
 ]
