@@ -42,7 +42,7 @@ from ..errors import UnsupportedModelError
 from ..models import convnets as C
 from ..registry import register
 from . import init_scores as S
-from .precrop import _split_batch, train_network
+from .precrop import _flops_shape, _split_batch, train_network
 
 #: the criteria Layers-Lottery uses (Alg. 2: "c = SNIP or GraSP"); looked up at call time
 SCORES = {"snip": S.snip, "grasp": S.grasp}
@@ -130,7 +130,7 @@ def layer_lottery(
     removed = S.least_important(ranked, remove, score)
     pruned = copy.deepcopy(model)
     C.remove_blocks(pruned, removed)
-    shape = (1, *x.shape[1:])
+    shape = _flops_shape(x)
     report = LotteryReport(
         score=score, reduce=reduce, per_stage_norm=per_stage_norm, direction=S.LEAST_IMPORTANT[score],
         scores=ranked, raw_scores=raw, removed=removed, kept=list(C.blocks(pruned)),

@@ -146,7 +146,8 @@ def solve_alphas(
     §8, a reconstruction): ``min Σ_l (log α_in(l) + log α_out(l) − log d_l)²`` subject to
     ``α <= alpha_max``. ``layers``: ``{layer: (input group, output group)}``, ``None`` for a fixed
     side (image channels, classes: α = 1); a group named by several layers (a residual stream) gets
-    one α. ``densities``: ``{layer: d_l}`` in (0, 1]. Returns ``{group: α}``."""
+    one α. ``densities``: ``{layer: d_l}`` in (0, 1]. Returns ``{group: α}`` (``log α`` rounded to
+    10 decimals, so symmetric groups are equal, not different by round-off)."""
     if isinstance(alpha_max, bool) or not isinstance(alpha_max, (int, float)) or not alpha_max > 0:
         raise ValueError(f"alpha_max must be a number > 0 (1: never wider); got {alpha_max!r}")
     names = list(layers)
@@ -171,7 +172,8 @@ def solve_alphas(
     # x = u − y with y >= 0: min ||A(u − y) − b|| = min ||(−A) y − (b − A u)||
     y = nnls(-A, b - A.sum(1) * u)
     x = u - y
-    return {g: math.exp(float(x[col[g]])) for g in groups}
+    # log α rounded to 1e-10: groups the solve treats alike get the same α and so the same rounding
+    return {g: math.exp(round(float(x[col[g]]), 10)) for g in groups}
 
 
 # ------------------------------------------------------------------ helpers
@@ -196,6 +198,13 @@ def _layer_table(model: nn.Module) -> tuple[dict[str, tuple[str | None, str | No
     if set(table) != set(weights):
         raise ValueError(f"layers without channel groups: {sorted(set(weights) ^ set(table))[:4]}")
     return table, {n: weights[n].numel() for n in table}
+
+
+def _flops_shape(x: torch.Tensor) -> tuple[int, ...]:
+    """One sample's shape for :func:`~prunekit.models.convnets.count_flops` (4-D; an MLP's flat
+    input ``(B, F)`` is given as ``(1, 1, 1, F)``, which it flattens back)."""
+    shape = tuple(x.shape[1:])
+    return (1, *shape) if len(shape) == 3 else (1, 1, 1, math.prod(shape))
 
 
 def _widths(alphas: Mapping[str, float], before: Mapping[str, int]) -> dict[str, int]:
@@ -309,7 +318,7 @@ def precrop(
     alphas = {g: math.exp(min(math.log(a) + shift, u)) for g, a in solved.items()}
     widths = _widths(alphas, before)
     narrow = C.with_widths(model, widths, seed=seed)
-    shape = (1, *x.shape[1:])
+    shape = _flops_shape(x)
     report = PreCropReport(
         mode=mode, score=score if mode == "v1" else None, density=density, densities=dict(dens),
         alphas=alphas, alphas_solved=solved, shift=shift, widths_before=dict(before),
