@@ -172,7 +172,7 @@ class LayerLottery:
     taxonomy: ClassVar[dict] = {
         "which": "weights: whole residual blocks (depth), removed before training",
         "speedup": "universal (a shallower dense network: fewer parameters and MACs)",
-        "how": "saliency at initialisation (GraSP / SNIP, averaged per block)",
+        "how": "gradient scores at initialisation (GraSP / SNIP, averaged per residual block)",
     }
     remove: int = 1
     score: str = "grasp"

@@ -374,7 +374,7 @@ class PreCrop:
     taxonomy: ClassVar[dict] = {
         "which": "weights: channels (a narrower dense CNN/MLP, built before training)",
         "speedup": "universal (a smaller dense network: fewer parameters and MACs)",
-        "how": "saliency at initialisation (SNIP / GraSP / SynFlow layer densities) or a closed form",
+        "how": "gradient scores at initialisation (SNIP / GraSP / SynFlow layer densities) or a closed form",
     }
     density: float = 0.1
     score: str = "snip"
