@@ -57,6 +57,7 @@ def inference_ms(model, x: torch.Tensor, reps: int = 3) -> float:
     """Best of ``reps`` eval forwards on ``x``, in ms."""
     was = model.training
     model.eval()
+    x = x.to(next(model.parameters()).device)
     best = math.inf
     with torch.no_grad():
         for _ in range(reps):
