@@ -195,7 +195,8 @@ def method_page(info) -> str:
         lines += [f"| `{n}` | `{_cell(d)}` | `{_cell(t)}` | {_cell(c)} |" for n, t, d, c in opts]
     else:
         lines.append("No options.")
-    use = USE.get(f"{info.family}-encoder" if info.stages == ("encoder",) else info.family)
+    use = getattr(info.factory, "usage", None)  # a method whose call differs from its family's
+    use = use or USE.get(f"{info.family}-encoder" if info.stages == ("encoder",) else info.family)
     if use:
         lines += ["", "## Use", "", "```python", use.format(name=info.name, opts=""), "```"]
     lines += [

@@ -330,8 +330,17 @@ def test_one_call_errors(tmp_path):
         FTPResult.load(tmp_path / "other.safetensors")
 
 
-@pytest.mark.parametrize("name", ["pat", "ftp", "journey"])
-def test_registry_entries_match_the_calls(name):
+@pytest.mark.parametrize(
+    ("name", "option", "value"),
+    [
+        ("pat", "steps", 7),
+        ("ftp", "steps", 7),
+        ("precrop", "density", 0.05),
+        ("layer_lottery", "remove", 2),
+        ("journey", "steps", 7),
+    ],
+)
+def test_registry_entries_match_the_calls(name, option, value):
     """The registered option classes carry the functions' own defaults (no second copy drifting)."""
     import dataclasses
     import inspect
@@ -344,8 +353,8 @@ def test_registry_entries_match_the_calls(name):
     for f in dataclasses.fields(info.factory):
         assert f.name in params and params[f.name].kind is inspect.Parameter.KEYWORD_ONLY, f.name
         assert f.default == params[f.name].default, f.name
-    obj = prunekit.registry.instantiate(name, "training", {"steps": 7}, "test")
-    assert obj.steps == 7 and callable(obj)
+    obj = prunekit.registry.instantiate(name, "training", {option: value}, "test")
+    assert getattr(obj, option) == value and callable(obj)
 
 
 def test_one_call_restores_the_model_after_an_exception(monkeypatch):

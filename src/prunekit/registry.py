@@ -54,6 +54,8 @@ _METHOD_MODULES = (
     "prunekit.training.pat_tuning",
     "prunekit.training.ftp_routing",
     "prunekit.training.journey",
+    "prunekit.training.precrop",
+    "prunekit.training.layer_lottery",
 )
 
 

@@ -17,8 +17,14 @@
   Matters, ICLR'25): a :class:`SparsityScheduler` (geometric, cubic or one-shot schedules in steps,
   :mod:`~prunekit.training.schedules`) for a plain loop or the ``Trainer``, the average parameter
   count N̄, and :func:`fit_scaling_law` (Chinchilla's fit with N̄).
+- :func:`precrop` is PreCropping (channel widths from layer densities at initialisation, a narrow
+  network built and trained; a reconstruction) and :func:`layer_lottery` is Layers-Lottery
+  (residual blocks scored at initialisation and removed before training); both return a new
+  network, trained with :func:`train_network` or any loop (:mod:`~prunekit.training.precrop`,
+  :mod:`~prunekit.training.layer_lottery`).
 - The registry's ``training`` family (``prunekit.methods("training")``) lists them: ``pat``,
-  ``ftp`` and ``journey``, each a dataclass of options called like the function.
+  ``ftp``, ``journey``, ``precrop`` and ``layer_lottery``, each a dataclass of options called like
+  the function.
 - :mod:`~prunekit.training.hooks`: straight-through estimators, step schedules and gradient masks
   for training-aware methods; ``train_causal_lm(loss_fn=...)`` adds their loss terms.
 """
@@ -29,8 +35,10 @@ from .ftp_routing import FTP, FTPResult, ftp
 from .gradual import SparsityScheduler, global_magnitude_masks, prunable_linears
 from .hooks import GradientMask, StepSchedule, ste_heaviside, straight_through
 from .journey import Journey, JourneyReport, journey
+from .layer_lottery import LayerLottery, LotteryReport, layer_lottery, layer_lottery_and_train
 from .loop import TrainResult, token_windows, train_batches, train_causal_lm
 from .pat_tuning import PAT, PATReport, pat
+from .precrop import PreCrop, PreCropReport, precrop, precrop_and_train, train_network
 from .recover import DEFAULT_TARGETS, RecoveryReport, lora_targets, recover
 from .schedules import (
     ScalingLaw,
@@ -50,7 +58,11 @@ __all__ = [
     "GradientMask",
     "Journey",
     "JourneyReport",
+    "LayerLottery",
+    "LotteryReport",
     "PATReport",
+    "PreCrop",
+    "PreCropReport",
     "RecoveryReport",
     "ScalingLaw",
     "SparsityScheduler",
@@ -64,9 +76,13 @@ __all__ = [
     "global_magnitude_masks",
     "journey",
     "journey_average_fraction",
+    "layer_lottery",
+    "layer_lottery_and_train",
     "lora_targets",
     "one_shot_sparsity",
     "pat",
+    "precrop",
+    "precrop_and_train",
     "prunable_linears",
     "recover",
     "ste_heaviside",
@@ -74,4 +90,5 @@ __all__ = [
     "token_windows",
     "train_batches",
     "train_causal_lm",
+    "train_network",
 ]
