@@ -86,9 +86,9 @@ EPS = 1e-6
 _T = torch.Tensor
 
 __all__ = [
-    "EPS", "PXP_EPSILON", "YEOM", "Composite", "Relevance", "Rule", "channel_scores", "gradient_scores",
-    "head_scores", "least_relevant", "lrp_scores", "neuron_scores", "prune_order", "random_scores",
-    "relevance", "taylor_scores", "weight_l1_scores",
+    "EPS", "PXP_EPSILON", "YEOM", "Composite", "Relevance", "Rule", "attention_head_scores", "channel_scores",
+    "gradient_scores", "head_scores", "least_relevant", "lrp_scores", "neuron_scores", "prune_order",
+    "random_scores", "relevance", "taylor_scores", "weight_l1_scores",
 ]  # fmt: skip
 
 
@@ -110,7 +110,9 @@ class Rule:
         if not (isinstance(self.eps, (int, float)) and self.eps >= 0 and math.isfinite(self.eps)):
             raise ValueError(f"Rule eps must be a finite number >= 0; got {self.eps!r}")
         if self.kind == "alphabeta" and (self.beta < 0 or abs(self.alpha - self.beta - 1) > 1e-12):
-            raise ValueError(f"alpha-beta needs beta >= 0 and alpha - beta = 1; got {self.alpha}, {self.beta}")
+            raise ValueError(
+                f"alpha-beta needs beta >= 0 and alpha - beta = 1; got {self.alpha}, {self.beta}"
+            )
 
     @staticmethod
     def of(rule: Rule | str) -> Rule:
@@ -210,7 +212,8 @@ def _ixg(fn: Callable, xs: Sequence[_T], R: _T, eps: float, share: float = 1.0) 
         S = R / _stab(z.detach(), eps)
         grads = torch.autograd.grad(z, leaves, S, allow_unused=True)
     return [
-        torch.zeros_like(x) if g is None else x.detach() * g * share for x, g in zip(leaves, grads, strict=True)
+        torch.zeros_like(x) if g is None else x.detach() * g * share
+        for x, g in zip(leaves, grads, strict=True)
     ]
 
 
@@ -373,10 +376,14 @@ class _Run:
             if rule.kind == "zplus":
                 return tuple(_ixg(lambda x_: call(x_, wp, False), [x], R, rule.eps))
             xp, xn = x.clamp(min=0), x.clamp(max=0)
-            rp = _ixg(lambda a, b: call(a, wp, False) + call(b, wn, False), [xp, xn], R * rule.alpha, rule.eps)
+            rp = _ixg(
+                lambda a, b: call(a, wp, False) + call(b, wn, False), [xp, xn], R * rule.alpha, rule.eps
+            )
             out = rp[0] + rp[1]
             if rule.beta:
-                rn = _ixg(lambda a, b: call(a, wn, False) + call(b, wp, False), [xp, xn], R * rule.beta, rule.eps)
+                rn = _ixg(
+                    lambda a, b: call(a, wn, False) + call(b, wp, False), [xp, xn], R * rule.beta, rule.eps
+                )
                 out = out - rn[0] - rn[1]
             return (out,)
 
@@ -390,7 +397,7 @@ class _Run:
     def layernorm(self, func, args, kwargs):
         if self.c.layernorm == "identity":
             return _RuleFn.apply(lambda x: func(*args, **kwargs), lambda R, x: (R,), args[0])
-        xs, subst = _split(args, kwargs)
+        xs, _ = _split(args, kwargs)
         if len(xs) != 1:
             raise UnsupportedModelError("LRP: a LayerNorm whose weight carries relevance is not supported")
         a = list(args) + [None] * (5 - len(args))
@@ -430,7 +437,7 @@ class _Run:
     def product(self, func, args, kwargs):
         xs, _ = _split(args, kwargs)
         if func in (torch.div, _T.div, _T.__truediv__, _T.__itruediv__) and (
-            len(args) > 1 and _is_var(args[1]) or _is_var(kwargs.get("other"))
+            (len(args) > 1 and _is_var(args[1])) or _is_var(kwargs.get("other"))
         ):
             name, module = self.where()
             raise UnsupportedModelError(
@@ -577,7 +584,9 @@ def relevance(
         call_args, call_kw = (), {**inputs, input_name: x}
         call_kw.pop("labels", None)
     else:
-        raise ValueError(f"inputs must be a tensor or a dict with {input_name!r}; got {type(inputs).__name__}")
+        raise ValueError(
+            f"inputs must be a tensor or a dict with {input_name!r}; got {type(inputs).__name__}"
+        )
     if not x.is_floating_point():
         raise ValueError(f"the input to explain must be floating point; got {x.dtype}")
 
@@ -599,11 +608,14 @@ def relevance(
                 run.stack.pop()
             if name in at:
                 t = out if isinstance(out, torch.Tensor) else next(
-                    (o for o in (out.values() if isinstance(out, Mapping) else out) if isinstance(o, torch.Tensor)),
+                    (o for o in (out.values() if isinstance(out, Mapping) else out)
+                     if isinstance(o, torch.Tensor)),
                     None,
                 )  # fmt: skip
                 if name in outputs:
-                    raise UnsupportedModelError(f"relevance: module {name!r} ran twice; pick a module that runs once")
+                    raise UnsupportedModelError(
+                        f"relevance: module {name!r} ran twice; pick a module that runs once"
+                    )
                 outputs[name] = None
                 if t is not None and t.requires_grad:
 
@@ -681,12 +693,12 @@ def _producers(model: nn.Module) -> dict[str, tuple[str, ...]]:
     return {name: g.producers for name, g in groups(model).items()}
 
 
-def _batches(batches) -> list[dict]:
+def _batches(batches, key: str = "pixel_values") -> list[dict]:
     if isinstance(batches, Mapping):
         batches = [batches]
     batches = list(batches)
-    if not batches or not all(isinstance(b, Mapping) and "pixel_values" in b for b in batches):
-        raise ValueError("batches must be a non-empty list of dicts with 'pixel_values' (and 'labels')")
+    if not batches or not all(isinstance(b, Mapping) and key in b for b in batches):
+        raise ValueError(f"batches must be a non-empty list of dicts with {key!r} (and 'labels')")
     return batches
 
 
@@ -727,6 +739,30 @@ def lrp_scores(
     return _normalize(total, normalize)
 
 
+def attention_head_scores(
+    model: nn.Module,
+    batches,
+    composite: Composite = PXP_EPSILON,
+    start: str = "onehot",
+    abs: str = "after_sum",
+    normalize: str | None = None,
+    input_name: str = "pixel_values",
+) -> dict[str, _T]:
+    """Head scores ``{attention module name: (H,)}`` of every attention softmax (eager or
+    ``scaled_dot_product_attention``) of a classifier, e.g. a DINOv2 backbone under a linear probe,
+    summed over ``batches`` (dicts with ``input_name`` and ``labels``, the targets). PXP's defaults:
+    ε everywhere, one-hot start, Σ keys -> abs -> Σ batch and tokens, no normalisation. Heads are
+    ranked globally over layers with :func:`least_relevant` (keep indices per layer)."""
+    total: dict[str, _T] = {}
+    for b in _batches(batches, input_name):
+        rel = relevance(model, b, b.get("labels"), composite, start, input_name=input_name)
+        if not rel.attention:
+            raise UnsupportedModelError(f"{type(model).__name__} ran no attention softmax; nothing to score")
+        for k, v in rel.attention.items():
+            total[k] = total[k] + head_scores(v, abs) if k in total else head_scores(v, abs)
+    return _normalize(total, normalize)
+
+
 def _check_rate(rate) -> float:
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
         raise ValueError(f"rate must be a number in [0, 1); got {rate!r}")
@@ -740,7 +776,9 @@ def _check_scores(scores: Mapping[str, _T]) -> dict[str, _T]:
     for k, v in scores.items():
         v = torch.as_tensor(v).detach().float().cpu()
         if v.dim() != 1 or v.numel() == 0 or not bool(torch.isfinite(v).all()):
-            raise ValueError(f"scores[{k!r}] must be a non-empty 1-D finite tensor; got shape {tuple(v.shape)}")
+            raise ValueError(
+                f"scores[{k!r}] must be a non-empty 1-D finite tensor; got shape {tuple(v.shape)}"
+            )
         out[k] = v
     return out
 
