@@ -135,6 +135,19 @@ def test_rules_on_a_hand_worked_2x2_layer(rule, kind):
     torch.testing.assert_close(rel.input.reshape(2, 2), torch.tensor(HAND[rule], dtype=torch.float64))
 
 
+def test_start_relevances_by_hand():
+    lin = nn.Linear(2, 2, bias=False).double()
+    lin.weight.data = torch.tensor(W, dtype=torch.float64)
+    x = torch.tensor(X, dtype=torch.float64)  # target logits: sample 0 -> 3, sample 1 -> -4
+    start = {s: lrp.relevance(lin, x, [0, 1], start=s).start for s in ("onehot", "logit", "normalized")}
+    torch.testing.assert_close(start["onehot"], torch.eye(2, dtype=torch.float64))
+    torch.testing.assert_close(start["logit"], torch.tensor([[3.0, 0.0], [0.0, -4.0]], dtype=torch.float64))
+    # Yeom's output·T / sum(output·T), summed over the batch: 3 / -1 and -4 / -1
+    torch.testing.assert_close(
+        start["normalized"], torch.tensor([[-3.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
+    )
+
+
 def test_epsilon_bias_absorbs_and_eps_stabilises_by_hand():
     lin = nn.Linear(2, 2).double()
     lin.weight.data = torch.tensor(W, dtype=torch.float64)
