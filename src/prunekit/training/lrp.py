@@ -545,7 +545,12 @@ def _start(logits: _T, target, start: str) -> _T:
     if start == "onehot":
         return T
     z = logits.detach() * T
-    return z if start == "logit" else z / _stab(z.sum(), EPS)
+    if start == "logit":
+        return z
+    total = z.sum()
+    if float(total) == 0.0:
+        raise ValueError("start='normalized': the target logits sum to 0 over the batch; use 'onehot'")
+    return z / total
 
 
 def relevance(
