@@ -10,6 +10,8 @@ global selection on hand scores, restoration of the model, and the errors.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -368,6 +370,22 @@ def test_lrp_scores_map_onto_groups_and_keeps_feed_the_masks(cls):
     assert total - sum(len(k) for k in keep.values()) == int(0.5 * total)
     with mask_channels(model, keep):
         model(batch["pixel_values"])
+
+
+def test_prune_iteratively_removes_a_fixed_share_of_the_original_count_per_step():
+    model = MLP((784, 20, 20, 10), seed=3)
+    batch = {"pixel_values": torch.randn(6, 1, 28, 28), "labels": torch.arange(6)}
+    first = lrp.prune_order(lrp.lrp_scores(copy.deepcopy(model), batch))[:4]
+    calls = []
+    reports = lrp.prune_iteratively(
+        model, batch, steps=3, step_fraction=0.1, fine_tune=lambda m, s: calls.append(s)
+    )
+    assert calls == [0, 1, 2]
+    assert [sum(b - a for b, a in r.channels.values()) for r in reports] == [4, 4, 4]  # 10 % of 40, each step
+    assert sum(g.width for g in groups(model).values()) == 28
+    assert sorted((g, i) for g, ids in reports[0].removed.items() for i in ids) == sorted(first)
+    with pytest.raises(ValueError, match=r"step_fraction must be a number in \(0, 1\)"):
+        lrp.prune_iteratively(model, batch, step_fraction=1.5)
 
 
 # ------------------------------------------------------------------ baselines

@@ -87,8 +87,8 @@ _T = torch.Tensor
 
 __all__ = [
     "EPS", "PXP_EPSILON", "YEOM", "Composite", "Relevance", "Rule", "attention_head_scores", "channel_scores",
-    "gradient_scores", "head_scores", "least_relevant", "lrp_scores", "neuron_scores", "prune_order",
-    "random_scores", "relevance", "taylor_scores", "weight_l1_scores",
+    "gradient_scores", "head_scores", "least_relevant", "lrp_scores", "neuron_scores", "prune_iteratively",
+    "prune_order", "random_scores", "relevance", "taylor_scores", "weight_l1_scores",
 ]  # fmt: skip
 
 
@@ -809,12 +809,15 @@ def least_relevant(scores: Mapping[str, _T], rate: float, min_keep: int = 1) -> 
     this spares are not replaced by others, so slightly fewer units may go than ``int(rate·total)``
     at very high rates."""
     rate = _check_rate(rate)
+    s = _check_scores(scores)
+    return _drop_least(s, int(rate * sum(len(v) for v in s.values())), min_keep)
+
+
+def _drop_least(s: dict[str, _T], k: int, min_keep: int) -> dict[str, _T]:
     if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 0:
         raise ValueError(f"min_keep must be an int >= 0; got {min_keep!r}")
-    s = _check_scores(scores)
     sizes = [len(v) for v in s.values()]
     total = sum(sizes)
-    k = int(rate * total)
     flat = torch.cat(list(s.values()))
     order = torch.sort(flat, stable=True).indices
     drop = torch.zeros(total, dtype=torch.bool)
@@ -829,6 +832,47 @@ def least_relevant(scores: Mapping[str, _T], rate: float, min_keep: int = 1) -> 
         keeps[name] = (~d).nonzero().flatten()
         start += n
     return keeps
+
+
+def prune_iteratively(
+    model: nn.Module,
+    batches,
+    steps: int = 18,
+    step_fraction: float = 0.05,
+    fine_tune: Callable[[nn.Module, int], None] | None = None,
+    composite: Composite = YEOM,
+    start: str = "normalized",
+    abs: str = "before_sum",
+    normalize: str | None = "layer_l1",
+) -> list:
+    """Yeom et al.'s iterative schedule on a :class:`~prunekit.models.convnets.MLP`, ``ConvNet`` or
+    ``ResNetLite``, in place: at each of ``steps`` steps, score with :func:`lrp_scores` on ``batches``,
+    physically remove (:func:`~prunekit.models.convnets.remove_channels`) the
+    ``int(step_fraction · original unit count)`` least relevant units globally (5 % of the
+    **original** count per step, 18 steps ~ 90 %, as ``prune_resnet.py``), then call
+    ``fine_tune(model, step)`` (Yeom: 10 epochs of SGD; build a new optimizer inside, the Parameters
+    are new after surgery). Returns the :class:`~prunekit.models.convnets.SurgeryReport` of each step.
+    *Ours*: every group keeps at least one unit, so the last steps may remove fewer."""
+    from ..models.convnets import groups, remove_channels
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1; got {steps!r}")
+    if (
+        isinstance(step_fraction, bool)
+        or not isinstance(step_fraction, (int, float))
+        or not 0 < step_fraction < 1
+    ):
+        raise ValueError(f"step_fraction must be a number in (0, 1); got {step_fraction!r}")
+    per_step = int(step_fraction * sum(g.width for g in groups(model).values()))
+    if per_step < 1:
+        raise ValueError(f"step_fraction={step_fraction} removes no unit of this network per step")
+    reports = []
+    for step in range(steps):
+        scores = _check_scores(lrp_scores(model, batches, composite, start, abs, normalize))
+        reports.append(remove_channels(model, _drop_least(scores, per_step, 1)))
+        if fine_tune is not None:
+            fine_tune(model, step)
+    return reports
 
 
 # ------------------------------------------------------------------ baselines
