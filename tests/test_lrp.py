@@ -267,6 +267,24 @@ def test_sdpa_is_decomposed_like_the_explicit_attention(softmax):
     torch.testing.assert_close(next(iter(r1.attention.values())), next(iter(r2.attention.values())))
 
 
+@pytest.mark.parametrize("softmax", ["cp", "epsilon"])
+def test_causal_sdpa_masked_entries_carry_no_relevance(softmax):
+    class Causal(TinyAttention):
+        def forward(self, x):
+            B, N, d = x.shape
+            q, k, v = (f(x).view(B, N, self.h, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.fc(z.transpose(1, 2).reshape(B, N, d).mean(1))
+
+    rel = lrp.relevance(
+        Causal().double(), torch.randn(2, 4, 8, dtype=torch.float64), [0, 1], eps_only(softmax=softmax)
+    )
+    (A,) = rel.attention.values()
+    assert bool(torch.isfinite(rel.input).all()) and bool(torch.isfinite(A).all())
+    upper = torch.ones(4, 4, dtype=torch.bool).triu(1)
+    assert A[..., upper].abs().max() == 0 and A[..., ~upper].abs().max() > 0
+
+
 def test_epsilon_softmax_is_attnlrp_rule():
     """PXP's ε softmax: ``R_x = x ⊙ (R − s Σ R)`` (AttnLRP), checked on softmax -> bias-free Linear."""
 

@@ -211,10 +211,14 @@ def _ixg(fn: Callable, xs: Sequence[_T], R: _T, eps: float, share: float = 1.0) 
         z = fn(*leaves)
         S = R / _stab(z.detach(), eps)
         grads = torch.autograd.grad(z, leaves, S, allow_unused=True)
-    return [
-        torch.zeros_like(x) if g is None else x.detach() * g * share
-        for x, g in zip(leaves, grads, strict=True)
-    ]
+    out = []
+    for x, g in zip(leaves, grads, strict=True):
+        if g is None:
+            out.append(torch.zeros_like(x))
+        else:  # a -inf attention-mask entry times its zero gradient carries no relevance (not nan)
+            r = x.detach() * g * share
+            out.append(torch.where(torch.isfinite(x.detach()), r, torch.zeros((), dtype=r.dtype)))
+    return out
 
 
 class _RuleFn(torch.autograd.Function):
