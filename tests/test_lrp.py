@@ -267,13 +267,20 @@ def test_sdpa_is_decomposed_like_the_explicit_attention(softmax):
     torch.testing.assert_close(next(iter(r1.attention.values())), next(iter(r2.attention.values())))
 
 
+@pytest.mark.parametrize("mask", ["is_causal", "float"])
 @pytest.mark.parametrize("softmax", ["cp", "epsilon"])
-def test_causal_sdpa_masked_entries_carry_no_relevance(softmax):
+def test_causal_sdpa_masked_entries_carry_no_relevance(softmax, mask):
     class Causal(TinyAttention):
         def forward(self, x):
             B, N, d = x.shape
             q, k, v = (f(x).view(B, N, self.h, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
-            z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            if mask == "is_causal":
+                z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:  # an additive -inf mask
+                m = torch.zeros(N, N, dtype=x.dtype).masked_fill(
+                    torch.ones(N, N, dtype=torch.bool).triu(1), -torch.inf
+                )
+                z = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
             return self.fc(z.transpose(1, 2).reshape(B, N, d).mean(1))
 
     rel = lrp.relevance(
