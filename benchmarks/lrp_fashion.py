@@ -26,6 +26,9 @@ points) and ``A_PR_trapz`` (``np.trapz`` over the rates divided by their span); 
 highest rate whose accuracy is at least 95 % of the unpruned one. Claim (Yeom, PXP): without
 fine-tuning and with scarce reference data, LRP >= the other criteria.
 
+Cost on one busy CPU thread: training ~4 min (0.24 s per batch of 128), one evaluation on 2000 test
+images ~3 s, 190 evaluations (5 criteria + 5 random seeds, 19 rates): about 15 min in all.
+
 Resumable: rows already in ``--out`` (JSON lines, one per criterion, seed and rate) are skipped.
 Writes ``--out``, a markdown summary (``.md``) and a plot (``.png``) next to it.
 
@@ -156,7 +159,7 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/lrp_fashion.jsonl")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--train-limit", type=int, default=None)
-    p.add_argument("--test", type=int, default=10000)
+    p.add_argument("--test", type=int, default=2000, help="test images (10000: the whole split, ~4x slower)")
     p.add_argument("--per-class", type=int, default=10)
     p.add_argument("--seeds", type=int, default=5, help="seeds of the random criterion")
     p.add_argument("--seed", type=int, default=0)
