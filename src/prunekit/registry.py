@@ -53,6 +53,8 @@ _METHOD_MODULES = (
     "prunekit.speculative.rasd",
     "prunekit.training.pat_tuning",
     "prunekit.training.ftp_routing",
+    "prunekit.training.sap",
+    "prunekit.training.polarization",
 )
 
 
