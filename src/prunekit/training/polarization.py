@@ -289,6 +289,42 @@ def _select(
     return {n: (s > threshold) if strict else (s >= threshold) for n, s in scores.items()}
 
 
+def cut_units(
+    model: nn.Module,
+    scores: dict[str, torch.Tensor],
+    *,
+    units: str = "channels",
+    threshold: float | None = 0.5,
+    keep_count: int | None = None,
+    strict: bool = True,
+) -> dict:
+    """Remove, physically and in place, the units whose score fails the cut: keep ``score >
+    threshold`` (``>=`` when not ``strict``), or the global top ``keep_count``. ``scores``:
+    ``{group name: (width,) scores}`` for ``units="channels"`` (a group left empty keeps its best
+    unit: ours), ``{block name: (1,) score}`` for ``"blocks"`` (a failing block is removed).
+    Returns ``{"kept": {group: (before, after)}, "blocks_removed": [...], "kept_units": int}``."""
+    if units not in UNITS:
+        raise ValueError(f"units must be one of {UNITS}; got {units!r}")
+    if keep_count is None and threshold is None:
+        raise ValueError("cut_units needs a threshold or a keep_count")
+    scores = {n: torch.as_tensor(v).float().reshape(-1) for n, v in scores.items()}
+    keep = _select(scores, threshold, keep_count, strict)
+    if units == "blocks":
+        drop = [n for n, k in keep.items() if not bool(k.any())]
+        if drop:
+            C.remove_blocks(model, drop)
+        return {"kept": {}, "blocks_removed": drop, "kept_units": len(keep) - len(drop)}
+    kept_idx, kept = {}, {}
+    for n, k in keep.items():
+        if not bool(k.any()):  # ours: never empty a layer
+            k = torch.zeros_like(k)
+            k[int(torch.argmax(scores[n]))] = True
+        kept_idx[n] = k.nonzero().flatten()
+        kept[n] = (k.numel(), int(k.sum()))
+    C.remove_channels(model, kept_idx)
+    return {"kept": kept, "blocks_removed": [], "kept_units": sum(a for _, a in kept.values())}
+
+
 @dataclass
 class PolarizationReport:
     """What :func:`polarization` did. ``label`` names the method (``consensus-gating
@@ -453,27 +489,18 @@ def polarization(
     report.seconds = time.perf_counter() - t0
     report.losses, report.terms = res.losses, (res.terms[-1] if res.terms else {})
     report.threshold = None if keep_count is not None else float(threshold)
-    keep = _select(scores, report.threshold, keep_count, strict)
     flat = torch.cat([s.reshape(-1) for s in scores.values()])
     report.scores = {n: s.tolist() for n, s in scores.items()}
     report.bimodality = float(((flat > 0.1) & (flat < 0.9)).float().mean())
     report.total_units = flat.numel()
-    if units == "blocks":
-        drop = [n for n, k in keep.items() if not bool(k.any())]
-        report.blocks_removed = drop
-        report.kept_units = report.total_units - len(drop)
-        if drop:
-            C.remove_blocks(model, drop)
-    else:
-        kept_idx = {}
-        for n, k in keep.items():
-            if not bool(k.any()):  # ours: never empty a layer
-                k = torch.zeros_like(k)
-                k[int(torch.argmax(scores[n]))] = True
-            kept_idx[n] = k.nonzero().flatten()
-            report.kept[n] = (k.numel(), int(k.sum()))
-        report.kept_units = sum(a for _, a in report.kept.values())
-        C.remove_channels(model, kept_idx)
+    cut = cut_units(
+        model, scores, units=units, threshold=report.threshold, keep_count=keep_count, strict=strict
+    )
+    report.kept, report.blocks_removed, report.kept_units = (
+        cut["kept"],
+        cut["blocks_removed"],
+        cut["kept_units"],
+    )
     report.params_after = C.count_params(model)
     report.flops_after = _flops(model, batches[0])
     return report
