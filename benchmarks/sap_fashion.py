@@ -13,6 +13,9 @@ Departures from the paper's run (200 epochs of SGD 0.1, T = 30): far fewer epoch
 AdamW, the last checkpoint. The claim checked: SAP adapts its step (big cuts early, smaller as PQI
 rises) and reaches a higher compression than LT-0.2 at equal accuracy.
 
+``os-r`` ranks by θ₀ as the official code does (``model_state_dict[0]`` is the state before any
+training); ``os-0.2@first-trained`` ranks by the first trained model, as the spec words it.
+
 Resumable: one JSON line per finished run in ``--out``; runs already there are skipped. Writes a
 markdown table (``.md``) and a plot (``.png``) next to it.
 
@@ -40,8 +43,10 @@ ROOT = pathlib.Path(__file__).resolve().parent
 def run_one(mode: str, seed: int, args, train, test) -> dict:
     model = MLP(sizes=(784, 128, 256, 10), seed=seed)
     t0 = time.perf_counter()
+    prune_mode, _, os_reference = mode.partition("@")
     report = sap(
-        model, train, mode=mode, iterations=args.iterations, steps_per_iteration=args.epochs * len(train),
+        model, train, mode=prune_mode, os_reference=os_reference or "init", iterations=args.iterations,
+        steps_per_iteration=args.epochs * len(train),
         lr=args.lr, eval_batches=test, seed=seed, lr_scheduler_type=args.schedule,
     )  # fmt: skip
     return {
@@ -137,7 +142,11 @@ def plot(runs: list[dict], modes: list[str], path: pathlib.Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--modes", default="si-0.5-1-0-1,lt-0.2,os-0.2")
+    ap.add_argument(
+        "--modes",
+        default="si-0.5-1-0-1,lt-0.2,os-0.2",
+        help="prune modes; 'os-0.2@first-trained' ranks by the first trained model (default θ₀: official)",
+    )
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--iterations", type=int, default=10)
     ap.add_argument("--epochs", type=int, default=1, help="passes over the training subset per iteration")

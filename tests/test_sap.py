@@ -203,3 +203,22 @@ def test_errors():
         sap(m, _batches(), mode="os-0.2", os_reference="best")
     with pytest.raises(ValueError, match="no parameter named"):
         dense_masks(torch.nn.ReLU())
+
+
+def test_os_first_trained_ranks_by_the_first_trained_model():
+    from prunekit.training import train_batches
+
+    batches = _batches(seed=6)
+    r = sap(MLP(sizes=(6, 8, 3), seed=7), batches, mode="os-0.3", os_reference="first-trained",
+            iterations=1, steps_per_iteration=4, lr=1e-2)  # fmt: skip
+    ref_model = MLP(sizes=(6, 8, 3), seed=7)
+    train_batches(ref_model, batches, steps=4, lr=1e-2, progress=False)
+    # os by the first trained model = one magnitude step on that model (ranked by its own weights)
+    expected = sap_step(ref_model, None, "lt-0.3")
+    for n in expected:
+        assert torch.equal(r.masks[n], expected[n]), n
+    m0 = MLP(sizes=(6, 8, 3), seed=7)  # the default (θ₀) ranking picks other weights here
+    by_init = sap_step(
+        m0, None, "os-0.3", reference={k: v.detach().clone() for k, v in m0.named_parameters()}
+    )
+    assert any(not torch.equal(by_init[n], expected[n]) for n in expected)
