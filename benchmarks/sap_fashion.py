@@ -160,6 +160,7 @@ def main() -> None:
     ap.add_argument(
         "--smoke", action="store_true", help="tiny settings (2k images, 2 iterations), to a _smoke file"
     )
+    ap.add_argument("--report-only", action="store_true", help="no training: tables and plot from --out")
     args = ap.parse_args()
     if args.smoke:
         args.iterations, args.train_limit, args.test_limit = 2, 2000, 1000
@@ -173,15 +174,16 @@ def main() -> None:
     done = []
     if out.exists():
         done = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
-    train = fashion_batches("train", args.batch_size, limit=args.train_limit, seed=0)
-    test = fashion_batches("test", 1000, limit=args.test_limit, seed=None)
+    if not args.report_only:
+        train = fashion_batches("train", args.batch_size, limit=args.train_limit, seed=0)
+        test = fashion_batches("test", 1000, limit=args.test_limit, seed=None)
     for mode in modes:
         for seed in seeds:
             same = [
                 r for r in done
                 if r["mode"] == mode and r["seed"] == seed and all(r[k] == getattr(args, k) for k in key)
             ]  # fmt: skip
-            if same:
+            if same or args.report_only:
                 continue
             row = run_one(mode, seed, args, train, test)
             last = row["rows"][-1]
@@ -194,8 +196,8 @@ def main() -> None:
     md = out.with_suffix(".md")
     md.write_text(
         f"# SAP on the Fashion-MNIST MLP\n\n{args.iterations} iterations x {args.epochs} epoch(s) of "
-        f"{args.train_limit} images, AdamW lr {args.lr}, test on {args.test_limit} images, seeds {seeds}.\n\n"
-        + table(runs, modes)
+        f"{args.train_limit} images, AdamW lr {args.lr}, test on {args.test_limit} images, seeds {seeds} "
+        "(the seeds column says how many each mode has).\n\n" + table(runs, modes)
     )
     plot(runs, modes, out.with_suffix(".png"))
     print(md.read_text())

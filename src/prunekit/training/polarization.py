@@ -527,16 +527,16 @@ class Polarization:
         "speedup": "universal (a physically narrower / shallower network)",
         "how": "learned (gates or BN scales polarised during training, then thresholded and removed)",
     }
-    variant: str = "gates"
-    units: str = "channels"
-    sparsity: float = 0.5
+    variant: str = "gates"  # gates (consensus-gating, a reconstruction), bn (official polariser), slimming
+    units: str = "channels"  # channels, or blocks (residual blocks; gates only)
+    sparsity: float = 0.5  # target fraction of units removed
     steps: int = 100
     lr: float = 1e-3
-    lam_s: float = 1.0
-    lam_p: float | None = None
-    t: float | None = None
-    threshold: float | str | None = None
-    keep_count: int | None = None
+    lam_s: float = 1.0  # budget weight (gates)
+    lam_p: float | None = None  # polariser weight; None: 1e-3 gates, 5e-5 bn, 1e-4 slimming
+    t: float | None = None  # polariser t; None: 1.2 gates, 1.4 bn
+    threshold: float | str | None = None  # None: 0.5 (gates), "valley" (bn), top 1 - sparsity (slimming)
+    keep_count: int | None = None  # keep the global top-K units instead of a threshold
     seed: int = 0
 
     def __call__(self, model: nn.Module, batches, **kw) -> PolarizationReport:

@@ -424,14 +424,14 @@ class SAP:
         "speedup": "none without a sparse kernel (masks; fewer non-zero weights)",
         "how": "iterative train-prune-rewind; the prune count from the PQ index of the trained weights",
     }
-    mode: str = "si-0.5-1-0-1"
-    iterations: int = 10
-    steps_per_iteration: int = 100
-    lr: float = 1e-3
-    scope: str = "global"
-    beta: float = 0.9
-    faithful: bool = False
-    os_reference: str = "init"
+    mode: str = "si-0.5-1-0-1"  # si-p-q-eta-gamma (SAP), lt-r (lottery ticket) or os-r (one-shot ranking)
+    iterations: int = 10  # T prune steps between T + 1 trainings
+    steps_per_iteration: int = 100  # optimiser steps per training
+    lr: float = 1e-3  # AdamW (the Trainer's), not the official SGD 0.1
+    scope: str = "global"  # global, layer or neuron
+    beta: float = 0.9  # the largest fraction pruned in one SAP step
+    faithful: bool = False  # True: select the checkpoint on the test batches, as the official code
+    os_reference: str = "init"  # os-r ranks by θ₀ (the official code) or "first-trained"
     seed: int = 0
 
     def __call__(self, model: nn.Module, batches, **kw) -> SAPReport:
