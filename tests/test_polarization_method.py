@@ -11,6 +11,7 @@ import torch
 
 from prunekit.errors import UnsupportedModelError
 from prunekit.models.convnets import MLP, ConvNet, ResNetLite, count_params, group_widths
+from prunekit.training.polarize import polarization_penalty
 
 # the module (prunekit.training.polarization may also name the function once exported)
 P = importlib.import_module("prunekit.training.polarization")
@@ -193,3 +194,56 @@ def test_errors():
     with P.ConsensusGates(m), pytest.raises(ValueError, match="already holds consensus gates"):
         P.ConsensusGates(m)
     assert _no_hooks(m)
+
+
+def _plain_train(model, batches, steps, lr, extra, after_step=None):
+    """A hand-written loop with the Trainer's AdamW, linear decay and grad clipping 1."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, (steps - s) / steps))
+    model.train()
+    for s in range(steps):
+        out = model(**batches[s % len(batches)])
+        loss = out.loss + sum(extra().values())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if after_step is not None:
+            after_step()
+        sched.step()
+        opt.zero_grad()
+
+
+def test_gate_loss_and_bn_clamp_give_the_same_result_in_a_plain_loop_and_the_trainer():
+    from prunekit.training import train_batches
+
+    batches = _random_batches(n=3, seed=4)
+    a = ConvNet(widths=(4, 6), pool_after=(0,), image_size=8, seed=3)
+    b = ConvNet(widths=(4, 6), pool_after=(0,), image_size=8, seed=3)
+    with P.ConsensusGates(a, sparsity=0.5) as ga, P.ConsensusGates(b, sparsity=0.5) as gb:
+        train_batches(a, batches, steps=4, lr=5e-2, loss_fn=ga.loss_fn, progress=False)
+        _plain_train(b, batches, 4, 5e-2, gb.loss_terms)
+        for (n, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+            torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5, msg=n)
+        assert any("consensus_gates" in n for n, _ in a.named_parameters())  # the gates trained too
+    # the BN polariser: penalty + clamp after every step
+    a = ConvNet(widths=(4, 6), pool_after=(0,), image_size=8, seed=3)
+    b = ConvNet(widths=(4, 6), pool_after=(0,), image_size=8, seed=3)
+    gammas = {}
+    for m in (a, b):
+        gs = [m.bns[0].weight, m.bns[1].weight]
+        with torch.no_grad():
+            for g in gs:
+                g.fill_(0.5)
+        gammas[id(m)] = gs
+
+    def pen(m):
+        return lambda *args: {"p": polarization_penalty(gammas[id(m)], t=1.4, lam=0.5)}
+
+    train_batches(
+        a, batches, steps=4, lr=0.2, loss_fn=pen(a), callbacks=[P.ClampBN(gammas[id(a)])], progress=False
+    )
+    _plain_train(b, batches, 4, 0.2, pen(b), after_step=P.ClampBN(gammas[id(b)]))
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5, msg=n)
+    g = torch.cat([x.detach() for x in gammas[id(a)]])
+    assert bool(((g >= 0) & (g <= 1)).all()) and bool(((g == 0) | (g == 1)).any())  # the clamp acted
