@@ -247,3 +247,18 @@ def test_gate_loss_and_bn_clamp_give_the_same_result_in_a_plain_loop_and_the_tra
         torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5, msg=n)
     g = torch.cat([x.detach() for x in gammas[id(a)]])
     assert bool(((g >= 0) & (g <= 1)).all()) and bool(((g == 0) | (g == 1)).any())  # the clamp acted
+
+
+def test_layer_budget_hand_worked():
+    # two gates, ḡ = (1, 1) and (0, 0), target sparsity 0.5: the global budget (mean 0.5 − 0.5)² = 0;
+    # per layer: ((1 − 0.5)² + (0 − 0.5)²) / 2 = 0.25
+    m = MLP(sizes=(4, 2, 2, 3))
+    for budget, want in (("global", 0.0), ("layer", 0.25)):
+        with P.ConsensusGates(m, sparsity=0.5, gate_scale=1.0, budget=budget) as gates:
+            _hand_set(gates.gates["hidden.0"], torch.zeros(2, 4), [5.0, 5.0])
+            _hand_set(gates.gates["hidden.1"], torch.zeros(2, 2), [-5.0, -5.0])
+            m(pixel_values=torch.randn(3, 4))
+            assert gates.loss_terms()["budget"].item() == pytest.approx(want)
+    with pytest.raises(ValueError, match="budget must be one of"):
+        P.ConsensusGates(m, budget="block")
+    assert not hasattr(m, P.GATES_ATTR)

@@ -60,6 +60,7 @@ from .polarize import valley_threshold as _valley
 
 VARIANTS = ("gates", "bn", "slimming")
 UNITS = ("channels", "blocks")
+BUDGETS = ("global", "layer")
 LABELS = {
     "gates": "consensus-gating (reconstruction)",
     "bn": "polarization regularizer (Zhuang et al. 2020, official BN polariser)",
@@ -114,6 +115,7 @@ class ConsensusGates:
         t: float = 1.2,
         init_bias: float = 1.0,
         gate_scale: float = 10.0,
+        budget: str = "global",
     ) -> None:
         if units not in UNITS:
             raise ValueError(f"units must be one of {UNITS}; got {units!r}")
@@ -121,6 +123,9 @@ class ConsensusGates:
             raise ValueError(f"the model already holds consensus gates ({GATES_ATTR!r}); remove them first")
         self.model, self.units = model, units
         self.sparsity, self.lam_s, self.lam_p, self.t = sparsity, lam_s, lam_p, t
+        if budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {BUDGETS}; got {budget!r}")
+        self.budget = budget
         gate_budget_penalty(torch.ones(1), sparsity, lam_s)  # checks the values early
         gate_penalty(torch.ones(1), t, lam_p)
         device = next(model.parameters()).device
@@ -211,8 +216,12 @@ class ConsensusGates:
     def loss_terms(self) -> dict[str, torch.Tensor]:
         """``{"budget": λ_s(mean ḡ − (1 − s))², "polarization": λ_p[t‖ḡ‖₁ − ‖ḡ − mean ḡ‖₁]}``."""
         g = self.gbar()
+        if self.budget == "layer":  # ours: the mean of per-gate budgets
+            budget = torch.stack([gate_budget_penalty(x, self.sparsity, self.lam_s) for x in g]).mean()
+        else:
+            budget = gate_budget_penalty(g, self.sparsity, self.lam_s)
         return {
-            "budget": gate_budget_penalty(g, self.sparsity, self.lam_s),
+            "budget": budget,
             "polarization": gate_penalty(g, self.t, self.lam_p),
         }
 
@@ -378,6 +387,7 @@ def polarization(
     init_bias: float = 1.0,
     bn_init: float = 0.5,
     gate_scale: float = 10.0,
+    budget: str = "global",
     seed: int = 0,
     progress: bool = False,
     **train_options,
@@ -393,7 +403,10 @@ def polarization(
       (keep ḡ > 0.5) or ``"valley"``. ``gate_scale`` [ours]: the gates' parameters are stored
       divided by it, so the optimiser (Adam, about ``lr`` per step) moves them ``gate_scale`` times
       faster than the weights; the ``Trainer`` has one learning rate, and at lr 1e-3 an open gate
-      (bias 1) would need about a thousand steps to close.
+      (bias 1) would need about a thousand steps to close. ``budget``: ``"global"`` (the spec's
+      ``(mean_u ḡ_u − (1 − s))²`` over every unit) or ``"layer"`` [ours]: the mean over gates of
+      each gate's own budget term, so that no layer can close entirely while another stays open
+      (on the Fashion-MNIST MLP the global budget closed every unit of the first hidden layer).
     - ``variant="bn"``: the official BN polariser, γ initialised to ``bn_init`` (0.5), ``lam_p``
       default 5e-5 and ``t`` default 1.4 (the README's ResNet-56 values), γ clamped to [0, 1]
       after each step; threshold ``"valley"`` by default (keep γ ≥ it), or a number.
@@ -445,6 +458,7 @@ def polarization(
             t=t,
             init_bias=init_bias,
             gate_scale=gate_scale,
+            budget=budget,
         ) as gates:
             res = train_batches(
                 model, batches, steps=steps, lr=lr, seed=seed, loss_fn=gates.loss_fn, progress=progress,
@@ -537,6 +551,7 @@ class Polarization:
     t: float | None = None  # polariser t; None: 1.2 gates, 1.4 bn
     threshold: float | str | None = None  # None: 0.5 (gates), "valley" (bn), top 1 - sparsity (slimming)
     keep_count: int | None = None  # keep the global top-K units instead of a threshold
+    budget: str = "global"  # the gates' budget over all units (spec) or per layer (ours)
     seed: int = 0
 
     def __call__(self, model: nn.Module, batches, **kw) -> PolarizationReport:
