@@ -56,6 +56,8 @@ _METHOD_MODULES = (
     "prunekit.training.journey",
     "prunekit.training.precrop",
     "prunekit.training.layer_lottery",
+    "prunekit.training.sap",
+    "prunekit.training.polarization",
 )
 
 

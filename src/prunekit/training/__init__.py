@@ -22,9 +22,12 @@
   (residual blocks scored at initialisation and removed before training); both return a new
   network, trained with :func:`train_network` or any loop (:mod:`~prunekit.training.precrop`,
   :mod:`~prunekit.training.layer_lottery`).
+- :func:`sap` is SAP (PQ-index-driven iterative pruning with rewinding, ICLR'23) with its callback,
+  and :func:`polarization` the consensus gates with the polarization regulariser (a reconstruction;
+  ``variant="bn"`` the official BN polariser), cut and removed physically.
 - The registry's ``training`` family (``prunekit.methods("training")``) lists them: ``pat``,
-  ``ftp``, ``journey``, ``precrop`` and ``layer_lottery``, each a dataclass of options called like
-  the function.
+  ``ftp``, ``journey``, ``precrop``, ``layer_lottery``, ``sap`` and ``polarization``, each a
+  dataclass of options called like the function.
 - :mod:`~prunekit.training.hooks`: straight-through estimators, step schedules and gradient masks
   for training-aware methods; ``train_causal_lm(loss_fn=...)`` adds their loss terms.
 """
@@ -38,8 +41,10 @@ from .journey import Journey, JourneyReport, journey
 from .layer_lottery import LayerLottery, LotteryReport, layer_lottery, layer_lottery_and_train
 from .loop import TrainResult, token_windows, train_batches, train_causal_lm
 from .pat_tuning import PAT, PATReport, pat
+from .polarization import ConsensusGates, Polarization, PolarizationReport, polarization
 from .precrop import PreCrop, PreCropReport, precrop, precrop_and_train, train_network
 from .recover import DEFAULT_TARGETS, RecoveryReport, lora_targets, recover
+from .sap import SAP, SAPCallback, SAPReport, sap, sap_step
 from .schedules import (
     ScalingLaw,
     average_param_count,
@@ -54,6 +59,8 @@ __all__ = [
     "DEFAULT_TARGETS",
     "FTP",
     "PAT",
+    "SAP",
+    "ConsensusGates",
     "FTPResult",
     "GradientMask",
     "Journey",
@@ -61,9 +68,13 @@ __all__ = [
     "LayerLottery",
     "LotteryReport",
     "PATReport",
+    "Polarization",
+    "PolarizationReport",
     "PreCrop",
     "PreCropReport",
     "RecoveryReport",
+    "SAPCallback",
+    "SAPReport",
     "ScalingLaw",
     "SparsityScheduler",
     "StepSchedule",
@@ -81,10 +92,13 @@ __all__ = [
     "lora_targets",
     "one_shot_sparsity",
     "pat",
+    "polarization",
     "precrop",
     "precrop_and_train",
     "prunable_linears",
     "recover",
+    "sap",
+    "sap_step",
     "ste_heaviside",
     "straight_through",
     "token_windows",
