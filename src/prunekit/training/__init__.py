@@ -37,6 +37,7 @@ from .hooks import GradientMask, StepSchedule, ste_heaviside, straight_through
 from .journey import Journey, JourneyReport, journey
 from .layer_lottery import LayerLottery, LotteryReport, layer_lottery, layer_lottery_and_train
 from .loop import TrainResult, token_windows, train_batches, train_causal_lm
+from .lrp_pruning import LRP, IterativeLRP, LRPReport, lrp_prune
 from .pat_tuning import PAT, PATReport, pat
 from .precrop import PreCrop, PreCropReport, precrop, precrop_and_train, train_network
 from .recover import DEFAULT_TARGETS, RecoveryReport, lora_targets, recover
@@ -53,11 +54,14 @@ from .schedules import (
 __all__ = [
     "DEFAULT_TARGETS",
     "FTP",
+    "LRP",
     "PAT",
     "FTPResult",
     "GradientMask",
+    "IterativeLRP",
     "Journey",
     "JourneyReport",
+    "LRPReport",
     "LayerLottery",
     "LotteryReport",
     "PATReport",
@@ -79,6 +83,8 @@ __all__ = [
     "layer_lottery",
     "layer_lottery_and_train",
     "lora_targets",
+    "lrp",
+    "lrp_prune",
     "one_shot_sparsity",
     "pat",
     "precrop",
