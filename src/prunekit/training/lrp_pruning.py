@@ -144,7 +144,7 @@ def mask_heads(model: nn.Module, keep: Mapping[str, object]):
 class LRPReport:
     """What :func:`lrp_prune` did. ``kind``: ``"channels"`` or ``"heads"``; ``keep``: the kept
     unit indices per group (channel group, or attention module); ``scores``: the scores ranked (PXP;
-    Yeom: those of the first step); ``units_before`` / ``units_removed``; ``physical``: sliced
+    empty for Yeom, who rescores at every step); ``units_before`` / ``units_removed``; ``physical``: sliced
     (``True``) or masked; ``surgery``: the surgery reports (one per Yeom step). A masked result is
     reversible: :meth:`restore` (or leaving a ``with`` block, also by an exception) gives the model
     back exactly; :meth:`finalize` slices the masked units out."""
@@ -328,21 +328,19 @@ def _yeom(model, batches, rate, kind, physical, scores, composite, step_fraction
             f"rate={rate} is not a positive multiple of it (e.g. {lo:g} or {lo + step_fraction:g})"
         )
     total = sum(g.width for g in groups(model).values())
-    first = L._check_scores(L.lrp_scores(model, batches, composite or L.YEOM, "normalized", "before_sum",
-                                         "layer_l1"))  # fmt: skip
     reps = L.prune_iteratively(
         model, batches, steps, step_fraction, fine_tune, composite or L.YEOM, "normalized", "before_sum",
         "layer_l1",
     )  # fmt: skip
-    kept = _original_keeps(total, reps, groups)
+    kept = _original_keeps(reps)
     return LRPReport(
         variant="yeom", kind=kind, rate=rate, units_before=total,
         units_removed=total - sum(g.width for g in groups(model).values()), physical=True,
-        keep=kept, scores={k: v.tolist() for k, v in first.items()}, surgery=[r.to_dict() for r in reps],
+        keep=kept, surgery=[r.to_dict() for r in reps],
     )  # fmt: skip
 
 
-def _original_keeps(total, reports, groups_fn) -> dict[str, list[int]]:
+def _original_keeps(reports) -> dict[str, list[int]]:
     """Kept indices in the **original** numbering, from the per-step removed indices (each step's
     indices are into the network as it was then)."""
     alive: dict[str, list[int]] = {}
