@@ -246,7 +246,9 @@ def lrp_prune(
     once and reused for every rate, as PXP does; then ``batches`` may be ``None``); ``composite``
     replaces PXP's ε-everywhere composite. ``variant="yeom"``: Yeom's iterative schedule with
     ``fine_tune(model, step)`` after each physical step of ``step_fraction`` of the original units;
-    ``rate`` a multiple of ``step_fraction``; CNNs/MLPs only. See the module docstring."""
+    ``rate`` a multiple of ``step_fraction``; CNNs/MLPs only; its steps are permanent surgery, so
+    if ``fine_tune`` raises, the model stays pruned up to that step. Returns an :class:`LRPReport`
+    (a context manager that restores PXP's masks on exit). See the module docstring."""
     _check_variant(variant, physical, step_fraction, min_keep)
     rate = L._check_rate(rate)
     kind = _kind(model)
@@ -474,7 +476,7 @@ class IterativeLRP(TrainerCallback):
     ),
     stages=("after-training",),
     signals=("lrp_relevance@reference_samples",),
-    trains=False,
+    trains=True,
     summary="channels/neurons/heads ranked globally by LRP relevance; PXP one-shot masks, Yeom iterative",
 )
 @dataclass
@@ -482,7 +484,8 @@ class LRP:
     """Pruning by explaining as a registry method: ``LRP(rate=0.3)(model, batches)`` is
     :func:`lrp_prune`. The entry's stage is ``after-training`` (PXP's one-shot step on a trained
     model, the default); Yeom's iterative variant with fine-tuning is ``variant="yeom"`` or, during
-    training, :class:`IterativeLRP`."""
+    training, :class:`IterativeLRP`. ``trains=True`` as for every method of the family (Yeom's
+    fine-tuning, the callback), although PXP's one-shot step itself trains nothing."""
 
     docs_from: ClassVar[str] = "prunekit.training.lrp_pruning"
     usage: ClassVar[str] = (
