@@ -8,7 +8,7 @@ and the filters are pruned **globally** at each rate 0, 0.05, ..., 0.9 (``int(ra
 every layer keeping at least one) by reversible masks, **without fine-tuning**; top-1 accuracy on
 the first ``--test`` test images.
 
-Criteria (``prunekit.training.lrp``):
+Criteria (``prunekit.training.lrp_rules``):
 
 - ``lrp_yeom``: Yeom et al. 2021: α1β0 on convs, ε on the Linear, BN passed through, ``Σ_{n,h,w}|R|``
   at the conv output, per-layer ``v/Σv``;
@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from prunekit.models.convnets import ConvNet, evaluate_classifier, fashion_batches, groups, mask_channels
-from prunekit.training import lrp
+from prunekit.training import lrp_rules as lrp
 
 RATES = [round(0.05 * i, 2) for i in range(19)]  # 0 .. 0.9
 CRITERIA = ["lrp_yeom", "lrp_pxp", "l1", "taylor", "gradient", "random"]

@@ -340,6 +340,7 @@ def test_one_call_errors(tmp_path):
         ("journey", "steps", 7),
         ("sap", "steps_per_iteration", 7),
         ("polarization", "steps", 7),
+        ("lrp", "rate", 0.45),
     ],
 )
 def test_registry_entries_match_the_calls(name, option, value):

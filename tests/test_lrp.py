@@ -1,4 +1,4 @@
-"""LRP (Yeom et al. 2021; Hatefi et al. 2024 "PXP") in ``prunekit.training.lrp``.
+"""LRP (Yeom et al. 2021; Hatefi et al. 2024 "PXP") in ``prunekit.training.lrp_rules``.
 
 Every check is against a hand-worked case or an independent computation: conservation of relevance
 on bias-free layers and networks, the z⁺ / αβ / ε rules on a 2x2 Linear worked by hand (and the
@@ -19,8 +19,8 @@ from torch import nn
 
 from prunekit.errors import UnsupportedModelError
 from prunekit.models.convnets import MLP, ConvNet, ResNetLite, groups, mask_channels
-from prunekit.training import lrp
-from prunekit.training.lrp import Composite, Rule
+from prunekit.training import lrp_rules as lrp
+from prunekit.training.lrp_rules import Composite, Rule
 
 TINY = 1e-12
 

@@ -58,6 +58,7 @@ _METHOD_MODULES = (
     "prunekit.training.layer_lottery",
     "prunekit.training.sap",
     "prunekit.training.polarization",
+    "prunekit.training.lrp_pruning",
 )
 
 

@@ -25,9 +25,12 @@
 - :func:`sap` is SAP (PQ-index-driven iterative pruning with rewinding, ICLR'23) with its callback,
   and :func:`polarization` the consensus gates with the polarization regulariser (a reconstruction;
   ``variant="bn"`` the official BN polariser), cut and removed physically.
+- :func:`lrp` (:func:`lrp_prune`) is pruning by explaining: LRP relevance
+  (:mod:`~prunekit.training.lrp_rules`) ranks channels, neurons or ViT heads; PXP's one-shot step or
+  Yeom's iterative schedule, and :class:`IterativeLRP` for a training loop.
 - The registry's ``training`` family (``prunekit.methods("training")``) lists them: ``pat``,
-  ``ftp``, ``journey``, ``precrop``, ``layer_lottery``, ``sap`` and ``polarization``, each a
-  dataclass of options called like the function.
+  ``ftp``, ``journey``, ``precrop``, ``layer_lottery``, ``sap``, ``polarization`` and ``lrp``,
+  each a dataclass of options called like the function.
 - :mod:`~prunekit.training.hooks`: straight-through estimators, step schedules and gradient masks
   for training-aware methods; ``train_causal_lm(loss_fn=...)`` adds their loss terms.
 """
@@ -40,6 +43,7 @@ from .hooks import GradientMask, StepSchedule, ste_heaviside, straight_through
 from .journey import Journey, JourneyReport, journey
 from .layer_lottery import LayerLottery, LotteryReport, layer_lottery, layer_lottery_and_train
 from .loop import TrainResult, token_windows, train_batches, train_causal_lm
+from .lrp_pruning import LRP, IterativeLRP, LRPReport, lrp, lrp_prune
 from .pat_tuning import PAT, PATReport, pat
 from .polarization import ConsensusGates, Polarization, PolarizationReport, polarization
 from .precrop import PreCrop, PreCropReport, precrop, precrop_and_train, train_network
@@ -58,13 +62,16 @@ from .schedules import (
 __all__ = [
     "DEFAULT_TARGETS",
     "FTP",
+    "LRP",
     "PAT",
     "SAP",
     "ConsensusGates",
     "FTPResult",
     "GradientMask",
+    "IterativeLRP",
     "Journey",
     "JourneyReport",
+    "LRPReport",
     "LayerLottery",
     "LotteryReport",
     "PATReport",
@@ -90,6 +97,8 @@ __all__ = [
     "layer_lottery",
     "layer_lottery_and_train",
     "lora_targets",
+    "lrp",
+    "lrp_prune",
     "one_shot_sparsity",
     "pat",
     "polarization",
