@@ -338,6 +338,7 @@ def test_one_call_errors(tmp_path):
         ("precrop", "density", 0.05),
         ("layer_lottery", "remove", 2),
         ("journey", "steps", 7),
+        ("meta_pruning", "speedup", 3.0),
     ],
 )
 def test_registry_entries_match_the_calls(name, option, value):

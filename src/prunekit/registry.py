@@ -56,6 +56,7 @@ _METHOD_MODULES = (
     "prunekit.training.journey",
     "prunekit.training.precrop",
     "prunekit.training.layer_lottery",
+    "prunekit.training.meta_pruning",
 )
 
 

@@ -37,6 +37,7 @@ from .hooks import GradientMask, StepSchedule, ste_heaviside, straight_through
 from .journey import Journey, JourneyReport, journey
 from .layer_lottery import LayerLottery, LotteryReport, layer_lottery, layer_lottery_and_train
 from .loop import TrainResult, token_windows, train_batches, train_causal_lm
+from .meta_pruning import MetaGNN, MetaPruning, MetaPruningReport, meta_pruning, meta_train
 from .pat_tuning import PAT, PATReport, pat
 from .precrop import PreCrop, PreCropReport, precrop, precrop_and_train, train_network
 from .recover import DEFAULT_TARGETS, RecoveryReport, lora_targets, recover
@@ -60,6 +61,9 @@ __all__ = [
     "JourneyReport",
     "LayerLottery",
     "LotteryReport",
+    "MetaGNN",
+    "MetaPruning",
+    "MetaPruningReport",
     "PATReport",
     "PreCrop",
     "PreCropReport",
@@ -79,6 +83,8 @@ __all__ = [
     "layer_lottery",
     "layer_lottery_and_train",
     "lora_targets",
+    "meta_pruning",
+    "meta_train",
     "one_shot_sparsity",
     "pat",
     "precrop",
