@@ -71,9 +71,9 @@ def test_aggregation_on_a_hand_worked_case():
 
 def test_metanet_with_zero_decoders_is_the_identity_and_near_it_by_the_scale():
     m = C.MLP((5, 4, 3), seed=2)
-    g = M.state_dict_to_graph(m)
     net = M.MetaGNN(hidden=8, layers=2, seed=0)
     with torch.no_grad():
+        g = M.state_dict_to_graph(m)
         x, e = net(g.x, g.edge_index, g.edge_attr)
     # an independent bound: |LN(h)_k| <= sqrt(H-1); |silu(u)| <= |u|;
     # so |dec| <= |W2|·(|W1|·sqrt(H-1) + |b1|) + |b2|
