@@ -169,3 +169,57 @@ def test_pipeline_report_and_baseline():
     assert list(base.stages) == ["input", "pruned", "final"] and not base.used_metanet
     with pytest.raises(ValueError, match="finetune_steps must be an int >= 0"):
         M.meta_pruning(m, net, bs, finetune_steps=-1)
+
+
+def _resnet():
+    m = C.ResNetLite(stages=2, blocks=1, widths=(2, 3), classes=4, seed=0)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # non-trivial BN statistics and affine parameters
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                for t in (mod.weight, mod.bias, mod.running_mean):
+                    t.copy_(torch.randn(t.shape, generator=g))
+                mod.running_var.copy_(torch.rand(mod.running_var.shape, generator=g) + 0.5)
+    return m
+
+
+def test_resnet_graph_is_hand_counted_and_round_trips_exactly():
+    m = _resnet()
+    g = M.state_dict_to_graph(m)
+    # nodes: image 1 + stem 2 + block 0.0 (mid 2, out 2) + block 1.0 (mid 3, out 3) + classes 4
+    # edges: stem 2 + (4 + 4 + identity 2) + (6 + 9 + 1x1 shortcut 6) + fc 12
+    assert g.x.shape == (17, 8) and g.edge_attr.shape == (45, 9) and g.edge_index.shape == (2, 45)
+    assert g.x[0].tolist() == [1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0]  # the image channel: defaults
+    bn2, sc = m.stages[1]["0"].bn2, m.stages[1]["0"].shortcut[1]
+    node = 1 + 2 + 4 + 3  # block 1.0's first output channel
+    assert torch.equal(g.x[node], torch.stack([bn2.weight[0], bn2.bias[0], bn2.running_mean[0],
+                                               bn2.running_var[0], sc.weight[0], sc.bias[0],
+                                               sc.running_mean[0], sc.running_var[0]]))  # fmt: skip
+    assert torch.equal(g.x[13:, 1], m.fc.bias) and torch.equal(g.x[13:, 0], torch.ones(4))
+    # identity shortcut of block 0.0: edges 10, 11 map stem channel c (node 1+c) to block output (5+c)
+    assert g.edge_index[:, 10:12].tolist() == [[5, 6], [1, 2]]
+    assert torch.equal(g.edge_attr[10], torch.tensor([0.0, 0, 0, 0, 1, 0, 0, 0, 0]))
+    # the 1x1 shortcut's first edge (after stem 2, block 0.0's 10, conv1 6, conv2 9): value at index 4
+    w = m.stages[1]["0"].shortcut[0].weight
+    assert g.edge_attr[27, 4] == w[0, 0, 0, 0] and int((g.edge_attr[27] != 0).sum()) == 1
+    back = M.graph_to_state_dict(g, m)
+    sd = m.state_dict()
+    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_metanet_on_the_resnet_graph_with_zero_decoders_gives_the_same_network():
+    from torch.func import functional_call
+
+    m = _resnet().eval()
+    net = M.MetaGNN(hidden=8, layers=1, node_dim=8, edge_dim=9)
+    with torch.no_grad():
+        for dec in (net.node_dec, net.edge_dec):
+            dec[3].weight.zero_(), dec[3].bias.zero_()
+        g = M.state_dict_to_graph(m)
+        state = M.graph_to_state_dict(net.rewrite(g), m)
+        sd = m.state_dict()
+        assert all(torch.equal(state[k], sd[k]) for k in sd)
+        x = torch.randn(2, 1, 8, 8)  # the same function (strided views may change the float rounding)
+        assert torch.allclose(functional_call(m, state, (x,)).logits, m(x).logits, atol=1e-6)
+    with pytest.raises(ValueError, match="cannot be read back into an MLP"):
+        M.graph_to_state_dict(g, C.MLP((3, 4, 2)))

@@ -13,8 +13,15 @@ towards zero). The pipeline then prunes the rewritten network with ordinary grou
    weight ``W_i[o, j]`` with one feature, its value; ``edge_index`` row 0 is the output neuron,
    row 1 the input neuron (the official ``cartesian(out, in)ᵀ``), edges in row-major order of
    each ``W_i``. The inverse reads the tensors back with views, so the round trip is exact and
-   differentiable. The MLP form is *ours* (the official converters are for CNNs: node = channel
-   with 8 BN features, edge = a 3x3 kernel); the conv form is not implemented here.
+   differentiable. The MLP form is *ours* (the official converters are for CNNs). The official
+   conv form is there for :class:`~prunekit.models.convnets.ResNetLite` (``resnet56_state_dict_to_graph``):
+   node = channel (the image's, every conv output's, the classes) with 8 features [BN γ, β, mean,
+   var, shortcut-BN γ, β, mean, var] (defaults ``[1, 0, 0, 1, 1, 0, 0, 1]``, the FC bias in slot
+   1), edge = an (out, in) channel pair with its 3x3 kernel (9 features; 1x1 shortcut convs and
+   the FC zero-padded, the value at index 4), identity shortcuts as edges ``c -> c`` with centre
+   1; a block's output nodes are the residual stream after it. Only the bijection and the
+   metanetwork (``MetaGNN(node_dim=8, edge_dim=9)``) take it: meta-training and pruning here are
+   for MLPs.
 2. **The metanetwork** :class:`MetaGNN` (official ``nn/GNN.py::MyGNN``): node and edge encoders;
    ``layers`` rounds of a PNA-style convolution run on the edges and on the reversed edges (the
    reversed pass sees ``inv ⊙ e``, ``inv`` = ``+1`` on the first half of the channels and ``-1`` on
@@ -49,7 +56,8 @@ towards zero). The pipeline then prunes the rewritten network with ordinary grou
 
 **Departures from the official code** (each a reduction of scale or a CPU choice):
 
-- MLPs only (the official graphs are ResNet/VGG/ViT channel graphs); hidden 32, 4 layers (64, 8);
+- meta-training and pruning for MLPs only (officially ResNet/VGG/ViT channel graphs; the ResNetLite
+  graph form is here, unused by the pipeline); hidden 32, 4 layers (officially 64, 8);
 - meta-training reads ``batches_per_model`` batches per data model per step (officially every
   batch of a 500-image loader, the per-batch CE losses summed), 15 epochs in the demonstration
   instead of 100, data models trained 1 epoch instead of 200 and **not** pre-pruned to 1.32x;
@@ -103,6 +111,8 @@ class NetGraph:
     edge_index: torch.Tensor
     edge_attr: torch.Tensor
     sizes: tuple[int, ...]
+    #: ``"mlp"`` (1 node and 1 edge feature) or ``"resnet"`` (8 and 9; ``sizes`` = (nodes, edges))
+    kind: str = "mlp"
 
     @property
     def num_nodes(self) -> int:
@@ -116,8 +126,9 @@ class NetGraph:
 def _mlp(model: nn.Module) -> C.MLP:
     if not isinstance(model, C.MLP):
         raise UnsupportedModelError(
-            f"meta pruning converts prunekit's MLP (prunekit.models.convnets.MLP) to a graph; got "
-            f"{type(model).__name__} (the conv/BN graph form is not implemented)"
+            f"meta pruning's training and pruning take prunekit's MLP (prunekit.models.convnets.MLP); "
+            f"got {type(model).__name__} (a ResNetLite has a graph form, state_dict_to_graph, but no "
+            "meta-training or pruning here)"
         )
     return model
 
@@ -137,8 +148,11 @@ def _edge_index(sizes: Sequence[int], device=None) -> torch.Tensor:
 
 
 def state_dict_to_graph(model: nn.Module) -> NetGraph:
-    """The graph of an :class:`~prunekit.models.convnets.MLP` (see the module docstring); the
-    features are taken from the live parameters (detached copies are not made: differentiable)."""
+    """The graph of an :class:`~prunekit.models.convnets.MLP` or a
+    :class:`~prunekit.models.convnets.ResNetLite` (see the module docstring); the features are
+    taken from the live parameters (no detached copies: differentiable)."""
+    if isinstance(model, C.ResNetLite):
+        return _resnet_graph(model)
     model = _mlp(model)
     sizes = tuple(model.arch()["sizes"])
     p = model.layers[0].weight
@@ -152,8 +166,13 @@ def state_dict_to_graph(model: nn.Module) -> NetGraph:
 def graph_to_state_dict(graph: NetGraph, model: nn.Module) -> dict[str, torch.Tensor]:
     """The inverse of :func:`state_dict_to_graph`: ``{"layers.i.weight", "layers.i.bias"}`` for
     ``model``'s architecture (which must match ``graph.sizes``), read from the graph's features by
-    views (exact and differentiable; the input nodes' features are ignored)."""
+    views (exact and differentiable; the input nodes' features are ignored). For a ResNetLite
+    graph: every parameter and BN running statistic (``num_batches_tracked`` from ``model``)."""
+    if isinstance(model, C.ResNetLite):
+        return _resnet_state(graph, model)
     model = _mlp(model)
+    if graph.kind != "mlp":
+        raise ValueError(f"a {graph.kind!r} graph cannot be read back into an MLP")
     sizes = tuple(model.arch()["sizes"])
     if tuple(graph.sizes) != sizes:
         raise ValueError(f"the graph is of an MLP with sizes {graph.sizes}; the model has sizes {sizes}")
@@ -171,6 +190,135 @@ def graph_to_state_dict(graph: NetGraph, model: nn.Module) -> dict[str, torch.Te
         out[f"layers.{i}.bias"] = graph.x[node : node + n_out, 0]
         edge += n_in * n_out
         node += n_out
+    return out
+
+
+# ------------------------------------------------------------------ the conv form (ResNetLite)
+_BN_DEFAULT = (1.0, 0.0, 0.0, 1.0)  # γ, β, running mean, running var of an absent BN
+
+
+def _bn_feats(bn: nn.BatchNorm2d | None, n: int, like: torch.Tensor) -> torch.Tensor:
+    """``(n, 4)``: a BN's [γ, β, mean, var] per channel, or the defaults."""
+    if bn is None:
+        return like.new_tensor(_BN_DEFAULT).expand(n, 4)
+    return torch.stack([bn.weight, bn.bias, bn.running_mean, bn.running_var], dim=1)
+
+
+def _kernel_feats(w: torch.Tensor) -> torch.Tensor:
+    """``(out*in, 9)``: a 3x3 kernel flattened, or a 1x1 kernel / a Linear weight at index 4."""
+    o, i = w.shape[:2]
+    if w.dim() == 4 and w.shape[2:] == (3, 3):
+        return w.reshape(o * i, 9)
+    if w.dim() == 2 or w.shape[2:] == (1, 1):
+        flat = w.reshape(o * i, 1)
+        z = flat.new_zeros(o * i, 4)
+        return torch.cat([z, flat, z], dim=1)
+    raise UnsupportedModelError(f"a kernel of shape {tuple(w.shape)}: only 3x3 and 1x1 have a graph form")
+
+
+def _pairs(out0: int, n_out: int, in0: int, n_in: int, device) -> torch.Tensor:
+    out = torch.arange(n_out, device=device).repeat_interleave(n_in) + out0
+    inp = torch.arange(n_in, device=device).repeat(n_out) + in0
+    return torch.stack([out, inp])
+
+
+def _resnet_walk(model: C.ResNetLite):
+    """The graph's layout: ``(nodes, edges)``; nodes: ``(count, bn, shortcut bn, bias)`` blocks in
+    order; edges: ``(tensor name or None for an identity shortcut, first out node, first in node,
+    out count, in count)``."""
+    nodes, edges = [], []
+    n = 0
+
+    def add(count, bn=None, sbn=None, bias=None):
+        nonlocal n
+        nodes.append((count, bn, sbn, bias))
+        n += count
+        return n - count
+
+    inp = add(model.stem.in_channels)
+    cur = add(model.stem.out_channels, "stem_bn")
+    edges.append(("stem.weight", cur, inp, model.stem.out_channels, model.stem.in_channels))
+    for s, stage in enumerate(model.stages):
+        for k, blk in stage.items():
+            p = f"stages.{s}.{k}"
+            c_in, c_mid, c_out = blk.conv1.in_channels, blk.conv1.out_channels, blk.conv2.out_channels
+            mid = add(c_mid, f"{p}.bn1")
+            out = add(c_out, f"{p}.bn2", f"{p}.shortcut.1" if blk.shortcut is not None else None)
+            edges.append((f"{p}.conv1.weight", mid, cur, c_mid, c_in))
+            edges.append((f"{p}.conv2.weight", out, mid, c_out, c_mid))
+            if blk.shortcut is not None:
+                edges.append((f"{p}.shortcut.0.weight", out, cur, c_out, c_in))
+            else:  # the identity: channel c to channel c, centre 1
+                edges.append((None, out, cur, c_out, c_in))
+            cur = out
+    cls = add(model.fc.out_features, bias="fc.bias")
+    edges.append(("fc.weight", cls, cur, model.fc.out_features, model.fc.in_features))
+    return nodes, edges
+
+
+def _resnet_graph(model: C.ResNetLite) -> NetGraph:
+    """Nodes = channels (the image's, every conv output's, the classes) with 8 features [BN γ, β,
+    mean, var, shortcut-BN γ, β, mean, var] (defaults [1, 0, 0, 1, 1, 0, 0, 1]; the FC bias in slot
+    1); edges = (out, in) channel pairs of each conv with its 3x3 kernel (9 features; 1x1 convs and
+    the FC at index 4), an identity shortcut as edges ``c -> c`` with centre 1 (official
+    ``resnet56_state_dict_to_graph``)."""
+    ps = dict(model.named_parameters()) | dict(model.named_buffers())
+    like = model.fc.weight
+    nodes, edges = _resnet_walk(model)
+    xs = []
+    for count, bn, sbn, bias in nodes:
+        a = _bn_feats(model.get_submodule(bn) if bn else None, count, like)
+        b = _bn_feats(model.get_submodule(sbn) if sbn else None, count, like)
+        if bias is not None:
+            a = torch.cat([a[:, :1], ps[bias][:, None], a[:, 2:]], dim=1)
+        xs.append(torch.cat([a, b], dim=1))
+    eis, eas = [], []
+    for name, o0, i0, no, ni in edges:
+        if name is None:
+            idx = torch.arange(no, device=like.device)
+            eis.append(torch.stack([idx + o0, idx + i0]))
+            centre = like.new_zeros(no, 9)
+            centre[:, 4] = 1.0
+            eas.append(centre)
+        else:
+            eis.append(_pairs(o0, no, i0, ni, like.device))
+            eas.append(_kernel_feats(ps[name]))
+    x, ea = torch.cat(xs), torch.cat(eas)
+    return NetGraph(x, torch.cat(eis, dim=1), ea, (x.shape[0], ea.shape[0]), kind="resnet")
+
+
+def _resnet_state(graph: NetGraph, model: C.ResNetLite) -> dict[str, torch.Tensor]:
+    if graph.kind != "resnet":
+        raise ValueError(f"a {graph.kind!r} graph cannot be read back into a ResNetLite")
+    nodes, edges = _resnet_walk(model)
+    n_nodes = sum(c for c, *_ in nodes)
+    n_edges = sum(no if name is None else no * ni for name, _, _, no, ni in edges)
+    if graph.x.shape != (n_nodes, 8) or graph.edge_attr.shape != (n_edges, 9):
+        raise ValueError(
+            f"graph features of shapes {tuple(graph.x.shape)} / {tuple(graph.edge_attr.shape)}; this "
+            f"ResNetLite needs ({n_nodes}, 8) node and ({n_edges}, 9) edge features"
+        )
+    ps = dict(model.named_parameters()) | dict(model.named_buffers())
+    out = {k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")}
+    start = 0
+    for count, bn, sbn, bias in nodes:
+        f = graph.x[start : start + count]
+        for mod, cols in ((bn, f[:, :4]), (sbn, f[:, 4:])):
+            if mod:
+                for j, key in enumerate(("weight", "bias", "running_mean", "running_var")):
+                    out[f"{mod}.{key}"] = cols[:, j]
+        if bias:
+            out[bias] = f[:, 1]
+        start += count
+    start = 0
+    for name, _, _, no, ni in edges:
+        if name is None:
+            start += no
+            continue
+        e = graph.edge_attr[start : start + no * ni]
+        shape = ps[name].shape
+        out[name] = e.view(shape) if len(shape) == 4 and shape[2:] == (3, 3) else e[:, 4].reshape(shape)
+        start += no * ni
     return out
 
 
@@ -276,7 +424,7 @@ class MetaGNN(nn.Module):
     def rewrite(self, graph: NetGraph) -> NetGraph:
         """The graph with the metanetwork's new features (same layout)."""
         x, e = self(graph.x, graph.edge_index, graph.edge_attr)
-        return NetGraph(x, graph.edge_index, e, graph.sizes)
+        return NetGraph(x, graph.edge_index, e, graph.sizes, graph.kind)
 
 
 def apply_metanet(metanet: MetaGNN, model: nn.Module) -> nn.Module:
@@ -288,7 +436,7 @@ def apply_metanet(metanet: MetaGNN, model: nn.Module) -> nn.Module:
         with torch.no_grad():
             g = state_dict_to_graph(model)
             dev = next(metanet.parameters()).device
-            g = NetGraph(g.x.to(dev), g.edge_index.to(dev), g.edge_attr.to(dev), g.sizes)
+            g = NetGraph(g.x.to(dev), g.edge_index.to(dev), g.edge_attr.to(dev), g.sizes, g.kind)
             new_state = graph_to_state_dict(metanet.rewrite(g), model)
     finally:
         metanet.train(was)
@@ -380,7 +528,7 @@ def meta_loss(
     from torch.func import functional_call
 
     g = state_dict_to_graph(model)
-    g = NetGraph(g.x.detach(), g.edge_index, g.edge_attr.detach(), g.sizes)
+    g = NetGraph(g.x.detach(), g.edge_index, g.edge_attr.detach(), g.sizes, g.kind)
     state = graph_to_state_dict(metanet.rewrite(g), model)
     ce = g.x.new_zeros(())
     for b in batches:
