@@ -223,3 +223,29 @@ def test_metanet_on_the_resnet_graph_with_zero_decoders_gives_the_same_network()
         assert torch.allclose(functional_call(m, state, (x,)).logits, m(x).logits, atol=1e-6)
     with pytest.raises(ValueError, match="cannot be read back into an MLP"):
         M.graph_to_state_dict(g, C.MLP((3, 4, 2)))
+
+
+def test_group_norm_loss_fn_gives_the_same_training_in_a_plain_loop_and_the_trainer():
+    import copy
+
+    from prunekit.training import train_batches
+
+    base = C.MLP((6, 8, 3), seed=4)
+    bs = _batches(n=2)
+    fn = M.group_norm_loss_fn(alpha=4.0, reg=0.1)
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    opt = torch.optim.AdamW(a.parameters(), lr=1e-2, weight_decay=0.0)
+    a.train()
+    for step in range(4):
+        batch = bs[step % 2]
+        out = a(**batch)
+        (out.loss + sum(fn(a, batch, out, step).values())).backward()
+        torch.nn.utils.clip_grad_norm_(a.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+    res = train_batches(b, bs, steps=4, lr=1e-2, loss_fn=fn, progress=False, lr_scheduler_type="constant")
+    assert res.steps == 4 and "group_norm" in res.terms[0]
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="reg must be a finite number > 0"):
+        M.group_norm_loss_fn(reg=0)
