@@ -153,6 +153,11 @@ def test_progressive_pruning_reaches_the_target_and_drops_the_weakest():
     assert res["steps"] == 5 and res["speedup"] == 680 / (680 - 150) == base / M.mlp_flops(m)
     assert res["widths"] == {"hidden.0": 15, "hidden.1": 20}
     assert bool((m.layers[0].weight.norm(dim=1) > 1e-2).all())  # the five weak neurons went
+    # an unreachable target: every layer ends at one neuron (the cap), then it stops
+    m2 = C.MLP((4, 3, 9, 2), seed=0)
+    res = M.progressive_prune(m2, 100.0, steps=3)  # ceil(12 / 3) = 4 neurons a step
+    assert res["widths"] == {"hidden.0": 1, "hidden.1": 1} and res["steps"] == 3
+    assert res["speedup"] == (12 + 27 + 18) / (4 + 1 + 2)
     with pytest.raises(ValueError, match="speedup must be a number >= 1"):
         M.progressive_prune(m, 0.5)
 

@@ -70,6 +70,13 @@ towards zero). The pipeline then prunes the rewritten network with ordinary grou
   ``global_pruning=True, iterative_steps=200`` officially); the output Linear is never pruned (it is
   Torch-Pruning's ``ignored_layers``), nor are the input pixels.
 
+**Measured in miniature** (``benchmarks/meta_pruning_fashion.py``, MLP 784-128-128-10 on
+Fashion-MNIST, 10 data models, 15 meta-epochs): with the official ``reg=10`` the regulariser
+dominates (R ≈ 3900 against CE ≈ 0.4); meta-training lowers R by a fifth while the rewritten
+networks' CE rises from 0.40 to 0.66. After pruning and fine-tuning, the metanetwork arm beats the
+official baseline (no metanetwork, no first fine-tune) by 1.3 pp of area under
+accuracy-vs-speed-up (1.5-4x), but not a baseline given the same first fine-tune (−0.2 pp).
+
 **Stage**: registered as ``after-training``: the method starts from a trained network (the data
 models and the network to prune are trained first); the metanetwork is trained once, beforehand,
 on other trained networks.
@@ -634,15 +641,11 @@ def progressive_prune(model: nn.Module, speedup: float, *, steps: int = 200) -> 
         )
         layer_of = torch.cat([torch.full((imp.numel(),), i) for i, imp in enumerate(imps)])
         order = torch.argsort(flat, stable=True)
-        count = torch.zeros(len(imps), dtype=torch.long)
-        chosen = []
-        for j in order.tolist():  # at most per_step picks; a cap per layer keeps one neuron
-            if len(chosen) == per_step or not math.isfinite(float(flat[j])):
-                break
-            li = int(layer_of[j])
-            if count[li] < removable[li]:
-                count[li] += 1
-                chosen.append(j)
+        # in ascending order, a neuron's rank within its layer; beyond the layer's cap it stays
+        lo = layer_of[order]
+        rank = F.one_hot(lo, len(imps)).cumsum(0).gather(1, lo[:, None]).squeeze(1) - 1
+        ok = (rank < torch.tensor(removable)[lo]) & torch.isfinite(flat[order])
+        chosen = order[ok][:per_step]
         drop = torch.zeros(flat.numel(), dtype=torch.bool)
         drop[chosen] = True
         keep, start = {}, 0
