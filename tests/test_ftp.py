@@ -341,6 +341,7 @@ def test_one_call_errors(tmp_path):
         ("sap", "steps_per_iteration", 7),
         ("polarization", "steps", 7),
         ("lrp", "rate", 0.45),
+        ("meta_pruning", "speedup", 3.0),
     ],
 )
 def test_registry_entries_match_the_calls(name, option, value):

@@ -59,6 +59,7 @@ _METHOD_MODULES = (
     "prunekit.training.sap",
     "prunekit.training.polarization",
     "prunekit.training.lrp_pruning",
+    "prunekit.training.meta_pruning",
 )
 
 

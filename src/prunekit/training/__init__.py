@@ -28,9 +28,11 @@
 - :func:`lrp` (:func:`lrp_prune`) is pruning by explaining: LRP relevance
   (:mod:`~prunekit.training.lrp_rules`) ranks channels, neurons or ViT heads; PXP's one-shot step or
   Yeom's iterative schedule, and :class:`IterativeLRP` for a training loop.
+- :func:`meta_pruning` is MetaPruning (a graph metanetwork, :func:`meta_train`, rewrites a trained
+  MLP so it prunes better; then group-L2 neuron pruning to a FLOPs speed-up).
 - The registry's ``training`` family (``prunekit.methods("training")``) lists them: ``pat``,
-  ``ftp``, ``journey``, ``precrop``, ``layer_lottery``, ``sap``, ``polarization`` and ``lrp``,
-  each a dataclass of options called like the function.
+  ``ftp``, ``journey``, ``precrop``, ``layer_lottery``, ``sap``, ``polarization``, ``lrp`` and
+  ``meta_pruning``, each a dataclass of options called like the function.
 - :mod:`~prunekit.training.hooks`: straight-through estimators, step schedules and gradient masks
   for training-aware methods; ``train_causal_lm(loss_fn=...)`` adds their loss terms.
 """
@@ -44,6 +46,7 @@ from .journey import Journey, JourneyReport, journey
 from .layer_lottery import LayerLottery, LotteryReport, layer_lottery, layer_lottery_and_train
 from .loop import TrainResult, token_windows, train_batches, train_causal_lm
 from .lrp_pruning import LRP, IterativeLRP, LRPReport, lrp, lrp_prune
+from .meta_pruning import MetaGNN, MetaPruning, MetaPruningReport, meta_pruning, meta_train
 from .pat_tuning import PAT, PATReport, pat
 from .polarization import ConsensusGates, Polarization, PolarizationReport, polarization
 from .precrop import PreCrop, PreCropReport, precrop, precrop_and_train, train_network
@@ -74,6 +77,9 @@ __all__ = [
     "LRPReport",
     "LayerLottery",
     "LotteryReport",
+    "MetaGNN",
+    "MetaPruning",
+    "MetaPruningReport",
     "PATReport",
     "Polarization",
     "PolarizationReport",
@@ -99,6 +105,8 @@ __all__ = [
     "lora_targets",
     "lrp",
     "lrp_prune",
+    "meta_pruning",
+    "meta_train",
     "one_shot_sparsity",
     "pat",
     "polarization",
