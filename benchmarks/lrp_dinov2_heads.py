@@ -348,7 +348,7 @@ def main() -> None:
     )
     if probe_file.exists():
         head = nn.Linear(384, 3)
-        head.load_state_dict(torch.load(probe_file))
+        head.load_state_dict(torch.load(probe_file, weights_only=True))
     else:
         feats = features(backbone, image_batch(Xtr[tr], args.size))
         head = fit_linear_probe(feats, torch.tensor([remap[int(c)] for c in ytr[tr]]), 3)

@@ -57,7 +57,7 @@ CRITERIA = ["lrp_yeom", "lrp_pxp", "l1", "taylor", "gradient", "random"]
 def train(args, path: pathlib.Path) -> ConvNet:
     model = ConvNet(widths=(32, 64, 64), seed=args.seed)
     if path.exists():
-        model.load_state_dict(torch.load(path))
+        model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
     batches = fashion_batches("train", 128, limit=args.train_limit, seed=args.seed)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)

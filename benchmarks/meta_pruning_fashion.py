@@ -62,7 +62,7 @@ def rows_of(path: pathlib.Path) -> list[dict]:
 
 def data_models(args, out: pathlib.Path, f, train) -> list[C.MLP]:
     cache = pathlib.Path(f"{out}_models.pt")
-    states = torch.load(cache) if cache.exists() else []
+    states = torch.load(cache, weights_only=True) if cache.exists() else []
     models = []
     for s in range(args.models):
         m = C.MLP(tuple(args.sizes), seed=s)
@@ -89,7 +89,7 @@ def metanetwork(args, out: pathlib.Path, f, models) -> M.MetaGNN:
     cache = pathlib.Path(f"{out}_metanet.pt")
     net = M.MetaGNN(hidden=args.hidden, layers=args.layers, seed=0)
     if cache.exists():
-        net.load_state_dict(torch.load(cache))
+        net.load_state_dict(torch.load(cache, weights_only=True))
         return net.eval()
     big = C.fashion_batches("train", args.meta_batch, limit=args.train, seed=1)
     t0 = time.perf_counter()
