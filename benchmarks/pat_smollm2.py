@@ -135,6 +135,19 @@ def main() -> None:
         n = ids.numel() // a.seq_len
         return ids[: n * a.seq_len].view(n, a.seq_len)
 
+    def recover_and_save(loaded, name: str):
+        """The LoRA recovery shared by the baseline and structured stages (same data, steps, lr,
+        rank), then the model saved under ``work/name``; returns the report and its dict."""
+        rec = prunekit.recover(
+            loaded.model, windows(loaded.tokenizer), steps=a.steps, lora_rank=a.base_rank,
+            lora_alpha=a.base_alpha, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len, seed=a.seed,
+            progress=False,
+        )  # fmt: skip
+        loaded.model.save_pretrained(work / name)
+        d = rec.to_dict()
+        d.pop("modules")
+        return rec, d
+
     if "dense" not in done and "dense" in a.stages:
         loaded = fresh()
         emit(
@@ -169,14 +182,7 @@ def main() -> None:
         kept = magnitude_shrink(loaded.model, a.keep)
         shrink_s = time.perf_counter() - t0
         pruned_ppl = ppl(loaded)
-        rec = prunekit.recover(
-            loaded.model, windows(loaded.tokenizer), steps=a.steps, lora_rank=a.base_rank,
-            lora_alpha=a.base_alpha, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len, seed=a.seed,
-            progress=False,
-        )  # fmt: skip
-        loaded.model.save_pretrained(work / "baseline")
-        d = rec.to_dict()
-        d.pop("modules")
+        rec, d = recover_and_save(loaded, "baseline")
         emit({"stage": "baseline", "ppl": ppl(loaded), "ppl_pruned": pruned_ppl,
               "params": params(loaded.model),
               "shrink_s": shrink_s, "train_s": rec.seconds, "kept": kept,
@@ -198,14 +204,7 @@ def main() -> None:
         pr.finalize()
         prune_s = time.perf_counter() - t0
         pruned_ppl = ppl(loaded)
-        rec = prunekit.recover(
-            loaded.model, windows(loaded.tokenizer), steps=a.steps, lora_rank=a.base_rank,
-            lora_alpha=a.base_alpha, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len, seed=a.seed,
-            progress=False,
-        )  # fmt: skip
-        loaded.model.save_pretrained(work / "structured")
-        d = rec.to_dict()
-        d.pop("modules")
+        rec, d = recover_and_save(loaded, "structured")
         emit({"stage": "structured", "method": a.struct_method, "sparsity": sparsity, "ppl": ppl(loaded),
               "ppl_pruned": pruned_ppl, "params": params(loaded.model), "prune_s": prune_s,
               "train_s": rec.seconds, **d})  # fmt: skip
