@@ -31,18 +31,13 @@ import pathlib
 import statistics
 import time
 
+import _shared
 import torch
 
 from prunekit.models import convnets as C
 from prunekit.training import layer_lottery, train_network
 
 ARMS = ("dense", "grasp", "snip", "random", "filters")
-
-
-def resume(path: pathlib.Path) -> set[str]:
-    if not path.exists():
-        return set()
-    return {json.loads(x)["key"] for x in path.read_text().splitlines() if x.strip()}
 
 
 def dense_net(seed: int) -> C.ResNetLite:
@@ -89,7 +84,7 @@ def run(args) -> None:
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     path = out.with_suffix(".jsonl")
-    done = resume(path)
+    done = _shared.done_keys(path)
     train = C.fashion_batches("train", args.batch_size, limit=args.train, seed=0)
     score_batch = C.fashion_batches("train", args.score_batch, limit=args.score_batch, seed=1)[0]
     steps = args.epochs * len(train)
@@ -123,17 +118,13 @@ def run(args) -> None:
     report(out)
 
 
-def _ms(vals):
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-
 def report(out: pathlib.Path) -> None:
     rows = [json.loads(x) for x in out.with_suffix(".jsonl").read_text().splitlines() if x.strip()]
     groups: dict[tuple, list] = {}
     for r in rows:
         groups.setdefault((r["remove"], r["arm"]), []).append(r)
     dense = groups.get((0, "dense"), [])
-    d_acc, d_sd = _ms([r["accuracy"] for r in dense]) if dense else (None, 0.0)
+    d_acc, d_sd = _shared.mean_sd([r["accuracy"] for r in dense]) if dense else (None, 0.0)
     xi = max(0.01, d_sd)
     lines = [
         "# Layers-Lottery in miniature: ResNet-lite (3x4 blocks, 16/32/64) on Fashion-MNIST",
@@ -147,8 +138,8 @@ def report(out: pathlib.Path) -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for (p, arm), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], ARMS.index(kv[0][1]))):
-        a, sd = _ms([r["accuracy"] for r in rs])
-        t, _ = _ms([r["train_s"] for r in rs])
+        a, sd = _shared.mean_sd([r["accuracy"] for r in rs])
+        t, _ = _shared.mean_sd([r["train_s"] for r in rs])
         params, macs = statistics.fmean(r["params"] for r in rs), statistics.fmean(r["macs"] for r in rs)
         gain = "-" if d_acc is None or arm == "dense" else f"{100 * (a - d_acc):+.2f} pp"
         ticket = "-" if d_acc is None or arm == "dense" else ("yes" if a + xi >= d_acc else "no")
@@ -156,20 +147,14 @@ def report(out: pathlib.Path) -> None:
             f"| {p} | {arm} | {len(rs)} | {100 * a:.2f} ± {100 * sd:.2f} | {gain} | {ticket} | "
             f"{params:,.0f} | {macs:,.0f} | {t:.1f} |"
         )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install prunekit[bench])")
+    _shared.write_table(out, lines)
+    plt = _shared.pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for arm in ARMS:
         pts = sorted(
-            (k[0], _ms([r["accuracy"] for r in v]), statistics.fmean(r["macs"] for r in v))
+            (k[0], _shared.mean_sd([r["accuracy"] for r in v]), statistics.fmean(r["macs"] for r in v))
             for k, v in groups.items()
             if k[1] in (arm, "dense")
         )

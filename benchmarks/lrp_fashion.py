@@ -43,6 +43,7 @@ import json
 import pathlib
 import time
 
+import _shared
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -130,14 +131,9 @@ def summarise(rows: list[dict], out: pathlib.Path) -> None:
             f"{fmt(acc[:, RATES.index(0.5)])} | {fmt(acc[:, RATES.index(0.7)])} |"
         )
         curves[crit] = acc
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    _shared.write_table(out, lines)
+    plt = _shared.pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for crit, acc in curves.items():
@@ -174,7 +170,7 @@ def main() -> None:
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = train(args, out.with_suffix(".pt"))
-    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    rows = _shared.rows(out)
     done = {(r["criterion"], r["seed"], r["rate"]) for r in rows}
     ref = reference(args.per_class, args.seed)
     total = sum(g.width for g in groups(model).values())

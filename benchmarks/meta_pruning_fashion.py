@@ -45,6 +45,7 @@ import pathlib
 import statistics
 import time
 
+import _shared
 import torch
 
 from prunekit.models import convnets as C
@@ -52,12 +53,6 @@ from prunekit.training import train_batches
 
 M = importlib.import_module("prunekit.training.meta_pruning")
 ARMS = ("metanet", "baseline", "baseline-ft")
-
-
-def rows_of(path: pathlib.Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 def data_models(args, out: pathlib.Path, f, train) -> list[C.MLP]:
@@ -112,7 +107,7 @@ def run(args) -> None:
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     path = out.with_suffix(".jsonl")
-    done = {r["key"] for r in rows_of(path)}
+    done = {r["key"] for r in _shared.rows(path)}
     train = C.fashion_batches("train", args.batch_size, limit=args.train, seed=0)
     test = C.fashion_batches("test", 1000, limit=args.test, seed=None)
     with path.open("a") as f:
@@ -157,7 +152,7 @@ def _auc(pts: list[tuple[float, float]]) -> float:
 
 
 def report(out: pathlib.Path) -> None:
-    rows = rows_of(out.with_suffix(".jsonl"))
+    rows = _shared.rows(out.with_suffix(".jsonl"))
     data = [r for r in rows if r["kind"] == "data"]
     meta = sorted((r for r in rows if r["kind"] == "meta"), key=lambda r: r["epoch"])
     prune = [r for r in rows if r["kind"] == "prune"]
@@ -222,15 +217,9 @@ def report(out: pathlib.Path) -> None:
         said = ", ".join(f"{100 * d:+.2f} pp vs {a}" for a, d in diffs.items())
         lines += ["", f"Area difference of the metanet arm: {said}: the claim (the metanetwork makes the "
                   f"network easier to prune) {holds} in miniature."]  # fmt: skip
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install prunekit[bench])")
+    _shared.write_table(out, lines)
+    plt = _shared.pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for arm, c in curves.items():

@@ -33,10 +33,10 @@ threshold tuning and accuracy after the cut is higher than slimming's at the sam
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import time
 
+import _shared
 import torch
 
 from prunekit.models.convnets import ConvNet, ResNetLite, count_flops, count_params, fashion_batches
@@ -124,11 +124,9 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _shared.pyplot()
+    if plt is None:
+        return
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for r in rows:
         if r["stage"] == "dense":
@@ -182,7 +180,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = [json.loads(x) for x in out.read_text().splitlines() if x.strip()] if out.exists() else []
+    done = _shared.rows(out)
     done = [r for r in done if all(r.get(k) == getattr(args, k) for k in KEY)]
     train = fashion_batches("train", args.batch_size, limit=args.train_limit, seed=args.seed)
     test = fashion_batches("test", 1000, limit=args.test_limit, seed=None)
@@ -199,8 +197,7 @@ def main() -> None:
             raise SystemExit(f"stage {stage!r} needs the 'gates' stage first (its kept count is the budget)")
         row = run_stage(stage, args, train, test, calib, budget)
         print(f"{stage}: {row['seconds']:.0f} s", flush=True)
-        with out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        _shared.append(out, row)
         done.append(row)
     rows = [r for s in stages for r in done if r["stage"] == s]
     md = out.with_suffix(".md")

@@ -29,9 +29,9 @@ import argparse
 import json
 import math
 import pathlib
-import statistics
 import time
 
+import _shared
 import torch
 
 from prunekit.models import convnets as C
@@ -41,12 +41,6 @@ from prunekit.training.hooks import GradientMask
 from prunekit.training.precrop import _budget_shift, _layer_table
 
 ARMS = ("dense", "synflow-mask", "random-mask", "precrop-v1", "precrop-v2", "uniform")
-
-
-def resume(path: pathlib.Path) -> set[str]:
-    if not path.exists():
-        return set()
-    return {json.loads(x)["key"] for x in path.read_text().splitlines() if x.strip()}
 
 
 def prunable(model) -> int:
@@ -108,7 +102,7 @@ def run(args) -> None:
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     path = out.with_suffix(".jsonl")
-    done = resume(path)
+    done = _shared.done_keys(path)
     train = C.fashion_batches("train", args.batch_size, limit=args.train, seed=0)
     steps = args.epochs * len(train)
     x_inf = C.fashion_batches("test", 256, limit=256, seed=None)[0]["pixel_values"]
@@ -145,11 +139,6 @@ def run(args) -> None:
     report(out, args)
 
 
-def _ms(vals):
-    m = statistics.fmean(vals)
-    return (m, statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-
 def report(out: pathlib.Path, args=None) -> None:
     rows = [json.loads(x) for x in out.with_suffix(".jsonl").read_text().splitlines() if x.strip()]
     groups: dict[tuple, list] = {}
@@ -167,9 +156,9 @@ def report(out: pathlib.Path, args=None) -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for (d, arm), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], ARMS.index(kv[0][1]))):
-        a, sd = _ms([r["accuracy"] for r in rs])
-        t, _ = _ms([r["train_s"] for r in rs])
-        i, _ = _ms([r["infer_ms_256"] for r in rs])
+        a, sd = _shared.mean_sd([r["accuracy"] for r in rs])
+        t, _ = _shared.mean_sd([r["train_s"] for r in rs])
+        i, _ = _shared.mean_sd([r["infer_ms_256"] for r in rs])
         lines.append(
             f"| {d:g} | {arm} | {len(rs)} | {100 * a:.2f} ± {100 * sd:.2f} | {rs[0]['nonzero']:,} | "
             f"{rs[0]['macs']:,} | {t:.1f} | {i:.1f} |"
@@ -178,7 +167,10 @@ def report(out: pathlib.Path, args=None) -> None:
     for d in sorted({k[0] for k in groups if k[0] < 1}, reverse=True):
         mask, crop = groups.get((d, "synflow-mask")), groups.get((d, "precrop-v1"))
         if mask and crop:
-            am, ac = _ms([r["accuracy"] for r in mask])[0], _ms([r["accuracy"] for r in crop])[0]
+            am, ac = (
+                _shared.mean_sd([r["accuracy"] for r in mask])[0],
+                _shared.mean_sd([r["accuracy"] for r in crop])[0],
+            )
             sp = mask[0]["macs"] / crop[0]["macs"]
             holds = "holds" if ac >= am - 0.01 else "does not hold"
             claim.append(
@@ -187,20 +179,14 @@ def report(out: pathlib.Path, args=None) -> None:
                 f"with a real speed-up) {holds} in miniature."
             )
     lines += ["", *claim]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install prunekit[bench])")
+    _shared.write_table(out, lines)
+    plt = _shared.pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for arm in ARMS:
         pts = sorted(
-            (k[0], _ms([r["accuracy"] for r in v])[0], v[0]["nonzero"], v[0]["macs"])
+            (k[0], _shared.mean_sd([r["accuracy"] for r in v])[0], v[0]["nonzero"], v[0]["macs"])
             for k, v in groups.items()
             if k[1] == arm
         )

@@ -26,12 +26,12 @@ markdown table (``.md``) and a plot (``.png``) next to it.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import pathlib
 import statistics
 import time
 
+import _shared
 import torch
 
 from prunekit.models.convnets import MLP, fashion_batches
@@ -107,11 +107,9 @@ def table(runs: list[dict], modes: list[str]) -> str:
 
 
 def plot(runs: list[dict], modes: list[str], path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _shared.pyplot()
+    if plt is None:
+        return
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for mode in modes:
         rs = [r for r in runs if r["mode"] == mode]
@@ -171,9 +169,7 @@ def main() -> None:
     modes = args.modes.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     key = ("iterations", "epochs", "train_limit", "test_limit", "lr")
-    done = []
-    if out.exists():
-        done = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    done = _shared.rows(out)
     if not args.report_only:
         train = fashion_batches("train", args.batch_size, limit=args.train_limit, seed=0)
         test = fashion_batches("test", 1000, limit=args.test_limit, seed=None)
@@ -189,8 +185,7 @@ def main() -> None:
             last = row["rows"][-1]
             print(f"{mode} seed {seed}: {row['seconds']:.0f} s, final remaining {last['fraction']:.3f}, "
                   f"acc {last['accuracy']:.4f}", flush=True)  # fmt: skip
-            with out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            _shared.append(out, row)
             done.append(row)
     runs = [r for r in done if all(r[k] == getattr(args, k) for k in key) and r["seed"] in seeds]
     md = out.with_suffix(".md")
