@@ -316,12 +316,16 @@ def _score(fn, model, data, logits, labels, *, need_labels=True, batch_size=64, 
     return torch.stack(runs).mean(0), ys
 
 
+def _on(labels: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    return None if labels is None else labels.to(like.device)
+
+
 def _mean_over_models_given(fn, logits, labels, embeddings, need_labels):
     stack, labels = _given(logits, labels, need_labels=need_labels)
     if embeddings is None or isinstance(embeddings, str):
         if fn is grand_from_logits or getattr(fn, "needs_emb", False):
             raise ValueError("GraNd from logits= needs embeddings=: the last Linear's inputs, (N, features)")
-        return torch.stack([fn(x.float(), labels) for x in stack]).mean(0), labels
+        return torch.stack([fn(x.float(), _on(labels, x)).cpu() for x in stack]).mean(0), labels
     single = isinstance(embeddings, torch.Tensor) and embeddings.dim() == 2
     embs = [torch.as_tensor(e) for e in ([embeddings] if single else embeddings)]
     bad = [e.shape for e, s in zip(embs, stack, strict=False) if e.dim() != 2 or e.shape[0] != s.shape[0]]
@@ -330,7 +334,8 @@ def _mean_over_models_given(fn, logits, labels, embeddings, need_labels):
             f"embeddings= must match logits=: {len(stack)} model(s) of N={stack[0].shape[0]} samples, "
             f"(N, features) each; got {len(embs)} of shape {tuple(embs[0].shape)}"
         )
-    per = [fn(x.float(), labels, e.float()) for x, e in zip(stack, embs, strict=True)]
+    pairs = zip(stack, embs, strict=True)
+    per = [fn(x.float(), _on(labels, x), e.float().to(x.device)).cpu() for x, e in pairs]
     return torch.stack(per).mean(0), labels
 
 
