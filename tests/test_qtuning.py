@@ -262,6 +262,24 @@ def test_loss_mask_and_drop(side):
     assert int(dr["attention_mask"][0].sum()) < 10
 
 
+def test_topped_up_samples_keep_tokens_unless_by_side():
+    # rising diagonal (as test_top_up_from_q1_q3_by_support): rows 1 and 4 are topped up; row 1 has
+    # ent^ > ppl^ (Q4's side), row 4 too (5.2 > 5): with "by_side" neither is pruned; flip row 4's
+    # entropy below its PPL and it is pruned as a Q2 sample
+    labels = torch.full((8, 6), 7)
+    labels[:, 0] = -100
+    b = {"input_ids": torch.ones(8, 6, dtype=torch.long), "labels": labels}
+    tok = torch.arange(1.0, 7.0).repeat(8, 1)
+    ppl = [1.0, 2, 3, 4, 5, 6, 7, 8]
+    for ent4, want in ((5.2, [5, 5]), (4.8, [5, 2])):
+        ent = [1.0, 2.5, 3, 4, ent4, 6, 7, 8]
+        st = _stats(ppl, ent, tok, labels)
+        out, info = Q.filter_batch(b, st, r_sample=0.25, r_token=0.5)
+        assert info.kept == [1, 4] and (out["labels"] != -100).sum(1).tolist() == [5, 5]
+        out, info = Q.filter_batch(b, st, r_sample=0.25, r_token=0.5, topup_tokens="by_side")
+        assert info.kept == [1, 4] and (out["labels"] != -100).sum(1).tolist() == want
+
+
 # ------------------------------------------------------------------ options
 
 
@@ -275,6 +293,7 @@ def test_loss_mask_and_drop(side):
         ({"lam": -0.5}, r"lam .*\[0, 1\].*-0\.5"),
         ({"token_mode": "mask"}, r"token_mode .*'mask'"),
         ({"max_iter": 0}, r"max_iter .*>= 1.*0"),
+        ({"topup_tokens": "all"}, r"topup_tokens .*'all'"),
     ],
 )
 def test_bad_options_raise(kw, match):

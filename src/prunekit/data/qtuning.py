@@ -33,7 +33,10 @@ Choices of ours where the paper is silent or ambiguous (each labelled *ours*):
   with the highest ``supp`` are kept. Top-up [ours beyond the paper]: if Q1 ∪ Q3 cannot fill the
   budget, middle-band samples follow, also by ``supp``; ties in ``supp`` go to the lower index.
   ``supp`` is 0 on an axis whose values are all equal. Topped-up samples keep all their answer
-  tokens (the paper prunes tokens in Q2 only) [ours].
+  tokens (the paper prunes tokens in Q2 only) [ours]; ``topup_tokens="by_side"`` [ours, an
+  extension] prunes the tokens of a topped-up sample on Q2's side of the diagonal (``P̂PL > Ênt``).
+  On real batches of 8 the bisection often cannot fill ``r_sample`` from Q2 ∪ Q4 (PPL and entropy
+  are correlated), so top-ups are common: the log's ``kept_histogram`` shows how many.
 - Token neighbours [ours]: neighbours are the adjacent *answer* tokens of the same sample (in
   sequence order); a missing neighbour at either end of the answer is replaced by the token's own PPL.
   Ties in ``s_i`` keep the earlier token.
@@ -85,6 +88,7 @@ from ..registry import register
 IGNORE = -100
 NLL_CLAMP = 50.0
 TOKEN_MODES = ("loss_mask", "drop")
+TOPUP_TOKENS = ("keep", "by_side")
 #: quadrant codes in :attr:`QTuningInfo.quadrant`: 0 = in no quadrant (the middle band)
 QUADRANTS = {0: "none", 1: "Q1", 2: "Q2", 3: "Q3", 4: "Q4"}
 
@@ -96,7 +100,7 @@ def _ratio(name: str, v) -> float:
     return float(v)
 
 
-def check_options(r_sample, r_token, lam, token_mode="loss_mask", max_iter=10) -> None:
+def check_options(r_sample, r_token, lam, token_mode="loss_mask", max_iter=10, topup_tokens="keep") -> None:
     """Raise ``ValueError`` naming the bad value and its range."""
     _ratio("r_sample", r_sample)
     _ratio("r_token", r_token)
@@ -104,6 +108,8 @@ def check_options(r_sample, r_token, lam, token_mode="loss_mask", max_iter=10) -
         raise ValueError(f"lam must be a number in [0, 1] (the neighbours' weight λ); got {lam!r}")
     if token_mode not in TOKEN_MODES:
         raise ValueError(f"token_mode must be one of {TOKEN_MODES}; got {token_mode!r}")
+    if topup_tokens not in TOPUP_TOKENS:
+        raise ValueError(f"topup_tokens must be one of {TOPUP_TOKENS}; got {topup_tokens!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be an int >= 1 (bisection steps, K_max); got {max_iter!r}")
 
@@ -421,13 +427,19 @@ def filter_batch(
     max_iter: int = 10,
     median_test: bool = False,
     pad_token_id: int = 0,
+    topup_tokens: str = "keep",
 ) -> tuple[dict, QTuningInfo]:
     """Apply Q-Tuning's selection to ``batch`` given its statistics (:func:`answer_statistics`)."""
-    check_options(r_sample, r_token, lam, token_mode, max_iter)
+    check_options(r_sample, r_token, lam, token_mode, max_iter, topup_tokens)
     sel = select_samples(stats.ppl, stats.entropy, r_sample, max_iter)
     kept = sel.kept
     tok_keep = select_tokens(stats.token_ppl[kept], stats.answer[kept], r_token, lam, median_test)
-    q2 = (sel.quadrant[kept] == 2)[:, None]
+    qk = sel.quadrant[kept]
+    q2 = qk == 2
+    if topup_tokens == "by_side":
+        side = _minmax(stats.ppl.double()) > _minmax(stats.entropy.double())
+        q2 = q2 | ((qk != 4) & side[kept])
+    q2 = q2[:, None]
     tok_keep = torch.where(q2, tok_keep, stats.answer[kept])  # Q4 (and top-ups) keep every token
     pruned = (stats.answer[kept] & ~tok_keep).cpu()
     k_cpu = kept.cpu()
@@ -479,16 +491,17 @@ def step_filter(
     max_iter: int = 10,
     median_test: bool = False,
     pad_token_id: int | None = None,
+    topup_tokens: str = "keep",
 ) -> tuple[dict, QTuningInfo]:
     """Q-Tuning on one batch for a hand-written loop: score ``batch`` (``input_ids``, ``labels`` with
     -100 on prompt and padding, optional ``attention_mask``...) with one no-grad forward of ``model``
     as it is now, keep ``⌊r_sample·|B|⌋`` rows and, in the Q2 rows, ``⌊r_token·|T(x)|⌋`` answer tokens
     (``token_mode``). Returns the kept batch (tensors on the devices they came on) and a
     :class:`QTuningInfo`. Every rule and choice: the module docstring."""
-    check_options(r_sample, r_token, lam, token_mode, max_iter)
+    check_options(r_sample, r_token, lam, token_mode, max_iter, topup_tokens)
     stats = score_batch(model, batch)
     return filter_batch(batch, stats, r_sample, r_token, lam, token_mode, max_iter, median_test,
-                        _pad_id(model, pad_token_id))  # fmt: skip
+                        _pad_id(model, pad_token_id), topup_tokens)  # fmt: skip
 
 
 # ------------------------------------------------------------------ Trainer integration
@@ -570,12 +583,14 @@ class QTuningCollator:
         median_test: bool = False,
         pad_token_id: int | None = None,
         enabled: bool = True,
+        topup_tokens: str = "keep",
     ) -> None:
-        check_options(r_sample, r_token, lam, token_mode, max_iter)
+        check_options(r_sample, r_token, lam, token_mode, max_iter, topup_tokens)
         self.model = model
         self.base_collator = base_collator
         self.options = dict(r_sample=r_sample, r_token=r_token, lam=lam, token_mode=token_mode,
-                            max_iter=max_iter, median_test=median_test)  # fmt: skip
+                            max_iter=max_iter, median_test=median_test,
+                            topup_tokens=topup_tokens)  # fmt: skip
         self.pad_token_id = _pad_id(model, pad_token_id)
         self.enabled = enabled
         self.stats = QTuningStats()
@@ -659,9 +674,12 @@ class QTuning:
     token_mode: str = "loss_mask"
     max_iter: int = 10
     median_test: bool = False
+    topup_tokens: str = "keep"
 
     def __post_init__(self) -> None:
-        check_options(self.r_sample, self.r_token, self.lam, self.token_mode, self.max_iter)
+        check_options(
+            self.r_sample, self.r_token, self.lam, self.token_mode, self.max_iter, self.topup_tokens
+        )
 
     def __call__(self, batch: Mapping, model: nn.Module, **kw) -> tuple[dict, QTuningInfo]:
         return step_filter(batch, model, **asdict(self), **kw)
