@@ -215,17 +215,17 @@ def squad_f1(model, tok, items, batch_size: int = 8, new_tokens: int = 16) -> tu
     dev = next(model.parameters()).device
     side = tok.padding_side
     tok.padding_side = "left"
-    preds = []
+    order = sorted(range(len(items)), key=lambda i: len(items[i][0]))  # similar lengths: less padding
+    preds: list[str] = [""] * len(items)
     try:
         for i in tqdm(range(0, len(items), batch_size), desc="squad f1", leave=False):
-            chunk = items[i : i + batch_size]
-            enc = tok([p for p, _ in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(
-                dev
-            )
+            idx = order[i : i + batch_size]
+            enc = tok([items[j][0] for j in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = enc.to(dev)
             out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
-            for row in out[:, enc.input_ids.shape[1] :]:
-                preds.append(tok.decode(row, skip_special_tokens=True).split("\n")[0].strip())
+            for j, row in zip(idx, out[:, enc.input_ids.shape[1] :], strict=True):
+                preds[j] = tok.decode(row, skip_special_tokens=True).split("\n")[0].strip()
     finally:
         tok.padding_side = side
     scores = [max(f1(p, g) for g in golds) for p, (_, golds) in zip(preds, items, strict=True)]
