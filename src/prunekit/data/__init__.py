@@ -10,11 +10,15 @@
 - :func:`prunekit.prune_data` runs a registered data method (``random_data``, ``el2n``, ``grand``,
   ``forgetting``, ``entropy``) and returns a :class:`DataPruneReport` whose ``subset()`` is the
   pruned dataset.
+- Q-Tuning (:mod:`~prunekit.data.qtuning`, Wang et al., arXiv 2509.23873): per mini-batch sample
+  and answer-token pruning for fine-tuning from one no-grad forward (error-uncertainty quadrants);
+  :class:`QTuningCollator` for an unchanged ``Trainer``, :func:`step_filter` for a plain loop.
 """
 
 from __future__ import annotations
 
 from .prune import DataPruneReport, prune_data
+from .qtuning import QTuning, QTuningCallback, QTuningCollator, step_filter
 from .scores import (
     ForgettingTracker,
     IndexedDataset,
@@ -32,6 +36,9 @@ __all__ = [
     "DataPruneReport",
     "ForgettingTracker",
     "IndexedDataset",
+    "QTuning",
+    "QTuningCallback",
+    "QTuningCollator",
     "class_balanced",
     "el2n",
     "entropy",
@@ -42,6 +49,7 @@ __all__ = [
     "prune_data",
     "random_scores",
     "random_subset",
+    "step_filter",
     "topk",
     "with_index",
 ]
