@@ -279,7 +279,7 @@ def test_cached_logits_without_indices_fail_clearly():
     batches = [{"x": base.x[:4], "labels": base.y[:4]}]
     with pytest.raises(ValueError, match="cached teacher_logits need each batch's sample indices"):
         train_kd(_Net(seed=1), None, batches, teacher_logits=torch.zeros(40, 3), alpha=0.5, tau=2.0)
-    with pytest.raises(ValueError, match="KD needs a teacher model or cached teacher_logits"):
+    with pytest.raises(ValueError, match=r"KD with alpha=0.5 needs a teacher model or cached teacher_logits"):
         train_kd(_Net(seed=1), None, batches, alpha=0.5)
     with pytest.raises(ValueError, match=r"indices must lie in \[0, 39\]"):
         IndexedSubset(base, [0, 40])

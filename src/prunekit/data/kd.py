@@ -314,9 +314,12 @@ class _KDTargets:
     """Where a batch's teacher logits come from: the batch (``teacher_logits``), a cache indexed by
     ``sample_index``, or the frozen teacher run on the batch's model inputs."""
 
-    def __init__(self, teacher, teacher_logits, index_key: str) -> None:
-        if teacher is None and teacher_logits is None:
-            raise ValueError("KD needs a teacher model or cached teacher_logits (N, C); got neither")
+    def __init__(self, teacher, teacher_logits, index_key: str, alpha: float) -> None:
+        if teacher is None and teacher_logits is None and alpha > 0:
+            raise ValueError(
+                f"KD with alpha={alpha} needs a teacher model or cached teacher_logits (N, C); got neither"
+            )
+        self.alpha = alpha
         if teacher_logits is not None and not isinstance(teacher_logits, torch.Tensor):
             raise ValueError(
                 f"teacher_logits must be a tensor (N, C) indexed by sample; got {type(teacher_logits)}"
@@ -334,6 +337,8 @@ class _KDTargets:
         return inputs, labels, given, index
 
     def logits(self, inputs: dict, given, index, like: torch.Tensor) -> torch.Tensor:
+        if self.alpha == 0:  # plain cross-entropy: the teacher is not consulted
+            return like.detach()
         if given is not None:
             return given.to(like.device)
         if self.cache is not None:
@@ -397,7 +402,10 @@ class KDTrainer(Trainer):
         self.kd_shift = shift_labels
         device = next(self.model.parameters()).device
         self.kd = _KDTargets(
-            _frozen(teacher, device) if teacher is not None else None, teacher_logits, index_key
+            _frozen(teacher, device) if teacher is not None else None,
+            teacher_logits,
+            index_key,
+            self.kd_alpha,
         )
         # our loss is a per-micro-batch mean: the Trainer must divide it by the accumulation steps
         self.loss_is_scaled_for_ga = False
@@ -462,7 +470,8 @@ def train_kd(
     is a cache; a ``DataLoader`` with ``shuffle=True`` and a seeded generator reshuffles each pass).
 
     The teacher logits come as in :class:`KDTrainer` (a batch's own ``teacher_logits``, the cache by
-    ``sample_index``, or ``teacher`` frozen in eval mode); ``alpha="auto"`` needs ``kept_fraction``.
+    ``sample_index``, or ``teacher`` frozen in eval mode); ``alpha="auto"`` needs ``kept_fraction``;
+    ``alpha=0`` is plain cross-entropy training and needs no teacher.
     The student is left in train mode."""
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an int >= 1; got {epochs!r}")
@@ -473,7 +482,7 @@ def train_kd(
     a = resolve_alpha(alpha, kept_fraction)
     t = tau if tau == "auto" else resolve_tau(tau, 2)
     device = next(student.parameters()).device
-    kd = _KDTargets(_frozen(teacher, device) if teacher is not None else None, teacher_logits, index_key)
+    kd = _KDTargets(_frozen(teacher, device) if teacher is not None else None, teacher_logits, index_key, a)
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the student has no trainable parameter (requires_grad=True)")
