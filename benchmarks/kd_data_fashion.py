@@ -70,7 +70,7 @@ class Task:
     ``forward(**{key: x})`` returns logits (or ``{"logits": ...}``); ``arch`` is ``"student"``,
     ``"small"`` or ``"big"`` (the teachers; ``"self"`` is the student's architecture)."""
 
-    name: str
+    name: str  # with the fold, when a task differs per seed (the cache key)
     title: str
     key: str
     x: torch.Tensor
@@ -260,18 +260,21 @@ def prepare(task: Task, args, seed: int, cache: pathlib.Path) -> dict:
     return state
 
 
-def run(task: Task, args) -> None:
+def run(task_for: Callable[[int], Task], args, title: str) -> None:
+    """Every job of every seed not yet in ``<out>.jsonl``; ``task_for(seed)`` is the seed's task
+    (the same for every seed, or e.g. one cross-validation fold per seed)."""
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     path = out.with_suffix(".jsonl")
     done = resume(path)
-    cache = pathlib.Path(args.cache) / f"{task.name}-{cache_tag(task, args)}"
     todo = [(seed, j) for seed in args.seeds for j in jobs(args, seed) if key(*j, seed) not in done]
-    bar = tqdm(total=len(todo), desc=f"{task.name}: runs", unit="run")
+    bar = tqdm(total=len(todo), desc=f"{title}: runs", unit="run")
     state, state_seed = None, None
     with path.open("a") as fh:
         for seed, (kind, score, f, a, teacher) in todo:
             if state_seed != seed:
+                task = task_for(seed)
+                cache = pathlib.Path(args.cache) / f"kd_data-{task.name}-{cache_tag(task, args)}"
                 state, state_seed = prepare(task, args, seed, cache), seed
             t0 = time.perf_counter()
             row = {
@@ -324,7 +327,6 @@ def run(task: Task, args) -> None:
             bar.update(1)
             tqdm.write(f"{row['key']}: acc {100 * row['accuracy']:.2f}")
     bar.close()
-    report(out, task.title)
 
 
 # ------------------------------------------------------------------ report
@@ -695,7 +697,9 @@ def main() -> None:
     if args.report_only:
         report(pathlib.Path(args.out), "Fashion-MNIST CNN")
         return
-    run(fashion_task(args), args)
+    task = fashion_task(args)
+    run(lambda seed: task, args, task.title)
+    report(pathlib.Path(args.out), task.title)
 
 
 if __name__ == "__main__":
