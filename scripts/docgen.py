@@ -45,6 +45,8 @@ USE = {
     "    out = model.generate(**inputs, max_new_tokens=32)",
     "weights": 'with prunekit.prune_weights(model, "{name}", 0.5, tokenizer=tok{opts}) as pruned:\n'
     "    print(pruned.report)",
+    "data": 'report = prunekit.prune_data(dataset, "{name}", keep=0.3, model=model{opts})\n'
+    "train_set = report.subset()  # the kept samples; report.indices, report.scores, report.to_json()",
     "decode": 'out = prunekit.speculative.generate(model, ids, drafter="{name}", max_new_tokens=64{opts})\n'
     "print(out.stats.mat, out.stats.as_dict())  # the same tokens as greedy generate()",
     "training": "result = prunekit.training.{name}(model, texts, tokenizer=tok{opts})  # trains (Trainer)\n"

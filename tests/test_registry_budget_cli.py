@@ -57,6 +57,9 @@ def test_registry_rows_have_every_field():
         elif m.family == "training":  # methods that train: when, relative to the model's training
             assert len(r["stages"]) == 1 and m.trains
             assert r["stages"][0] in {"before-training", "during-training", "fine-tuning", "after-training"}
+        elif m.family == "data":  # training-data pruning: when, relative to the training it prunes for
+            assert len(r["stages"]) == 1
+            assert r["stages"][0] in {"before-training", "during-training", "fine-tuning", "after-training"}
         else:  # weights: one-shot, on a trained model
             assert m.family == "weights" and r["stages"] == ["after-training"]
     assert {m.name for m in prunekit.methods(family="weights")} >= {
@@ -90,8 +93,9 @@ def test_unknown_names_are_matched_within_the_family_the_call_takes():
     expected = rf"'fastv' is a tokens method; prune_weights takes weights methods: {', '.join(weights)}$"
     with pytest.raises(ValueError, match=expected):
         instantiate("fastv", "weights", {}, "prune_weights")
-    with pytest.raises(UnknownMethodError, match="There are no data methods yet"):
-        prunekit.registry.get("x", "data")
+    with pytest.raises(UnknownMethodError, match="Did you mean 'el2n'") as e:
+        prunekit.registry.get("el2m", "data")
+    assert "'fastv'" not in str(e.value) and "Known data methods: " in str(e.value)
 
 
 def test_cli_prune_suggests_weight_methods_before_loading_anything(capsys):
@@ -134,7 +138,7 @@ def test_cli_methods_fits_100_columns_and_wide_shows_everything(capsys, argv):
         assert m.paper in wide and ",".join(m.signals) in wide
 
 
-@pytest.mark.parametrize("family", ["tokens", "kv", "weights"])
+@pytest.mark.parametrize("family", ["tokens", "kv", "weights", "data"])
 def test_cli_methods_family_filter(capsys, family):
     _, rows = _methods_table(capsys, "--family", family)
     assert set(rows) == {m.name for m in prunekit.registry._REGISTRY.values() if m.family == family}
@@ -152,8 +156,9 @@ def test_cli_methods_stage_filter(capsys, stage):
             assert set(_methods_table(capsys, "--family", family, "--stage", stage)[1]) == want
 
 
-@pytest.mark.parametrize("family", ["data"])
-def test_cli_methods_of_an_empty_family_say_so(capsys, family):
+@pytest.mark.parametrize("family", ["empty"])
+def test_cli_methods_of_an_empty_family_say_so(capsys, monkeypatch, family):
+    monkeypatch.setattr(prunekit.registry, "FAMILIES", (*prunekit.registry.FAMILIES, family))
     assert main(["methods", "--family", family]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"no {family} methods yet") and "name  " not in out and "---" not in out

@@ -14,6 +14,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .budget import resolve_keep, validate_keep
+from .data.prune import DataPruneReport, prune_data
 from .errors import PrunekitError, SignalUnavailableError, UnknownMethodError, UnsupportedModelError
 from .kv.engine import compress_kv
 from .registry import MethodInfo, methods
@@ -25,6 +26,7 @@ from .weights.export import load_pruned
 
 __all__ = [
     "Compose",
+    "DataPruneReport",
     "MethodInfo",
     "PrunekitError",
     "SignalUnavailableError",
@@ -35,6 +37,7 @@ __all__ = [
     "compress_kv",
     "load_pruned",
     "methods",
+    "prune_data",
     "prune_tokens",
     "prune_weights",
     "recover",

@@ -60,6 +60,7 @@ _METHOD_MODULES = (
     "prunekit.training.polarization",
     "prunekit.training.lrp_pruning",
     "prunekit.training.meta_pruning",
+    "prunekit.data.methods",
 )
 
 

@@ -1,0 +1,47 @@
+"""Training-data pruning: train on less data and lose nothing.
+
+- Static scores (:mod:`~prunekit.data.scores`), one number per sample, higher = keep: :func:`el2n`
+  and :func:`grand` (Paul et al., NeurIPS 2021; GraNd in DeepCore's last-layer form),
+  :func:`entropy` (DeepCore's uncertainty-entropy), forgetting events (Toneva et al., ICLR 2019:
+  :class:`ForgettingTracker` for a plain loop or as a transformers ``TrainerCallback``,
+  :func:`forgetting_counts` from a correctness matrix) and :func:`random_scores`.
+- Selection (:mod:`~prunekit.data.select`): :func:`topk` (stable, ties by index),
+  :func:`random_subset`, :func:`class_balanced` (DeepCore's ``balance=True``).
+- :func:`prunekit.prune_data` runs a registered data method (``random_data``, ``el2n``, ``grand``,
+  ``forgetting``, ``entropy``) and returns a :class:`DataPruneReport` whose ``subset()`` is the
+  pruned dataset.
+"""
+
+from __future__ import annotations
+
+from .prune import DataPruneReport, prune_data
+from .scores import (
+    ForgettingTracker,
+    IndexedDataset,
+    el2n,
+    entropy,
+    forgetting,
+    forgetting_counts,
+    grand,
+    random_scores,
+    with_index,
+)
+from .select import class_balanced, kept_count, random_subset, topk
+
+__all__ = [
+    "DataPruneReport",
+    "ForgettingTracker",
+    "IndexedDataset",
+    "class_balanced",
+    "el2n",
+    "entropy",
+    "forgetting",
+    "forgetting_counts",
+    "grand",
+    "kept_count",
+    "prune_data",
+    "random_scores",
+    "random_subset",
+    "topk",
+    "with_index",
+]
