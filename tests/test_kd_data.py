@@ -283,3 +283,60 @@ def test_cached_logits_without_indices_fail_clearly():
         train_kd(_Net(seed=1), None, batches, alpha=0.5)
     with pytest.raises(ValueError, match=r"indices must lie in \[0, 39\]"):
         IndexedSubset(base, [0, 40])
+
+
+# ------------------------------------------------------------------ the registry method kd_data
+def test_kd_data_prunes_with_its_score_and_plans_kd(tmp_path):
+    import prunekit
+    from prunekit.data import KDData, KDPlan, random_subset
+
+    base, teacher = _Samples(), _Net(seed=7, hidden=16)
+    plan = KDData(score="random_data", alpha="auto", tau=2.0)(base, keep=0.3, teacher=teacher, seed=5)
+    assert (
+        isinstance(plan, KDPlan)
+        and plan.alpha == pytest.approx(0.8)
+        and plan.kept_fraction == pytest.approx(0.3)
+    )
+    assert torch.equal(plan.report.indices, random_subset(40, 0.3, seed=5))  # 12 of 40 under seed 5
+    assert [plan.subset[j]["sample_index"] for j in range(3)] == plan.report.indices[:3].tolist()
+    # through prune_data, kd_data selects exactly as its score method
+    a = prunekit.prune_data(base, "kd_data", 0.25, model=teacher, score="el2n")
+    b = prunekit.prune_data(base, "el2n", 0.25, model=teacher)
+    assert torch.equal(a.indices, b.indices) and a.kept == 10
+    # cached logits for the kept samples, then the same training as with the live teacher
+    cached = KDData(alpha=0.5, tau=2.0)(base, keep=0.3, teacher=teacher, seed=5, cache=True)
+    idx = cached.report.indices
+    torch.testing.assert_close(cached.teacher_logits[idx], teacher(base.x[idx])["logits"].detach())
+    s1, s2 = _Net(seed=1), _Net(seed=1)
+    plan_live = KDData(alpha=0.5, tau=2.0)(base, keep=0.3, teacher=teacher, seed=5)
+    r1 = plan_live.train(s1, epochs=2, batch_size=4, seed=0, lr=1e-2)
+    r2 = KDPlan(**{**cached.__dict__, "teacher": None}).train(s2, epochs=2, batch_size=4, seed=0, lr=1e-2)
+    assert r1.steps == r2.steps == 6
+    for k, v in s1.state_dict().items():
+        torch.testing.assert_close(v, s2.state_dict()[k], rtol=1e-5, atol=1e-6)
+
+
+def test_kd_data_errors_name_the_bad_value():
+    from prunekit.data import KDData
+
+    with pytest.raises(
+        ValueError, match=r"score must be a data method that selects samples \(.*el2n.*\); got 'kd_data'"
+    ):
+        KDData(score="kd_data")
+    with pytest.raises(prunekit_errors().UnknownMethodError, match="unknown data method 'el2m'"):
+        KDData(score="el2m")
+    with pytest.raises(ValueError, match=r"alpha must be a float in \[0, 1\] or 'auto'; got 'max'"):
+        KDData(alpha="max")
+    with pytest.raises(ValueError, match=r"tau must be a number > 0 or 'auto'; got 0"):
+        KDData(tau=0)
+    with pytest.raises(ValueError, match=r"KD with alpha=0.9 needs teacher="):
+        KDData(alpha="auto")(_Samples(), keep=0.1)
+    with pytest.raises(ValueError, match=r"keep=1.5 is out of range"):
+        KDData(alpha=0.0)(_Samples(), keep=1.5)
+    assert KDData(alpha=0.0)(_Samples(), keep=0.5).alpha == 0.0  # no KD: no teacher needed
+
+
+def prunekit_errors():
+    import prunekit.errors
+
+    return prunekit.errors

@@ -61,6 +61,7 @@ _METHOD_MODULES = (
     "prunekit.training.lrp_pruning",
     "prunekit.training.meta_pruning",
     "prunekit.data.methods",
+    "prunekit.data.kd",
 )
 
 

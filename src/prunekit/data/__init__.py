@@ -10,10 +10,15 @@
 - :func:`prunekit.prune_data` runs a registered data method (``random_data``, ``el2n``, ``grand``,
   ``forgetting``, ``entropy``) and returns a :class:`DataPruneReport` whose ``subset()`` is the
   pruned dataset.
+- KD on the kept subset (:mod:`~prunekit.data.kd`, Ben-Baruch et al., ICML 2025): :func:`kd_loss`,
+  :func:`alpha_for_fraction` (``alpha="auto"``, a prunekit heuristic), :class:`KDTrainer` (a
+  transformers ``Trainer``), :func:`train_kd` (a plain loop) and the registry's ``kd_data``
+  (:class:`KDData`: prune, then a :class:`KDPlan` to train with).
 """
 
 from __future__ import annotations
 
+from .kd import IndexedSubset, KDData, KDLoss, KDPlan, KDTrainer, alpha_for_fraction, kd_loss, train_kd
 from .prune import DataPruneReport, prune_data
 from .scores import (
     ForgettingTracker,
@@ -32,16 +37,24 @@ __all__ = [
     "DataPruneReport",
     "ForgettingTracker",
     "IndexedDataset",
+    "IndexedSubset",
+    "KDData",
+    "KDLoss",
+    "KDPlan",
+    "KDTrainer",
+    "alpha_for_fraction",
     "class_balanced",
     "el2n",
     "entropy",
     "forgetting",
     "forgetting_counts",
     "grand",
+    "kd_loss",
     "kept_count",
     "prune_data",
     "random_scores",
     "random_subset",
     "topk",
+    "train_kd",
     "with_index",
 ]

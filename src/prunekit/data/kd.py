@@ -43,11 +43,14 @@ import numbers
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
+
+from ..registry import register
 
 #: the ``alpha="auto"`` anchors (kept fraction -> α): a prunekit heuristic, not the paper's formula
 AUTO_ALPHA: dict[float, float] = {1.0: 0.5, 0.5: 0.7, 0.1: 0.9}
@@ -526,3 +529,197 @@ def train_kd(
     if bar is not None:
         bar.close()
     return KDTrainResult(steps=len(losses), alpha=a, tau=t, losses=losses, seconds=time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------ the registry method
+@dataclass
+class KDPlan:
+    """What ``KDData`` returns: the pruning ``report`` (a :class:`~prunekit.data.DataPruneReport`),
+    the kept ``subset`` (an :class:`IndexedSubset`: each item carries its ``sample_index``), the
+    resolved ``alpha`` (``"auto"`` → :func:`alpha_for_fraction` of ``kept_fraction``) and ``tau``,
+    and the teacher or its cached logits. Train with :meth:`trainer` (a transformers
+    :class:`KDTrainer`), :meth:`train` (a plain loop) or :meth:`loss` in your own loop."""
+
+    report: object
+    subset: IndexedSubset
+    alpha: float
+    tau: float | str
+    kept_fraction: float
+    teacher: nn.Module | None = None
+    teacher_logits: torch.Tensor | None = None
+
+    def loss(self) -> KDLoss:
+        """:func:`kd_loss` with this plan's α and τ bound."""
+        return KDLoss(alpha=self.alpha, tau=self.tau)
+
+    def trainer(self, student: nn.Module, args, **kwargs) -> KDTrainer:
+        """A :class:`KDTrainer` on the kept subset (``args``: ``TrainingArguments``; ``kwargs`` go to
+        the ``Trainer``, e.g. ``data_collator``)."""
+        return KDTrainer(
+            model=student, args=args, train_dataset=self.subset, teacher=self.teacher,
+            teacher_logits=self.teacher_logits, alpha=self.alpha, tau=self.tau,
+            kept_fraction=self.kept_fraction, **kwargs,
+        )  # fmt: skip
+
+    def train(
+        self,
+        student: nn.Module,
+        *,
+        epochs: int = 1,
+        batch_size: int = 32,
+        seed: int = 0,
+        collate_fn=None,
+        **kw,
+    ) -> KDTrainResult:
+        """:func:`train_kd` over the kept subset in a shuffled order seeded by ``seed`` (``collate_fn``:
+        transformers' ``default_data_collator`` unless given; ``kw``: ``lr``, ``schedule``, ...)."""
+        from transformers import default_data_collator
+
+        loader = torch.utils.data.DataLoader(
+            self.subset, batch_size=batch_size, shuffle=True, collate_fn=collate_fn or default_data_collator,
+            generator=torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+        return train_kd(
+            student, self.teacher, loader, epochs=epochs, alpha=self.alpha, tau=self.tau,
+            teacher_logits=self.teacher_logits, **kw,
+        )  # fmt: skip
+
+
+@register(
+    "kd_data",
+    family="data",
+    paper="Distilling the Knowledge in Data Pruning",
+    stages=("before-training",),
+    signals=("teacher_logits", "labels"),
+    trains=True,
+    summary="prune with any score, then train on the kept subset with KD from a full-data teacher",
+)
+@dataclass
+class KDData:
+    """Data pruning followed by KD (Ben-Baruch et al., ICML 2025), as a registry method:
+    ``KDData(score="random_data", alpha="auto")(dataset, keep=0.3, teacher=teacher)`` prunes
+    ``dataset`` with the data method ``score`` (:func:`prunekit.prune_data`) and returns a
+    :class:`KDPlan` to train the student on the kept subset with :func:`kd_loss`. The budget ``keep`` is
+    an argument of the call (a fraction in (0, 1] or a count), not an option. Through
+    ``prunekit.prune_data(dataset, "kd_data", keep, score=..., ...)`` it selects exactly as its
+    ``score`` method does (the KD part happens in training)."""
+
+    docs_from: ClassVar[str] = "prunekit.data.kd"
+    usage: ClassVar[str] = (
+        'kd = prunekit.data.KDData(score="random_data", alpha="auto"{opts})\n'
+        "plan = kd(dataset, keep=0.3, teacher=teacher)  # teacher: trained on 100 %; alpha 'auto' -> 0.8\n"
+        "trainer = plan.trainer(student, TrainingArguments(...))  # a transformers Trainer with the KD loss\n"
+        "trainer.train()  # or plan.train(student, epochs=...), or plan.loss() in your own loop"
+    )
+    taxonomy: ClassVar[dict] = {
+        "how": "any score (random by default), then knowledge distillation from a full-data teacher"
+    }
+    score: str = "random_data"  # the data method that selects (random_data, el2n, grand, forgetting, entropy)
+    alpha: float | str = "auto"  # KD weight in [0, 1], or 'auto' (a prunekit heuristic of the kept fraction)
+    tau: float | str = "auto"  # temperature > 0, or 'auto': 2 for two classes, 4 above (unconfirmed)
+    balance: bool = False  # per-class selection by the score (DeepCore's balance=True)
+
+    def __post_init__(self) -> None:
+        from ..registry import get
+
+        info = get(self.score, "data")
+        if info.family != "data" or info.factory is type(self):
+            names = ", ".join(m.name for m in _data_methods() if m.factory is not type(self))
+            raise ValueError(
+                f"score must be a data method that selects samples ({names}); got {self.score!r}"
+            )
+        self.score = info.name
+        if isinstance(self.alpha, str):
+            resolve_alpha(self.alpha, 1.0)  # checks the spelling; the fraction comes with the call
+        else:
+            self.alpha = resolve_alpha(self.alpha)
+        if self.tau != "auto":
+            self.tau = resolve_tau(self.tau, 2)
+
+    def _selector(self):
+        from ..registry import instantiate
+
+        return instantiate(self.score, "data", {"balance": self.balance}, "kd_data")
+
+    @property
+    def uses(self) -> tuple[str, ...]:  # what prune_data may hand the selecting method
+        return self._selector().uses
+
+    def select(self, inp, keep, seed: int):
+        """``prune_data``'s hook: select as the ``score`` method does."""
+        return self._selector().select(inp, keep, seed)
+
+    def __call__(
+        self,
+        dataset,
+        keep: int | float,
+        *,
+        teacher: nn.Module | None = None,
+        teacher_logits: torch.Tensor | None = None,
+        cache: bool = False,
+        model=None,
+        seed: int = 0,
+        **prune_kw,
+    ) -> KDPlan:
+        """Prune ``dataset`` (a map-style dataset of dicts: model inputs and ``labels``) to ``keep``
+        with ``score`` (``model`` and ``prune_kw``: :func:`prunekit.prune_data`'s arguments, e.g.
+        ``logits=``, ``correct=``), then plan KD from ``teacher`` (trained on the full data), or from
+        ``teacher_logits`` ``(N, C)`` cached over the full dataset. ``cache=True`` computes that cache
+        now for the kept samples (:func:`cache_teacher_logits`; **only valid without data
+        augmentation**). ``alpha=0`` needs no teacher."""
+        from .prune import prune_data
+
+        report = prune_data(dataset, self.score, keep, model, seed, balance=self.balance, **prune_kw)
+        subset = IndexedSubset(dataset, report.indices)
+        alpha = resolve_alpha(self.alpha, subset.kept_fraction)
+        if alpha > 0 and teacher is None and teacher_logits is None:
+            raise ValueError(
+                f"KD with alpha={alpha:g} needs teacher= (trained on the full data) or teacher_logits="
+            )
+        if cache and teacher is not None and teacher_logits is None and alpha > 0:
+            kept = cache_teacher_logits(teacher, _Unindexed(subset))  # (k, C), in the subset's order
+            teacher_logits = kept.new_zeros(len(dataset), *kept.shape[1:])
+            teacher_logits[report.indices] = kept  # rows of pruned samples stay 0: never looked up
+        return KDPlan(
+            report=report, subset=subset, alpha=alpha, tau=self.tau, kept_fraction=subset.kept_fraction,
+            teacher=teacher, teacher_logits=teacher_logits,
+        )  # fmt: skip
+
+
+class _Unindexed(torch.utils.data.Dataset):
+    """The subset's items without ``sample_index`` (what the teacher sees)."""
+
+    def __init__(self, subset: IndexedSubset) -> None:
+        self.subset = subset
+
+    def __len__(self) -> int:
+        return len(self.subset)
+
+    def __getitem__(self, j: int) -> dict:
+        item = dict(self.subset[j])
+        item.pop(self.subset.key, None)
+        return item
+
+
+def _data_methods():
+    from ..registry import methods
+
+    return methods("data")
+
+
+__all__ = [
+    "AUTO_ALPHA",
+    "IndexedSubset",
+    "KDData",
+    "KDLoss",
+    "KDPlan",
+    "KDTrainResult",
+    "KDTrainer",
+    "alpha_for_fraction",
+    "cache_teacher_logits",
+    "default_tau",
+    "kd_loss",
+    "resolve_alpha",
+    "resolve_tau",
+    "train_kd",
+]
