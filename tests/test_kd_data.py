@@ -340,3 +340,29 @@ def prunekit_errors():
     import prunekit.errors
 
     return prunekit.errors
+
+
+def test_kd_trainer_on_a_causal_lm_shifts_and_masks_like_the_model(tmp_path):
+    """Token-level KD on a tiny Llama: the Trainer's loss is kd_loss with the labels shifted (its
+    causal-LM rule), and at alpha=0 it is the model's own next-token loss."""
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+    cfg = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+               num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        student, teacher = LlamaForCausalLM(LlamaConfig(**cfg)), LlamaForCausalLM(LlamaConfig(**cfg))
+    ids = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :3] = -100  # a prompt: no loss on its tokens
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    for alpha in (0.0, 0.7):
+        trainer = KDTrainer(model=student, args=args, teacher=teacher, alpha=alpha, tau=2.0)
+        with torch.no_grad():
+            got = trainer.compute_loss(student, {"input_ids": ids, "labels": labels})
+            zs, zt = student(input_ids=ids).logits, teacher(input_ids=ids).logits
+            want = kd_loss(zs, labels, zt, alpha, 2.0, shift=True)
+        assert float(got) == pytest.approx(float(want), rel=1e-6)
+        if alpha == 0:
+            own = student(input_ids=ids, labels=labels).loss.detach()
+            assert float(got) == pytest.approx(float(own), rel=1e-5)
