@@ -366,3 +366,25 @@ def test_kd_trainer_on_a_causal_lm_shifts_and_masks_like_the_model(tmp_path):
         if alpha == 0:
             own = student(input_ids=ids, labels=labels).loss.detach()
             assert float(got) == pytest.approx(float(own), rel=1e-5)
+
+
+def test_kd_trainer_gradient_accumulation_equals_the_whole_batch(tmp_path):
+    """Two micro-batches of 2 with accumulation = one batch of 4 (SGD, so a loss scaled twice would
+    show): the KD loss is a per-micro-batch mean that the Trainer divides by the accumulation steps."""
+    from transformers import TrainingArguments
+
+    base, teacher = _Samples(n=8), _Net(seed=7, hidden=16)
+    weights = []
+    for bs, acc in ((4, 1), (2, 2)):
+        student = _Net(seed=1)
+        args = TrainingArguments(
+            output_dir=str(tmp_path), per_device_train_batch_size=bs, gradient_accumulation_steps=acc,
+            max_steps=2, learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
+            train_sampling_strategy="sequential", report_to="none", use_cpu=True, disable_tqdm=True,
+            logging_strategy="no", save_strategy="no",
+        )  # fmt: skip
+        KDTrainer(model=student, args=args, train_dataset=base, teacher=teacher, alpha=0.6, tau=2.0).train()
+        weights.append(student.state_dict())
+    assert not torch.equal(weights[0]["fc1.weight"], _Net(seed=1).fc1.weight)
+    for k in weights[0]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=1e-5, atol=1e-6)
