@@ -263,8 +263,13 @@ def test_prune_data_errors_are_clear():
         prunekit.prune_data(ds, "el2n", 0.5, bogus=1)
     with pytest.raises(ValueError, match="el2n needs a trained model"):
         prunekit.prune_data(ds, "el2n", 0.5)
-    with pytest.raises(ValueError, match=r"'random_data' does not use \['model'\]"):
-        prunekit.prune_data(ds, "random_data", 0.5, model=MLP((4, 3)))
+    with pytest.raises(ValueError, match=r"'el2n' does not use \['correct'\]"):
+        prunekit.prune_data(ds, "el2n", 0.5, model=MLP((4, 3)), correct=CORRECT)
+    with pytest.raises(ValueError, match="a list of at least 2 per-epoch checkpoints"):
+        prunekit.prune_data(ds, "forgetting", 0.5, model=MLP((4, 3)))
+    # a model is accepted (and ignored) by random_data, so one call serves every method
+    a = prunekit.prune_data(ds, "random_data", 0.5, model=MLP((4, 3)), seed=1)
+    assert a.indices.tolist() == prunekit.prune_data(ds, "random_data", 0.5, seed=1).indices.tolist()
     with pytest.raises(ValueError, match="forgetting needs tracker="):
         prunekit.prune_data(ds, "forgetting", 0.5)
     with pytest.raises(ValueError, match="the report was made for 6"):
@@ -409,3 +414,55 @@ def test_forgetting_tracker_in_a_trainer_counts_what_a_plain_loop_counts(tmp_pat
     bad = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to="none", use_cpu=True)
     with pytest.raises(ValueError, match="remove_unused_columns=False"):
         Trainer(model=model, args=bad, train_dataset=with_index(samples), callbacks=[tracker]).train()
+
+
+def test_prune_data_and_the_index_column_on_a_datasets_dataset():
+    datasets = pytest.importorskip("datasets")
+    samples = _text_samples()
+    ds = datasets.Dataset.from_dict(
+        {
+            "input_ids": [s["input_ids"].tolist() for s in samples],
+            "attention_mask": [s["attention_mask"].tolist() for s in samples],
+            "label": [s["labels"] for s in samples],
+            "text": [f"sample {i}" for i in range(len(samples))],  # a string column: not a model input
+        }
+    ).with_format("torch")
+    model = _tiny_bert()
+    rep = prunekit.prune_data(ds, "el2n", 0.25, model=model, batch_size=5)
+    ref = prunekit.prune_data(samples, "el2n", 0.25, model=model)  # the same samples as a list of dicts
+    torch.testing.assert_close(rep.scores, ref.scores)
+    sub = rep.subset()
+    assert isinstance(sub, datasets.Dataset)
+    assert list(sub["text"]) == [f"sample {i}" for i in rep.indices.tolist()]
+    bal = prunekit.prune_data(ds, "random_data", 0.5, balance=True, seed=2)  # labels read from the column
+    counts = torch.bincount(torch.tensor([s["labels"] for s in samples]))
+    assert bal.kept_per_class == {c: max(1, round(0.5 * int(n))) for c, n in enumerate(counts) if n}
+    indexed = with_index(ds)
+    assert [int(i) for i in indexed["sample_index"]] == list(range(12))
+    with pytest.raises(ValueError, match="already has a column 'sample_index'"):
+        with_index(indexed)
+
+
+def _gather_worker(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from prunekit.data.scores import _all_gather
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        idx = torch.arange(rank * 10, rank * 10 + 2 + rank)  # 2 on rank 0, 3 on rank 1
+        ok = (idx % 2 == 0).long()
+        got = _all_gather(idx, ok)
+        torch.save([t.tolist() for t in got], f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_tracker_gather_over_two_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_gather_worker, args=(2, init, str(tmp_path / "out")), nprocs=2, join=True)
+    want = [[0, 1, 10, 11, 12], [1, 0, 1, 0, 1]]  # rank order, uneven sizes
+    assert torch.load(tmp_path / "out.0") == want and torch.load(tmp_path / "out.1") == want

@@ -82,7 +82,9 @@ def dataset_labels(inp: ScoreInputs) -> torch.Tensor:
         key = next((k for k in keys if k in columns), None)
         if key is None:
             raise ValueError(f"balance=True needs labels; the dataset has no column {keys} (label_key=)")
-        return torch.as_tensor(ds[key]).long().reshape(-1)
+        col = ds[key]  # a tensor, a list, or a datasets Column
+        col = col if isinstance(col, torch.Tensor) else torch.tensor([int(v) for v in col])
+        return col.long().reshape(-1)
     out = []
     for i in range(len(ds)):  # reading labels only; no model runs here
         item = ds[i]
@@ -117,18 +119,19 @@ class RandomData(DataMethod):
     with ``seed`` (the same subset for the same seed). Ben-Baruch et al. find that with knowledge
     distillation from a teacher trained on the full data, random pruning matches or beats the
     sophisticated scores (see ``kd_data``). ``balance=True`` draws the same fraction from each class
-    (random scores, then the per-class top-k); the scores are ``None`` otherwise."""
+    (random scores, then the per-class top-k); the scores are ``None`` otherwise. A ``model`` is
+    accepted and ignored, so that one ``prune_data`` call serves every data method."""
 
     balance: bool = False  # per-class selection (DeepCore's balance=True), default off
     taxonomy: ClassVar[dict] = {"how": "none: random (baseline)"}
-    uses: ClassVar[tuple[str, ...]] = ("labels",)
+    uses: ClassVar[tuple[str, ...]] = ("model", "labels")  # a model is ignored: one call fits every method
 
     def select(self, inp: ScoreInputs, keep, seed: int):
         n = _length(inp)
         if self.balance:
             s, y = S.random_scores(n, seed), dataset_labels(inp)
             return class_balanced(s, y, keep), s, y
-        return random_subset(n, keep, seed), None, None
+        return random_subset(n, keep, seed), None, _labels_given(inp)
 
 
 @register(
@@ -236,7 +239,12 @@ class Forgetting(DataMethod):
                 "(presentations, N) correctness matrix) or model= (a list of per-epoch checkpoints)"
             )
         if inp.tracker is not None or inp.correct is not None:
-            return S.forgetting(inp.tracker, correct=inp.correct), None
+            return S.forgetting(inp.tracker, correct=inp.correct), _labels_given(inp)
+        if not isinstance(inp.model, (list, tuple)) or len(inp.model) < 2:
+            raise ValueError(
+                "forgetting counts changes over training: model= must be a list of at least 2 per-epoch "
+                f"checkpoints (in order); got {type(inp.model).__name__}. Or pass tracker= or correct="
+            )
         rows, labels = [], None
         for m in S._models(inp.model):
             right, labels = S.score_pass(m, inp.data(), _correct, **inp.loader())
@@ -272,6 +280,10 @@ class Entropy(DataMethod):
         if y is None and inp.labels is not None:
             y = torch.as_tensor(inp.labels).long()
         return s, y
+
+
+def _labels_given(inp: ScoreInputs) -> torch.Tensor | None:
+    return None if inp.labels is None else torch.as_tensor(inp.labels).long().reshape(-1)
 
 
 def _correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

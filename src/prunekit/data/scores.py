@@ -32,6 +32,7 @@ independent short training runs; prunekit does not train them here, it takes the
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -315,12 +316,16 @@ def _score(fn, model, data, logits, labels, *, need_labels=True, batch_size=64, 
     return torch.stack(runs).mean(0), ys
 
 
+def _on(labels: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    return None if labels is None else labels.to(like.device)
+
+
 def _mean_over_models_given(fn, logits, labels, embeddings, need_labels):
     stack, labels = _given(logits, labels, need_labels=need_labels)
     if embeddings is None or isinstance(embeddings, str):
         if fn is grand_from_logits or getattr(fn, "needs_emb", False):
             raise ValueError("GraNd from logits= needs embeddings=: the last Linear's inputs, (N, features)")
-        return torch.stack([fn(x.float(), labels) for x in stack]).mean(0), labels
+        return torch.stack([fn(x.float(), _on(labels, x)).cpu() for x in stack]).mean(0), labels
     single = isinstance(embeddings, torch.Tensor) and embeddings.dim() == 2
     embs = [torch.as_tensor(e) for e in ([embeddings] if single else embeddings)]
     bad = [e.shape for e, s in zip(embs, stack, strict=False) if e.dim() != 2 or e.shape[0] != s.shape[0]]
@@ -329,7 +334,8 @@ def _mean_over_models_given(fn, logits, labels, embeddings, need_labels):
             f"embeddings= must match logits=: {len(stack)} model(s) of N={stack[0].shape[0]} samples, "
             f"(N, features) each; got {len(embs)} of shape {tuple(embs[0].shape)}"
         )
-    per = [fn(x.float(), labels, e.float()) for x, e in zip(stack, embs, strict=True)]
+    pairs = zip(stack, embs, strict=True)
+    per = [fn(x.float(), _on(labels, x), e.float().to(x.device)).cpu() for x, e in pairs]
     return torch.stack(per).mean(0), labels
 
 
@@ -453,7 +459,8 @@ class ForgettingTracker(TrainerCallback):
     in training mode (the training step's own forward: no extra compute); forwards in eval mode
     (evaluation) are not counted. The hooks go on ``on_train_end`` (or :meth:`remove_hooks`, e.g.
     after an exception). Under multi-process data parallelism each step's indices and correctness
-    are all-gathered, so every process holds the counts of all samples.
+    are all-gathered, so every process holds the counts of all samples; under ``nn.DataParallel``
+    each replica's thread keeps its own batch slice.
 
     Departures: Toneva et al. and DeepCore (``forgetting.py``) count from the training forward, as
     the callback does (train mode, augmented inputs); the data-pruning spec prefers eval-mode,
@@ -481,7 +488,8 @@ class ForgettingTracker(TrainerCallback):
         self.events = torch.zeros(n, dtype=torch.long)
         self.seen = torch.zeros(n, dtype=torch.long)  # presentations
         self._handles: list = []
-        self._pending: torch.Tensor | None = None
+        self._local = threading.local()  # the index taken by the pre-hook, per thread (nn.DataParallel)
+        self._lock = threading.Lock()
 
     # -------------------------------------------------------------- counting
     def update(self, indices, logits=None, labels=None, *, correct=None) -> None:
@@ -503,11 +511,12 @@ class ForgettingTracker(TrainerCallback):
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.n):
             bad = idx[(idx < 0) | (idx >= self.n)][0]
             raise ValueError(f"sample index {int(bad)} is out of range; allowed: 0..{self.n - 1}")
-        if idx.unique().numel() == idx.numel():
-            self._record(idx, correct)
-        else:  # repeated samples (rare): successive presentations, in batch order
-            for i in range(idx.numel()):
-                self._record(idx[i : i + 1], correct[i : i + 1])
+        with self._lock:
+            if idx.unique().numel() == idx.numel():
+                self._record(idx, correct)
+            else:  # repeated samples (rare): successive presentations, in batch order
+                for i in range(idx.numel()):
+                    self._record(idx[i : i + 1], correct[i : i + 1])
 
     def _record(self, idx: torch.Tensor, correct: torch.Tensor) -> None:
         self.events[idx] += (self.last[idx] & ~correct).long()
@@ -549,7 +558,8 @@ class ForgettingTracker(TrainerCallback):
     def remove_hooks(self) -> None:
         for h in self._handles:
             h.remove()
-        self._handles, self._pending = [], None
+        self._handles = []
+        self._local.pending = None
 
     def _pre(self, module, args, kwargs):
         idx = kwargs.pop(self.index_key, None)
@@ -559,15 +569,18 @@ class ForgettingTracker(TrainerCallback):
                     f"a training batch has no {self.index_key!r}: add it with "
                     "prunekit.data.with_index(dataset) and set TrainingArguments(remove_unused_columns=False)"
                 )
-            self._pending = idx
+            self._local.pending = idx
         return args, kwargs
 
     def _post(self, module, args, kwargs, output):
-        idx, self._pending = self._pending, None
+        idx, self._local.pending = getattr(self._local, "pending", None), None
         if idx is None or not module.training:
             return None
         if self.label_key not in kwargs:
-            raise ValueError(f"a training batch has no labels under {self.label_key!r} (label_key=)")
+            raise ValueError(
+                f"a training batch has no labels under {self.label_key!r} (label_key=); note that a Trainer "
+                "with label_smoothing_factor > 0 takes the labels out of the inputs before the forward"
+            )
         logits, labels = logits_of(output).detach(), kwargs[self.label_key].detach()
         if self.correct_fn is not None:
             correct = self.correct_fn(logits, labels)
