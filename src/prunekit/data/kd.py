@@ -15,7 +15,9 @@ data (Hinton et al.'s objective)::
   flattened and the positions whose label is ``ignore_index`` (-100) are dropped from *both* terms;
   the KL is then averaged over the remaining positions (the per-token analogue of ``batchmean``:
   ``Σ_positions Σ_vocab p·log(p/q) / n_labelled``). This token-level form is ours (the paper is
-  about classification).
+  about classification). The τ² keeps gradient sizes comparable across τ: at α = 1,
+  ``∂L/∂z_s = τ·(q − p)/B`` (``q, p`` the tempered student and teacher softmaxes), which tends to
+  the τ-independent centred logit gap ``((z_s − z̄_s) − (z_t − z̄_t))/(C·B)`` as τ grows.
 - The paper's finding: the best α grows as the kept fraction f shrinks (small α near f = 1, α
   towards 1 near f = 0.1; α = 0.5 vs 1.0 differ by > 8 points at some f [review of §4.2]). The
   ICML version's "adaptive" α has a closed form that is **unconfirmed**, so ``alpha="auto"``
