@@ -507,6 +507,10 @@ def report(out: pathlib.Path, name: str, title: str | None = None, setup: str = 
         "α = auto is the prunekit heuristic (0.9 at f = 0.1, 0.7 at 0.5, 0.5 at 1.0, linear between), "
         "not the paper's formula.",
         "",
+        "Methods: `kd_data` (`prunekit.data.kd`: `kd_loss`, `train_kd`) on subsets selected by "
+        "`random_data`, `el2n`, `grand` and `forgetting` (`prunekit.data`); EL2N and GraNd averaged over "
+        "the teacher after its first epoch and one extra one-epoch run, forgetting over the teacher's run.",
+        "",
         "## Teachers (trained on 100 %)",
         "",
         "| teacher | architecture | parameters | test accuracy |",
@@ -670,6 +674,17 @@ def fashion_task(args) -> Task:
     )
 
 
+def fashion_setup(args) -> str:
+    w = args.widths
+    return (
+        f"CPU-reduced: student ConvNet {w[0]}-{w[1]} (conv3x3-BN-ReLU, 2x2 max-pools, one FC), "
+        f"a seeded subset of {args.train} of the 60 000 training images, {args.epochs} epochs over "
+        f"each kept subset (fewer steps for smaller subsets), batch {args.batch_size}, AdamW lr "
+        f"{args.lr} with linear decay, no augmentation (teacher logits cached); the "
+        f"{args.test or 10_000} Fashion-MNIST test images."
+    )
+
+
 def add_common(ap: argparse.ArgumentParser, out: str, seeds: list[int]) -> None:
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.3, 0.5, 1.0])
     ap.add_argument(
@@ -707,11 +722,11 @@ def main() -> None:
         for suffix in (".jsonl", ".md", ".png"):
             pathlib.Path(args.out).with_suffix(suffix).unlink(missing_ok=True)
     if args.report_only:
-        report(pathlib.Path(args.out), "Fashion-MNIST CNN")
+        report(pathlib.Path(args.out), "Fashion-MNIST CNN", setup=fashion_setup(args))
         return
     task = fashion_task(args)
     run(lambda seed: task, args, task.title)
-    report(pathlib.Path(args.out), task.title)
+    report(pathlib.Path(args.out), task.title, setup=fashion_setup(args))
 
 
 if __name__ == "__main__":
