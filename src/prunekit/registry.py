@@ -62,6 +62,7 @@ _METHOD_MODULES = (
     "prunekit.training.meta_pruning",
     "prunekit.data.methods",
     "prunekit.data.qtuning",
+    "prunekit.data.kd",
 )
 
 
