@@ -335,8 +335,8 @@ def table(rows: list[dict], meta: dict) -> str:
         else:
             cells.append("–")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "At this scale (135M parameters, about 2k pairs, 1 epoch) differences between runs can be "
-              "noise; compare them with the spread over seeds.", ""]  # fmt: skip
+    lines += ["", "At this scale (135M parameters, a few hundred to 2k pairs, 1 epoch) differences between "
+              "runs can be noise; compare them with the spread over seeds.", ""]  # fmt: skip
     return "\n".join(lines)
 
 
