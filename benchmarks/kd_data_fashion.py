@@ -47,6 +47,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import _shared
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -216,9 +217,7 @@ def key(kind, score, f, a, teacher, seed) -> str:
 
 
 def resume(path: pathlib.Path) -> dict[str, dict]:
-    if not path.exists():
-        return {}
-    return {r["key"]: r for r in (json.loads(x) for x in path.read_text().splitlines() if x.strip())}
+    return {r["key"]: r for r in _shared.rows(path)}
 
 
 def cache_tag(task: Task, args) -> str:
@@ -330,14 +329,12 @@ def run(task_for: Callable[[int], Task], args, title: str) -> None:
 
 
 # ------------------------------------------------------------------ report
-def _ms(vals: list[float]) -> tuple[float, float]:
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
 def _cell(vals: list[float] | None) -> str:
     if not vals:
         return "–"
-    m, s = _ms(vals)
+    m, s = _shared.mean_sd(vals)
     return f"{100 * m:.2f} ± {100 * s:.2f}"
 
 
@@ -580,13 +577,8 @@ def report(out: pathlib.Path, name: str, title: str | None = None, setup: str = 
 
 
 def plot(out: pathlib.Path, acc: dict, teachers: dict, fractions: list[float], name: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install prunekit[bench])")
+    plt = _shared.pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     ax = axes[0]

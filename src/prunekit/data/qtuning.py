@@ -84,6 +84,7 @@ import torch
 from torch import nn
 
 from ..registry import register
+from .scores import eval_mode
 
 IGNORE = -100
 NLL_CLAMP = 50.0
@@ -407,13 +408,8 @@ def score_batch(model: nn.Module, batch: Mapping) -> AnswerStats:
     allowed = _forward_keys(model)
     keys = [k for k in _SCORING_KEYS if allowed is None or k in allowed]
     kw = {k: v.to(dev) for k, v in batch.items() if k in keys and isinstance(v, torch.Tensor)}
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with eval_mode(model):
         logits = model(**kw, use_cache=False).logits
-    finally:
-        for m, t in flags:
-            m.training = t
     return answer_statistics(logits, batch["labels"].to(dev))
 
 
