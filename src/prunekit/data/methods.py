@@ -287,7 +287,7 @@ def _labels_given(inp: ScoreInputs) -> torch.Tensor | None:
 
 
 def _correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return (logits.argmax(-1) == labels).float()
+    return S.correct_from_logits(logits, labels).float()
 
 
 def _length(inp: ScoreInputs) -> int:

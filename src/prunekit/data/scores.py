@@ -22,6 +22,18 @@ label per sample. Sample ``i`` is the ``i``-th sample in iteration order. Models
 under ``no_grad`` (no augmentation is applied here: pass un-augmented data), and get their
 train/eval mode back afterwards, also after an exception.
 
+**Causal language models** (a model giving ``(batch, seq, vocab)`` logits, with ``labels``
+``(batch, seq)`` holding ``-100`` on prompt and padding tokens, the transformers convention): each
+score is reduced over the sample's *answer tokens*, the positions ``t >= 1`` with
+``labels[t] != -100``, predicted by the logits at ``t - 1`` (the shift the model's own loss does).
+EL2N and the entropy are the per-token scores' mean over the answer tokens; GraNd is the norm of the
+last layer's gradient of the sample's mean answer-token loss; a sample is "correct" (forgetting) when
+every answer token is the argmax (teacher-forced exact match). These reductions are prunekit's
+[ours]: Paul et al., Toneva et al. and DeepCore score classifiers only. The labels are then not
+class ids, so no labels are returned (class balance needs ``labels=``). A sample without an answer
+token raises ``ValueError``. Pad the batches with e.g. ``DataCollatorForSeq2Seq(tokenizer)``
+(labels padded with -100) as ``collate_fn``. Precomputed ``logits=`` are for classifiers only.
+
 Instead of a model and data, pass precomputed ``logits=`` (``(N, C)``, or ``(M, N, C)`` / a list for
 ``M`` models) and ``labels=`` (``(N,)``), e.g. from a transformers ``Trainer.predict``.
 
@@ -52,6 +64,7 @@ __all__ = [
 ]
 
 INDEX_KEY = "sample_index"
+IGNORE = -100  # the transformers label of a token that is not trained
 
 
 # ------------------------------------------------------------------ data plumbing
@@ -69,13 +82,29 @@ def iter_batches(data, batch_size: int = 64, collate_fn: Callable | None = None)
     if is_dataset(data):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
-        return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+        return torch.utils.data.DataLoader(
+            data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn or _default_collate
+        )
     if isinstance(data, (str, bytes, Mapping)) or not isinstance(data, Iterable):
         raise ValueError(
             "data must be a Dataset or an iterable of batches (dicts or (x, y) pairs); got "
             f"{type(data).__name__}"
         )
     return data
+
+
+def _default_collate(samples):
+    """torch's ``default_collate``, with a clear error for samples of different lengths."""
+    try:
+        return torch.utils.data.default_collate(samples)
+    except RuntimeError as e:
+        if "equal size" not in str(e) and "same size" not in str(e) and "must match" not in str(e):
+            raise
+        raise ValueError(
+            "the samples have different lengths and cannot be stacked into a batch: pass collate_fn= "
+            "that pads them, e.g. transformers.DataCollatorForSeq2Seq(tokenizer) (pads labels with -100) "
+            f"for token sequences ({e})"
+        ) from e
 
 
 def split_batch(batch, label_key: str | None = None) -> tuple[tuple, dict, torch.Tensor | None]:
@@ -109,10 +138,16 @@ def logits_of(output) -> torch.Tensor:
     raise ValueError(f"cannot find logits in the model's output of type {type(output).__name__}")
 
 
-def _check(logits: torch.Tensor, labels: torch.Tensor | None) -> None:
+def _check(logits: torch.Tensor, labels: torch.Tensor | None, first: int = 0) -> None:
+    """Shapes and ranges of one batch's logits and labels; ``first``: the batch's first sample index
+    (for the messages)."""
+    if logits.dim() == 3:
+        _check_sequences(logits, labels, first)
+        return
     if logits.dim() != 2:
         raise ValueError(
-            f"expected (batch, classes) logits, one prediction per sample; got shape {tuple(logits.shape)}"
+            "expected (batch, classes) logits, one prediction per sample, or a causal LM's (batch, seq, "
+            f"vocab) logits with (batch, seq) labels; got shape {tuple(logits.shape)}"
         )
     if labels is None:
         return
@@ -126,6 +161,72 @@ def _check(logits: torch.Tensor, labels: torch.Tensor | None) -> None:
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
         bad = labels[(labels < 0) | (labels >= logits.shape[1])][0]
         raise ValueError(f"label {int(bad)} is out of range; allowed: 0..{logits.shape[1] - 1}")
+
+
+def _check_sequences(logits: torch.Tensor, labels: torch.Tensor | None, first: int = 0) -> None:
+    if labels is None:
+        raise ValueError(
+            "a causal LM's samples are scored over their answer tokens: the batches need labels (batch, seq) "
+            "with -100 on the prompt and padding (under 'labels', or label_key=)"
+        )
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"labels of shape {tuple(labels.shape)} do not match the (batch, seq, vocab) logits of shape "
+            f"{tuple(logits.shape)}: give one label per token (-100 where not trained)"
+        )
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(
+            f"labels must be integer token ids (-100 where not trained); got dtype {labels.dtype}"
+        )
+    v = logits.shape[-1]
+    bad = (labels != IGNORE) & ((labels < 0) | (labels >= v))
+    if bool(bad.any()):
+        raise ValueError(
+            f"label {int(labels[bad][0])} is out of range; allowed: 0..{v - 1}, or -100 (not trained)"
+        )
+    n = (labels[:, 1:] != IGNORE).sum(1)
+    if bool((n == 0).any()):
+        rows = (torch.nonzero(n == 0).flatten() + first).tolist()
+        raise ValueError(
+            f"samples {rows[:10]} have no answer token (labels != -100 after the first position): every "
+            "sample needs at least one trained token to be scored; drop them or fix their labels"
+        )
+
+
+def answer_tokens(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The answer tokens of a causal LM batch: ``(z, y, row, n, pos)`` with ``z`` ``(N, V)`` the logits
+    predicting them (position ``t - 1``), ``y`` ``(N,)`` their ids, ``row`` ``(N,)`` their sample,
+    ``n`` ``(B,)`` the answer tokens per sample, ``pos`` ``(B, T-1)`` bool (``labels[:, 1:] != -100``)."""
+    pos = labels[:, 1:] != IGNORE
+    return logits[:, :-1][pos], labels[:, 1:][pos], torch.nonzero(pos)[:, 0], pos.sum(1), pos
+
+
+def _mean_by_row(v: torch.Tensor, row: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """The mean of the per-token values ``v`` ``(N,)`` of each sample (``row``, ``n`` per sample)."""
+    total = torch.zeros(n.numel(), dtype=v.dtype, device=v.device).index_add_(0, row, v)
+    return total / n.clamp_min(1).to(v.dtype)
+
+
+def _sequence_mean(fn: Callable, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``fn`` (a per-row score of ``(N, V)`` logits and ``(N,)`` labels) averaged over each sample's
+    answer tokens: ``(B,)``."""
+    _check_sequences(logits, labels)
+    z, y, row, n, _ = answer_tokens(logits, labels.to(logits.device))
+    return _mean_by_row(fn(z, y), row, n)
+
+
+def correct_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` bool: the argmax is the label (``(B, C)`` logits); for a causal LM's ``(B, T, V)``
+    logits, every answer token is the argmax (teacher-forced exact match) [ours]."""
+    labels = labels.to(logits.device)
+    _check(logits, labels)
+    if logits.dim() == 2:
+        return logits.argmax(-1) == labels
+    pos = labels[:, 1:] != IGNORE
+    hit = logits[:, :-1].argmax(-1) == labels[:, 1:]
+    return (hit | ~pos).all(1)
 
 
 @contextmanager
@@ -169,9 +270,10 @@ def score_pass(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One no-grad eval pass of ``model`` over ``data``: ``fn(logits, labels[, emb])`` per batch,
     concatenated to ``(N,)`` float32 on the CPU, and the labels ``(N,)`` (``None`` if the batches
-    have none). ``capture``: a Linear whose input (``emb``) is passed to ``fn``."""
+    have none, or for a causal LM's token labels). ``capture``: a Linear whose input (``emb``) is
+    passed to ``fn``."""
     device = _device(model)
-    out, ys, seen = [], [], {}
+    out, ys, seen, first = [], [], {}, 0
 
     def grab(module, args, output):
         seen["emb"], seen["out"] = args[0], output
@@ -190,13 +292,14 @@ def score_pass(
                 args = [_to(a, device) for a in args]
                 logits = logits_of(model(*args, **{k: _to(v, device) for k, v in kwargs.items()}))
                 labels = labels.to(logits.device) if labels is not None else None
-                _check(logits, labels)
+                _check(logits, labels, first)
                 if capture is not None:
                     emb = _captured(seen, logits, capture)
                     out.append(fn(logits, labels, emb).float().cpu())
                 else:
                     out.append(fn(logits, labels).float().cpu())
-                if labels is not None:
+                first += out[-1].numel()
+                if labels is not None and logits.dim() == 2:  # a LM's token labels are not class ids
                     ys.append(labels.cpu())
     finally:
         if handle is not None:
@@ -212,11 +315,11 @@ def _captured(seen: dict, logits: torch.Tensor, layer: nn.Module) -> torch.Tenso
             f"the last layer {layer} did not run in the forward pass; name another with last_layer="
         )
     emb, out = seen["emb"], seen["out"]
-    if emb.dim() != 2 or out.shape != logits.shape or not torch.equal(out, logits):
+    if emb.shape[:-1] != logits.shape[:-1] or out.shape != logits.shape or not torch.equal(out, logits):
         raise ValueError(
             f"the output of the last layer {layer} (shape {tuple(out.shape)}) is not the model's logits "
             f"(shape {tuple(logits.shape)}); GraNd's last-layer gradient needs the Linear that produces the "
-            "logits from (batch, features) inputs: name it with last_layer="
+            "logits from (batch, [seq,] features) inputs: name it with last_layer="
         )
     return emb
 
@@ -266,7 +369,10 @@ def _given(logits, labels, *, need_labels: bool = True) -> tuple[list[torch.Tens
 
 # ------------------------------------------------------------------ scores
 def el2n_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``‖softmax(z) − onehot(y)‖₂`` per row of ``logits`` ``(B, C)``: ``(B,)``."""
+    """``‖softmax(z) − onehot(y)‖₂`` per row of ``logits`` ``(B, C)``: ``(B,)``. For a causal LM's
+    ``(B, T, V)`` logits and ``(B, T)`` labels, the mean over each sample's answer tokens [ours]."""
+    if logits.dim() == 3:
+        return _sequence_mean(el2n_from_logits, logits, labels)
     err = torch.softmax(logits.float(), dim=-1)  # (B, C)
     err[torch.arange(err.shape[0], device=err.device), labels] -= 1.0
     return err.norm(dim=-1)
@@ -279,6 +385,14 @@ def grand_from_logits(
     ``g = ∂ℓ/∂z`` for ``ℓ = CE(z, y)``: ``g = softmax(z) − onehot(y)``. It equals
     ``‖g‖·sqrt(1 + ‖emb‖²)``. ``on_probabilities``: DeepCore's loss, CE applied to ``p = softmax(z)``
     as if it were logits: ``g = J_softmax(z)ᵀ (softmax(p) − onehot(y))``."""
+    if logits.dim() == 3:
+        return _grand_sequences(logits, labels, emb, on_probabilities)
+    g = _loss_grad(logits, labels, on_probabilities)
+    return g.norm(dim=-1) * torch.sqrt(1.0 + emb.float().pow(2).sum(-1))
+
+
+def _loss_grad(logits: torch.Tensor, labels: torch.Tensor, on_probabilities: bool) -> torch.Tensor:
+    """``∂CE/∂z`` per row of ``(B, C)`` logits (see :func:`grand_from_logits`): ``(B, C)`` fp32."""
     p = torch.softmax(logits.float(), dim=-1)  # (B, C)
     rows = torch.arange(p.shape[0], device=p.device)
     if on_probabilities:
@@ -288,11 +402,36 @@ def grand_from_logits(
     else:
         g = p
         g[rows, labels] -= 1.0
-    return g.norm(dim=-1) * torch.sqrt(1.0 + emb.float().pow(2).sum(-1))
+    return g
+
+
+def _grand_sequences(
+    logits: torch.Tensor, labels: torch.Tensor, emb: torch.Tensor, on_probabilities: bool
+) -> torch.Tensor:
+    """GraNd of a causal LM's samples: the norm of the gradient of each sample's mean answer-token
+    loss ``(1/n) Σ_t CE(z_t, y_t)`` with respect to the last Linear's bias and weight, ``(B,)``:
+    ``(1/n)·sqrt(Σ_{s,t} (g_s·g_t)(1 + e_s·e_t))`` over the sample's answer tokens ``s, t``, from the
+    Gram matrices of the per-token ``g`` and inputs ``e`` (padded per sample; no per-sample loop)."""
+    _check_sequences(logits, labels)
+    labels = labels.to(logits.device)
+    z, y, row, n, pos = answer_tokens(logits, labels)
+    g = _loss_grad(z, y, on_probabilities)  # (N, V)
+    e = emb[:, :-1][pos].float()  # (N, D): the inputs of the positions whose logits predict the tokens
+    slot = torch.arange(row.numel(), device=row.device) - (torch.cumsum(n, 0) - n)[row]
+    B, L = n.numel(), int(n.max())
+    G = g.new_zeros(B, L, g.shape[-1]).index_put_((row, slot), g)
+    E = e.new_zeros(B, L, e.shape[-1]).index_put_((row, slot), e)
+    K = G @ G.transpose(1, 2)  # (B, L, L): g_s·g_t (zero on padding)
+    sq = (K * (1.0 + E @ E.transpose(1, 2))).sum((1, 2))
+    return sq.clamp_min(0).sqrt() / n.to(sq.dtype)
 
 
 def entropy_from_logits(logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """``H(softmax(z)) = −Σ p log p`` in nats per row (``0 log 0 = 0``)."""
+    """``H(softmax(z)) = −Σ p log p`` in nats per row (``0 log 0 = 0``). For a causal LM's
+    ``(B, T, V)`` logits, the mean over each sample's answer tokens (``labels`` mark them), Q-Tuning's
+    sample entropy."""
+    if logits.dim() == 3:
+        return _sequence_mean(entropy_from_logits, logits, labels)
     p = torch.softmax(logits.float(), dim=-1)
     return -torch.special.xlogy(p, p).sum(-1)
 
@@ -470,7 +609,8 @@ class ForgettingTracker(TrainerCallback):
     ``events[batch_inds][mask] += 1``, increments a copy); the +inf is Toneva et al.'s. A sample
     repeated inside one batch (e.g. a distributed sampler's padding) counts as successive
     presentations, in batch order. ``correct_fn(logits, labels) -> (B,) bool`` replaces the argmax
-    rule (e.g. for token-level labels)."""
+    rule; for a causal LM (``(B, T, V)`` logits) the default rule is that every answer token is the
+    argmax, teacher-forced [ours]."""
 
     def __init__(
         self,
@@ -503,8 +643,7 @@ class ForgettingTracker(TrainerCallback):
             if self.correct_fn is not None:
                 correct = self.correct_fn(logits, labels)
             else:
-                _check(logits, labels)
-                correct = logits.argmax(-1) == labels
+                correct = correct_from_logits(logits, labels)
         correct = torch.as_tensor(correct).detach().reshape(-1).bool().cpu()
         if correct.shape != idx.shape:
             raise ValueError(f"{idx.numel()} indices but {correct.numel()} predictions: one per sample")
@@ -585,8 +724,7 @@ class ForgettingTracker(TrainerCallback):
         if self.correct_fn is not None:
             correct = self.correct_fn(logits, labels)
         else:
-            _check(logits, labels)
-            correct = logits.argmax(-1) == labels
+            correct = correct_from_logits(logits, labels)
         idx = torch.as_tensor(idx, device=correct.device).reshape(-1).long()
         idx, correct = _all_gather(idx, correct.reshape(-1).long())
         self.update(idx, correct=correct.bool())
@@ -641,7 +779,7 @@ def forgetting(
         return forgetting_counts(correct)
     rows = []
     for m in _models(checkpoints):
-        right, _ = score_pass(m, data, lambda z, y: (z.argmax(-1) == y).float(), batch_size=batch_size,
+        right, _ = score_pass(m, data, lambda z, y: correct_from_logits(z, y).float(), batch_size=batch_size,
                               collate_fn=collate_fn, label_key=label_key)  # fmt: skip
         rows.append(right.bool())
     return forgetting_counts(torch.stack(rows))
