@@ -22,6 +22,13 @@ cosine), AdamW, the transformers ``Trainer`` unchanged; every run takes the same
 - ``qtuning_samples``: Q-Tuning with ``r_token = 1`` (sample pruning only);
 - ``qtuning_byside`` (not run by default; ``--runs``): Q-Tuning with ``topup_tokens="by_side"``, a
   prunekit extension that also prunes the tokens of topped-up samples on Q2's side.
+- ``static_random``, ``static_el2n``, ``static_entropy``, ``static_grand`` (not run by default): static
+  data pruning before training, :func:`prunekit.prune_data` with ``random_data`` / ``el2n`` /
+  ``entropy`` / ``grand`` at ``keep=0.25``, scored by the model before fine-tuning (one no-grad pass
+  over the pairs; the scores are means over each pair's answer tokens), then the ``Trainer`` on the
+  kept quarter with batch ``⌊0.25·batch⌋`` (2) and every answer token: the same optimizer steps and
+  samples per step as the dynamic runs, each kept sample seen once. ``kept_sources``: the kept pairs
+  per source. The scores (higher = kept) favour hard pairs, the papers' rule.
 
 Reported: held-out SQuAD F1 (greedy, at most 16 new tokens, the answer cut at the first newline,
 SQuAD's normalisation, best over the gold answers), ARC-Easy accuracy by log-likelihood (the bench's
@@ -67,7 +74,12 @@ RUNS = {
     "qtuning": dict(r_sample=0.25, r_token=0.5, lam=0.5),
     "qtuning_samples": dict(r_sample=0.25, r_token=1.0, lam=0.5),
     "qtuning_byside": dict(r_sample=0.25, r_token=0.5, lam=0.5, topup_tokens="by_side"),
+    "static_random": dict(method="random_data", keep=0.25),
+    "static_el2n": dict(method="el2n", keep=0.25),
+    "static_entropy": dict(method="entropy", keep=0.25),
+    "static_grand": dict(method="grand", keep=0.25),
 }
+STATIC_RUNS = "static_random,static_el2n,static_entropy,static_grand"
 DEFAULT_RUNS = "base,full,random,qtuning,qtuning_samples"
 
 
@@ -105,10 +117,10 @@ def raw_pairs(eval_items: int, arc_items: int, seed: int) -> tuple[dict, list, l
     return src, squad_eval, arc_eval
 
 
-def train_features(tok, src: dict, n_pairs: int, seq_len: int, seed: int) -> tuple[list[dict], dict]:
+def train_features(tok, src: dict, n_pairs: int, seq_len: int, seed: int) -> tuple[list[dict], dict, list]:
     """``n_pairs`` tokenised pairs (fewer only if every source runs out), evenly over the sources; a
     source short of pairs that fit ``seq_len`` (CoQA's stories are long) leaves its share to the
-    others. Shuffled by ``seed``; also the count per source."""
+    others. Shuffled by ``seed``; also the count per source and each pair's source."""
     rng = np.random.default_rng(seed + 1)
     its = {name: iter(rng.permutation(len(pairs)).tolist()) for name, pairs in src.items()}
     got: dict[str, list[dict]] = {name: [] for name in src}
@@ -127,8 +139,10 @@ def train_features(tok, src: dict, n_pairs: int, seq_len: int, seed: int) -> tup
     while live and sum(len(v) for v in got.values()) < n_pairs:  # round robin over the sources
         live = [name for name in live if take(name)]
     feats = [f for v in got.values() for f in v][: max(n_pairs, 0)]
+    names = [k for k, v in got.items() for _ in v][: len(feats)]
     order = rng.permutation(len(feats))
-    return [feats[int(i)] for i in order][:n_pairs], {k: len(v) for k, v in got.items()}
+    sources = [names[int(i)] for i in order][:n_pairs]
+    return [feats[int(i)] for i in order][:n_pairs], {k: len(v) for k, v in got.items()}, sources
 
 
 def pad_collate(pad_id: int):
@@ -244,12 +258,27 @@ def load_model():
     return model, tok
 
 
-def train(model, tok, feats, run: str, seed: int, a, max_steps: int = -1) -> dict:
+def train(model, tok, feats, run: str, seed: int, a, max_steps: int = -1, sources=None) -> dict:
     from transformers import Trainer, TrainingArguments
+
+    import prunekit
 
     base = pad_collate(tok.pad_token_id)
     opts = RUNS[run]
-    if run == "full":
+    batch_size, pre = a.batch_size, {}
+    if run.startswith("static_"):  # prune the training set once, before training, then train on it all
+        rep = prunekit.prune_data(feats, opts["method"], keep=opts["keep"], model=model, seed=seed,
+                                  collate_fn=base, batch_size=a.batch_size)  # fmt: skip
+        kept = rep.indices.tolist()
+        n_ans = [sum(t != -100 for t in f["labels"]) for f in feats]
+        pre = {"score_seconds": rep.seconds, "kept_pairs": len(kept),
+               "answer_share": sum(n_ans[i] for i in kept) / sum(n_ans)}  # fmt: skip
+        if sources is not None:
+            pre["kept_sources"] = dict(Counter(sources[i] for i in kept))
+        feats = rep.subset()
+        batch_size = max(1, math.floor(opts["keep"] * a.batch_size))
+        coll, callbacks = base, []
+    elif run == "full":
         coll, callbacks = base, []
     elif run == "random":
         coll, callbacks = RandomPrune(base, seed=seed, **opts), []
@@ -258,7 +287,7 @@ def train(model, tok, feats, run: str, seed: int, a, max_steps: int = -1) -> dic
         callbacks = [Q.QTuningCallback(coll)]
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
-            output_dir=tmp, num_train_epochs=1, max_steps=max_steps, per_device_train_batch_size=a.batch_size,
+            output_dir=tmp, num_train_epochs=1, max_steps=max_steps, per_device_train_batch_size=batch_size,
             learning_rate=a.lr, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
             max_grad_norm=1.0, optim="adamw_torch", seed=seed, data_seed=seed, logging_steps=10,
             report_to="none", save_strategy="no", use_cpu=not torch.cuda.is_available(),
@@ -269,9 +298,12 @@ def train(model, tok, feats, run: str, seed: int, a, max_steps: int = -1) -> dic
         )
         out = trainer.train()
     st = getattr(coll, "stats", None)
+    share = pre.pop("answer_share", None)
     row = {"train_seconds": out.metrics["train_runtime"], "steps": out.global_step,
-           "train_loss": out.training_loss}  # fmt: skip
-    if st is None:
+           "train_loss": out.training_loss, **pre}  # fmt: skip
+    if share is not None:
+        row.update(grad_token_fraction=share, sample_fraction=opts["keep"])
+    elif st is None:
         row.update(grad_token_fraction=1.0, sample_fraction=1.0)
     else:
         row.update(grad_token_fraction=st.grad_fraction, sample_fraction=st.kept_samples / max(1, st.samples),
@@ -280,12 +312,12 @@ def train(model, tok, feats, run: str, seed: int, a, max_steps: int = -1) -> dic
     return row
 
 
-def run_one(run: str, seed: int, a, data) -> dict:
+def run_one(run: str, seed: int, a, data, sources=None) -> dict:
     feats, squad_eval, arc_eval = data
     model, tok = load_model()
     row = {"key": f"{run}/seed{seed}", "run": run, "seed": seed, "pairs": len(feats)}
     if run != "base":
-        row.update(train(model, tok, feats, run, seed, a))
+        row.update(train(model, tok, feats, run, seed, a, sources=sources))
     t = time.perf_counter()
     row["squad_f1"], preds = squad_f1(model, tok, squad_eval)
     row["arc_easy_acc"] = arc_accuracy(model, tok, arc_eval)
@@ -301,14 +333,15 @@ def _mean(rows, k):
 
 
 def table(rows: list[dict], meta: dict) -> str:
+    ref = f" Rows of runs not in this file come from `{meta['reference']}`." if meta.get("reference") else ""
     lines = [
-        "# Q-Tuning on SmolLM2-135M-Instruct",
+        "# Data pruning for fine-tuning SmolLM2-135M-Instruct: Q-Tuning and static scores",
         "",
         f"Full fine-tuning, 1 epoch over {meta.get('pairs')} pairs ({meta.get('sources')}), batch "
         f"{meta.get('batch_size')}, seq <= {meta.get('seq_len')}, LR {meta.get('lr')} cosine. Held out: "
         f"{meta.get('eval_items')} SQuAD items (F1, greedy <= 16 tokens), {meta.get('arc_items')} ARC-Easy "
         "questions (accuracy by log-likelihood). Mean over seeds; per-seed values in brackets. "
-        "Command: `benchmarks/qtuning_smollm2.py` (see its docstring).",
+        "Command: `benchmarks/qtuning_smollm2.py` (see its docstring)." + ref,
         "",
         "| run | seeds | SQuAD F1 | ARC-e acc | train s | answer tokens with gradient | samples kept | "
         "quadrants Q1/Q2/Q3/Q4/none (kept) |",
@@ -335,6 +368,12 @@ def table(rows: list[dict], meta: dict) -> str:
         else:
             cells.append("–")
         lines.append("| " + " | ".join(cells) + " |")
+    static = [r for r in rows if r.get("kept_sources")]
+    if static:
+        lines += ["", "Static runs, kept pairs per source (seed):", ""]
+        for r in static:
+            kept = ", ".join(f"{k} {v}" for k, v in sorted(r["kept_sources"].items()))
+            lines.append(f"- `{r['run']}` ({r['seed']}): {kept}; scoring {r['score_seconds']:.0f} s")
     lines += ["", "At this scale (135M parameters, a few hundred to 2k pairs, 1 epoch) differences between "
               "runs can be noise; compare them with the spread over seeds.", ""]  # fmt: skip
     return "\n".join(lines)
@@ -347,16 +386,17 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = [r for r in RUNS if any(x["run"] == r for x in rows)]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.1 * len(runs), 3.8))
     for ax, k, title in zip(axes, ("squad_f1", "arc_easy_acc"), ("held-out SQuAD F1", "ARC-Easy accuracy"),
                             strict=True):  # fmt: skip
         for i, run in enumerate(runs):
             v = [x[k] for x in rows if x["run"] == run]
-            ax.bar(i, statistics.mean(v), color="C0" if run.startswith("qtuning") else "0.6", alpha=0.8)
+            color = "C0" if run.startswith("qtuning") else "C1" if run.startswith("static") else "0.6"
+            ax.bar(i, statistics.mean(v), color=color, alpha=0.8)
             ax.scatter([i] * len(v), v, color="k", s=12, zorder=3)
         ax.set_xticks(range(len(runs)), runs, rotation=20)
         ax.set_title(title)
-    fig.suptitle("Q-Tuning on SmolLM2-135M-Instruct (bars: mean; dots: seeds)")
+    fig.suptitle("Data pruning for fine-tuning SmolLM2-135M-Instruct (bars: mean; dots: seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -399,7 +439,14 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seeds", default="0")
-    p.add_argument("--runs", default=DEFAULT_RUNS)
+    p.add_argument(
+        "--runs", default=DEFAULT_RUNS, help=f"comma-separated, of {list(RUNS)}; 'static' = {STATIC_RUNS}"
+    )
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="a results file of other runs (same sizes) to show in the table and plot too",
+    )
     p.add_argument("--data-seed", type=int, default=0, help="held-out split and the pair sample")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--estimate", action="store_true", help="time a few steps and print the time per run")
@@ -416,7 +463,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     _, tok = load_model()
     src, squad_eval, arc_eval = raw_pairs(a.eval_items, a.arc_items, a.data_seed)
-    feats, counts = train_features(tok, src, a.pairs, a.seq_len, a.data_seed)
+    feats, counts, pair_sources = train_features(tok, src, a.pairs, a.seq_len, a.data_seed)
     data = (feats, squad_eval, arc_eval)
     print(f"{len(feats)} training pairs {counts}; held out {len(squad_eval)} SQuAD, {len(arc_eval)} ARC-e")
     if a.estimate:
@@ -428,7 +475,8 @@ def main() -> None:
     sources = ", ".join(f"{k} {v}" for k, v in counts.items())
     meta = dict(pairs=len(feats), sources=sources, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr,
                 eval_items=len(squad_eval), arc_items=len(arc_eval))  # fmt: skip
-    todo = [(r, int(s)) for s in a.seeds.split(",") for r in a.runs.split(",")]
+    runs = a.runs.replace("static", STATIC_RUNS) if "static_" not in a.runs else a.runs
+    todo = [(r, int(s)) for s in a.seeds.split(",") for r in runs.split(",")]
     for run, seed in todo:
         if run not in RUNS:
             raise SystemExit(f"unknown run {run!r}; allowed: {list(RUNS)}")
@@ -438,13 +486,19 @@ def main() -> None:
         if key in done:
             continue
         print(f"== {key}")
-        row = run_one(run, seed, a, data) | {"meta": meta}
+        row = run_one(run, seed, a, data, pair_sources) | {"meta": meta}
         rows.append(row)
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print({k: v for k, v in row.items() if k not in ("meta", "squad_examples")})
-    out.with_suffix(".md").write_text(table(rows, meta))
-    plot(rows, out.with_suffix(".png"))
+    shown = rows
+    if a.reference:
+        ref = [json.loads(x) for x in pathlib.Path(a.reference).read_text().splitlines() if x.strip()]
+        keys = {r["key"] for r in rows}
+        shown = [r for r in ref if r["key"] not in keys] + rows
+        meta = meta | {"reference": a.reference}
+    out.with_suffix(".md").write_text(table(shown, meta))
+    plot(shown, out.with_suffix(".png"))
     print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
 
 

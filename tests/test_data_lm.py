@@ -226,3 +226,56 @@ def test_forgetting_tracker_on_a_causal_lm_in_a_trainer(tmp_path):
     assert tracker.seen.tolist() == [2] * 16  # every sample presented once per epoch
     rep = prunekit.prune_data(data, "forgetting", keep=4, tracker=tracker)
     assert rep.kept == 4 and rep.scores.numel() == 16
+
+
+def test_prune_data_and_qtuning_under_trl_sft_trainer(tmp_path):
+    """TRL's SFTTrainer (a Trainer subclass): its tokenised prompt/completion dataset is scored and
+    pruned, and a second SFTTrainer fine-tunes on the subset with the Q-Tuning collator over TRL's."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from trl import SFTConfig, SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    words = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(V - 3)]
+    wl = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=wl, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    rng = np.random.default_rng(0)
+
+    def text(n):
+        return " ".join(f"w{int(i)}" for i in rng.integers(0, V - 3, size=n))
+
+    rows = [(text(int(rng.integers(3, 8))), " " + text(int(rng.integers(2, 6)))) for _ in range(24)]
+    ds = Dataset.from_list([{"prompt": p, "completion": c} for p, c in rows])
+    model = _tiny_llama()
+    model.config.eos_token_id = 1
+    trl_collate = DataCollatorForLanguageModeling(pad_token_id=0)
+    coll = QTuningCollator(model, trl_collate, r_sample=0.5, r_token=0.5)
+
+    def args(d):
+        return SFTConfig(output_dir=str(tmp_path / d), max_steps=2, per_device_train_batch_size=4,
+                         learning_rate=1e-2, logging_steps=1, report_to="none", use_cpu=True,
+                         save_strategy="no", disable_tqdm=True, seed=0)  # fmt: skip
+
+    first = SFTTrainer(
+        model=model, args=args("a"), train_dataset=ds, processing_class=tok, data_collator=coll
+    )
+    tokenised = first.train_dataset  # TRL's: input_ids, and labels -100 on the prompt
+    rep = prunekit.prune_data(tokenised, "entropy", keep=0.5, model=model, collate_fn=trl_collate)
+    kept = rep.subset()
+    assert len(kept) == 12 and kept["input_ids"] == [tokenised[i]["input_ids"] for i in rep.indices.tolist()]
+    trainer = SFTTrainer(model=model, args=args("b"), train_dataset=kept, processing_class=tok,
+                         data_collator=coll, callbacks=[QTuningCallback(coll)])  # fmt: skip
+    before = model.lm_head.weight.detach().clone()
+    trainer.train()
+    assert not torch.equal(model.lm_head.weight, before)
+    logs = [h for h in trainer.state.log_history if "qtuning/grad_token_fraction" in h]
+    assert (
+        logs
+        and 0 < logs[-1]["qtuning/grad_token_fraction"] < 1
+        and logs[-1]["qtuning/sample_fraction"] == 0.5
+    )
