@@ -96,6 +96,9 @@ def prune_data(
     :class:`~prunekit.data.ForgettingTracker`) or ``correct=`` (a ``(presentations, N)`` matrix).
     ``dataset`` is batched in order by ``batch_size`` with ``collate_fn`` (see
     :mod:`prunekit.data.scores` for the sample and batch formats; ``label_key`` names the labels).
+    A causal LM's samples (``(batch, seq, vocab)`` logits, ``labels`` ``-100`` on the prompt and
+    padding) are scored over their answer tokens (see :mod:`prunekit.data.scores`); pad them with a
+    ``collate_fn`` such as ``DataCollatorForSeq2Seq(tokenizer)``.
     ``seed`` fixes the random methods (the same indices for the same seed). Other keyword arguments
     are the method's options (``balance=True``: per-class selection; ``prunekit info NAME``)."""
     t0 = time.perf_counter()
