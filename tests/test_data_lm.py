@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import prunekit
 from prunekit.data import scores as S
 from prunekit.data.qtuning import QTuningCallback, QTuningCollator
+from tiny import pad_answers
 
 V = 64
 
@@ -36,14 +37,6 @@ def _pairs(n=12, seed=0):
         ids = rng.integers(1, V, size=p + a).tolist()
         out.append({"input_ids": ids, "labels": [-100] * p + ids[p:]})
     return out
-
-
-def _pad(features):
-    L = max(len(f["input_ids"]) for f in features)
-    ids = torch.tensor([f["input_ids"] + [0] * (L - len(f["input_ids"])) for f in features])
-    lab = torch.tensor([f["labels"] + [-100] * (L - len(f["labels"])) for f in features])
-    att = torch.tensor([[1] * len(f["input_ids"]) + [0] * (L - len(f["input_ids"])) for f in features])
-    return {"input_ids": ids, "labels": lab, "attention_mask": att}
 
 
 def _one(model, sample):
@@ -98,7 +91,7 @@ def test_sequence_correct_is_all_answer_tokens():
 def test_prune_data_scores_match_unpadded_per_sample_references():
     model = _tiny_llama()
     data = _pairs(10)
-    got = {m: prunekit.prune_data(data, m, keep=0.5, model=model, collate_fn=_pad, batch_size=4).scores
+    got = {m: prunekit.prune_data(data, m, keep=0.5, model=model, collate_fn=pad_answers, batch_size=4).scores
            for m in ("el2n", "entropy", "grand")}  # fmt: skip
     for i, s in enumerate(data):
         z, y, _ = _one(model, s)
@@ -112,7 +105,7 @@ def test_prune_data_scores_match_unpadded_per_sample_references():
 def test_sequence_grand_matches_autograd_on_the_lm_head():
     model = _tiny_llama()
     data = _pairs(6, seed=3)
-    got = prunekit.prune_data(data, "grand", keep=3, model=model, collate_fn=_pad, batch_size=3).scores
+    got = prunekit.prune_data(data, "grand", keep=3, model=model, collate_fn=pad_answers, batch_size=3).scores
     W = model.lm_head.weight
     for i, s in enumerate(data):
         _, y, e = _one(model, s)
@@ -127,8 +120,8 @@ def test_sequence_grand_matches_autograd_on_the_lm_head():
 def test_el2n_keeps_the_highest_and_is_reproducible():
     model = _tiny_llama()
     data = _pairs(12)
-    r1 = prunekit.prune_data(data, "el2n", keep=0.25, model=model, collate_fn=_pad)
-    r2 = prunekit.prune_data(data, "el2n", keep=0.25, model=model, collate_fn=_pad, batch_size=5)
+    r1 = prunekit.prune_data(data, "el2n", keep=0.25, model=model, collate_fn=pad_answers)
+    r2 = prunekit.prune_data(data, "el2n", keep=0.25, model=model, collate_fn=pad_answers, batch_size=5)
     assert torch.equal(r1.indices, r2.indices) and r1.kept == 3
     assert set(r1.indices.tolist()) == set(torch.topk(r1.scores, 3).indices.tolist())
     assert r1.kept_per_class is None  # token labels are not classes
@@ -138,7 +131,7 @@ def test_el2n_keeps_the_highest_and_is_reproducible():
 def test_forgetting_from_lm_checkpoints():
     a, b = _tiny_llama(0), _tiny_llama(1)
     data = _pairs(8)
-    rep = prunekit.prune_data(data, "forgetting", keep=4, model=[a, b, a], collate_fn=_pad)
+    rep = prunekit.prune_data(data, "forgetting", keep=4, model=[a, b, a], collate_fn=pad_answers)
     rows = []
     for m in (a, b, a):
         rows.append([bool((lambda z, y, _: (z.argmax(-1) == y).all())(*_one(m, s))) for s in data])
@@ -151,7 +144,7 @@ def test_sample_without_answer_tokens_is_named():
     data = _pairs(6)
     data[4] = {"input_ids": data[4]["input_ids"], "labels": [-100] * len(data[4]["input_ids"])}
     with pytest.raises(ValueError, match=r"samples \[4\] have no answer token"):
-        prunekit.prune_data(data, "el2n", keep=0.5, model=_tiny_llama(), collate_fn=_pad, batch_size=3)
+        prunekit.prune_data(data, "el2n", keep=0.5, model=_tiny_llama(), collate_fn=pad_answers, batch_size=3)
 
 
 def test_unpadded_token_samples_get_a_clear_error():
@@ -188,11 +181,11 @@ def test_prune_data_then_qtuning_in_a_trainer(tmp_path):
 
     model = _tiny_llama()
     data = _pairs(32)
-    report = prunekit.prune_data(data, "el2n", keep=0.5, model=model, collate_fn=_pad)
+    report = prunekit.prune_data(data, "el2n", keep=0.5, model=model, collate_fn=pad_answers)
     assert not model.training  # the scoring restored the model's mode
     kept = report.subset()
     assert len(kept) == 16
-    coll = QTuningCollator(model, _pad, r_sample=0.5, r_token=0.5)
+    coll = QTuningCollator(model, pad_answers, r_sample=0.5, r_token=0.5)
     before = model.lm_head.weight.detach().clone()
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8,
                              learning_rate=1e-2, logging_steps=1, report_to="none", use_cpu=True,
@@ -215,7 +208,7 @@ def test_forgetting_tracker_on_a_causal_lm_in_a_trainer(tmp_path):
     indexed = prunekit.data.with_index(data)
 
     def collate(features):
-        out = _pad(features)
+        out = pad_answers(features)
         out["sample_index"] = torch.tensor([f["sample_index"] for f in features])
         return out
 

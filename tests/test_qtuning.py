@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from prunekit.data import qtuning as Q
+from tiny import pad_answers
 
 # ------------------------------------------------------------------ statistics
 
@@ -343,14 +344,6 @@ def test_step_filter_scores_in_eval_mode_and_restores_flags():
     assert len(info1.kept) == 2 and out1["input_ids"].shape[0] == 2
 
 
-def _pad(features):
-    L = max(len(f["input_ids"]) for f in features)
-    ids = torch.tensor([f["input_ids"] + [0] * (L - len(f["input_ids"])) for f in features])
-    lab = torch.tensor([f["labels"] + [-100] * (L - len(f["labels"])) for f in features])
-    att = torch.tensor([[1] * len(f["input_ids"]) + [0] * (L - len(f["input_ids"])) for f in features])
-    return {"input_ids": ids, "labels": lab, "attention_mask": att}
-
-
 def test_collator_in_a_real_trainer_matches_step_filter(tmp_path):
     from transformers import Trainer, TrainingArguments
 
@@ -376,7 +369,7 @@ def test_collator_in_a_real_trainer_matches_step_filter(tmp_path):
             return out
 
     qt = Q.QTuning(r_sample=0.25, r_token=0.5, lam=0.5)
-    coll = Recording(model, _pad, **{k: getattr(qt, k) for k in ("r_sample", "r_token", "lam")})
+    coll = Recording(model, pad_answers, **{k: getattr(qt, k) for k in ("r_sample", "r_token", "lam")})
     seen = []
     hook = model.register_forward_pre_hook(
         lambda m, a, kw: seen.append(kw["input_ids"].shape[0]) if torch.is_grad_enabled() else None,

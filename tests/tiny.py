@@ -267,3 +267,13 @@ def qwen_image_inputs(
         image_grid_thw=torch.tensor(thw),
         mm_token_type_ids=(ids == cfg.image_token_id).int(),
     )
+
+
+def pad_answers(features: list[dict]) -> dict:
+    """Right-pad prompt -> answer samples (lists ``input_ids`` and ``labels``): pad id 0, labels -100,
+    attention mask 0 on the padding."""
+    L = max(len(f["input_ids"]) for f in features)
+    ids = torch.tensor([f["input_ids"] + [0] * (L - len(f["input_ids"])) for f in features])
+    lab = torch.tensor([f["labels"] + [-100] * (L - len(f["labels"])) for f in features])
+    att = torch.tensor([[1] * len(f["input_ids"]) + [0] * (L - len(f["input_ids"])) for f in features])
+    return {"input_ids": ids, "labels": lab, "attention_mask": att}
