@@ -128,14 +128,36 @@ def test_el2n_keeps_the_highest_and_is_reproducible():
     assert [d["input_ids"] for d in r1.subset()] == [data[i]["input_ids"] for i in r1.indices.tolist()]
 
 
+def _greedy_pairs(model, n=8, seed=0):
+    """Samples whose answers are ``model``'s own greedy continuation (every answer token its argmax)
+    for even indices, random answers for odd ones."""
+    out = []
+    for i, s in enumerate(_pairs(n, seed)):
+        p = s["labels"].count(-100)
+        ids = s["input_ids"][:p]
+        for _ in range(len(s["input_ids"]) - p):
+            with torch.no_grad():
+                nxt = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            ids = [*ids, nxt]
+        if i % 2:
+            ids = s["input_ids"]
+        out.append({"input_ids": ids, "labels": [-100] * p + ids[p:]})
+    return out
+
+
 def test_forgetting_from_lm_checkpoints():
     a, b = _tiny_llama(0), _tiny_llama(1)
-    data = _pairs(8)
+    data = _greedy_pairs(a)
     rep = prunekit.prune_data(data, "forgetting", keep=4, model=[a, b, a], collate_fn=pad_answers)
-    rows = []
-    for m in (a, b, a):
-        rows.append([bool((lambda z, y, _: (z.argmax(-1) == y).all())(*_one(m, s))) for s in data])
+
+    def exact(m, sample):  # every answer token is the argmax, from an unpadded forward
+        z, y, _ = _one(m, sample)
+        return bool((z.argmax(-1) == y).all())
+
+    rows = [[exact(m, s) for s in data] for m in (a, b, a)]
+    assert all(rows[0][0::2]) and not any(rows[1][0::2])  # learned, forgotten under b, relearned
     want = S.forgetting_counts(torch.tensor(rows))
+    assert want[0::2].tolist() == [1.0] * 4
     assert torch.equal(rep.scores, want.double())
 
 

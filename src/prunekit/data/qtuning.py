@@ -84,9 +84,8 @@ import torch
 from torch import nn
 
 from ..registry import register
-from .scores import eval_mode
+from .scores import IGNORE, answer_tokens, eval_mode
 
-IGNORE = -100
 NLL_CLAMP = 50.0
 TOKEN_MODES = ("loss_mask", "drop")
 TOPUP_TOKENS = ("keep", "by_side")
@@ -158,9 +157,8 @@ def answer_statistics(
             f"Q-Tuning needs answer tokens (labels != -100 after the first position) in every sample; "
             f"batch rows {rows} have none"
         )
-    pos = ans[:, 1:]  # (B, T-1): logits at t predict the label at t+1
-    lp = logits[:, :-1][pos].float().log_softmax(-1)  # (N, V), answer positions only
-    tgt = labels[:, 1:][pos]
+    z, tgt, _, _, pos = answer_tokens(logits, labels)  # pos (B, T-1): logits at t predict label t+1
+    lp = z.float().log_softmax(-1)  # (N, V), answer positions only
     nll = -lp.gather(-1, tgt[:, None])[:, 0]
     ent = -(lp.exp() * lp).sum(-1)
     B, T = labels.shape
